@@ -1,0 +1,310 @@
+"""The one module that knows ComfyUI internals (ModelPatcher, key maps, wrappers, samplers).
+
+Everything version-sensitive lives here, so a ComfyUI update is a one-file fix. Tested against
+v0.14.1 and kept compatible with v0.3.64. Parameter names passed to ``npo_core`` are relative to
+the UNet (``input_blocks.1.1...weight``); ComfyUI's own keys carry ``diffusion_model.``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import comfy.lora
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+
+from ..npo_core import formats
+from ..npo_core.errors import NPOError
+from ..npo_core.inject import OffsetInjector, RowGate, chunk_row_mask, mask_to_slices
+from ..npo_core.offset import Dense, FullWeight, LowRank, NPOOffset
+
+log = logging.getLogger("comfyui-npo")
+NPO_FOLDER = "npo"
+PREFIX = "diffusion_model."
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+# ---------------------------------------------------------------------------------------------
+def register_npo_folder() -> None:
+    """Add ComfyUI's ``models/npo`` folder (created if missing) for offsets."""
+    if NPO_FOLDER not in folder_paths.folder_names_and_paths:
+        path = os.path.join(folder_paths.models_dir, NPO_FOLDER)
+        folder_paths.folder_names_and_paths[NPO_FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+    for p in folder_paths.folder_names_and_paths[NPO_FOLDER][0]:
+        os.makedirs(p, exist_ok=True)
+
+
+def offset_file_list() -> list[str]:
+    """Files of the ``npo`` folder first, then ``loras`` (a name in both resolves to ``npo``)."""
+    register_npo_folder()
+    names = list(folder_paths.get_filename_list(NPO_FOLDER))
+    seen = set(names)
+    names += [n for n in folder_paths.get_filename_list("loras") if n not in seen]
+    return names
+
+
+def offset_file_path(name: str) -> str:
+    register_npo_folder()
+    for folder in (NPO_FOLDER, "loras"):
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            return path
+    raise NPOError(f"offset_name: '{name}' is in neither models/npo nor models/loras. Put the file there and "
+                   "refresh (press R in the browser).")
+
+
+# ---------------------------------------------------------------------------------------------
+# model facts
+# ---------------------------------------------------------------------------------------------
+def unet_of(mp) -> torch.nn.Module:
+    return mp.model.diffusion_model
+
+
+def model_arch(mp) -> str:
+    return type(mp.model.model_config).__name__
+
+
+def check_unet_model(mp, input_name: str = "model") -> None:
+    """NPO offsets exist for SD1.x/SD2.x/SDXL-class UNets; refuse other architectures clearly."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if not isinstance(getattr(mp.model, "diffusion_model", None), UNetModel):
+        raise NPOError(f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). NPO offsets are "
+                       "defined for those UNets only; this architecture is not supported.")
+
+
+def context_dim(mp) -> int | None:
+    ctx = mp.model.model_config.unet_config.get("context_dim")
+    return int(ctx) if ctx is not None else None
+
+
+def param_shapes(mp) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in unet_of(mp).state_dict().items()}
+
+
+def diffusers_to_ldm(mp) -> dict[str, str]:
+    return comfy.utils.unet_to_diffusers(mp.model.model_config.unet_config)
+
+
+def original_weight(mp, name: str) -> torch.Tensor:
+    """The parameter without any patcher's weight patches (from the shared backup if patched now)."""
+    key = PREFIX + name
+    bk = mp.backup.get(key)
+    if bk is not None:
+        return bk.weight
+    return comfy.utils.get_attr(mp.model, key)
+
+
+def patched_weight(mp, name: str) -> torch.Tensor:
+    """The parameter as ``mp`` would have it: original weight + ``mp``'s weight patches (fp32)."""
+    key = PREFIX + name
+    w = original_weight(mp, name).float().clone()
+    patches = mp.patches.get(key)
+    if not patches:
+        return w
+    return comfy.lora.calculate_weight(patches, w, key)
+
+
+def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "npo_offset") -> NPOOffset:
+    """Map the offset's keys onto ``mp``'s UNet (error on any key that does not land) and turn full
+    weights into δ = file − reference (``reference`` defaults to ``mp`` with its patches)."""
+    check_unet_model(mp)
+    try:
+        out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), model_arch(mp), context_dim(mp))
+    except NPOError as e:
+        raise NPOError(f"{input_name}: {e}") from None
+    if any(isinstance(e, FullWeight) for e in out.entries.values()):
+        ref = reference if reference is not None else mp
+        out = out.resolved_full_weights(lambda k: patched_weight(ref, k))
+        out = out.replace(entries={k: e for k, e in out.entries.items()
+                                   if not (isinstance(e, Dense) and not torch.count_nonzero(e.delta))})
+    return out
+
+
+def model_weights(mp, names) -> dict[str, torch.Tensor]:
+    return {n: patched_weight(mp, n) for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# inference: per-row injection on the uncond rows
+# ---------------------------------------------------------------------------------------------
+def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0,
+                 select: int = 1):
+    """A clone of ``model`` whose negative/uncond rows (``cond_or_uncond == select``) run θ + strength·δ,
+    between ``start_percent`` and ``end_percent`` of the schedule. One batched UNet call per step."""
+    offset = resolve_for_model(offset, model)
+    mp = model.clone()
+    gate = RowGate()
+    injector = OffsetInjector(offset, strength, gate)
+    root = unet_of(mp)
+    ms = mp.get_model_object("model_sampling")
+    sigma_hi = float(ms.percent_to_sigma(start_percent))
+    sigma_lo = float(ms.percent_to_sigma(end_percent))
+    full_range = start_percent <= 0.0 and end_percent >= 1.0
+
+    def npo_apply_model(executor, x, t, *args, **kwargs):
+        topts = kwargs.get("transformer_options")
+        if topts is None and len(args) >= 4:
+            topts = args[3]
+        mask = chunk_row_mask((topts or {}).get("cond_or_uncond"), x.shape[0], select)
+        if not full_range:
+            sig = t.detach().flatten().float().cpu()
+            if sig.numel() == 1:
+                sig = sig.expand(x.shape[0])
+            mask &= (sig <= sigma_hi * (1 + 1e-5)) & (sig >= sigma_lo * (1 - 1e-5))
+        rows = mask_to_slices(mask)
+        if not rows:
+            return executor(x, t, *args, **kwargs)
+        with injector.attached_to(root), gate.active(rows):
+            return executor(x, t, *args, **kwargs)
+
+    key = f"npo_offset_{uuid.uuid4().hex[:8]}"
+    mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, npo_apply_model)
+    mp.set_injections(key, [comfy.patcher_extension.PatcherInjection(
+        inject=lambda patcher: injector.attach(unet_of(patcher)), eject=lambda patcher: injector.detach())])
+    return mp
+
+
+# ---------------------------------------------------------------------------------------------
+# weight patches (NPO Negative Model): ComfyUI's own LoRA machinery applies them
+# ---------------------------------------------------------------------------------------------
+def add_offset_patches(model, offset: NPOOffset, strength: float):
+    """A clone of ``model`` with θ + strength·δ as ComfyUI weight patches (resolved offset)."""
+    sd = formats.to_comfy_state_dict(offset)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map, log_missing=False) if _accepts_log_missing() else comfy.lora.load_lora(sd, key_map)
+    expected = {PREFIX + k for k in offset.entries}
+    landed = {k if isinstance(k, str) else k[0] for k in patches}
+    missing = sorted(expected - landed)
+    if missing:
+        raise NPOError(f"npo_offset: {len(missing)} offset tensors did not land as weight patches, e.g. {missing[:3]}")
+    mp = model.clone()
+    mp.add_patches(patches, strength)
+    return mp
+
+
+def _accepts_log_missing() -> bool:
+    import inspect
+
+    return "log_missing" in inspect.signature(comfy.lora.load_lora).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# NPO CFG Guider helpers
+# ---------------------------------------------------------------------------------------------
+def patch_difference(model, negative) -> NPOOffset:
+    """For a ``negative`` that shares weights with ``model`` (``is_clone``): the offset δ with
+    θ_negative = θ_model + δ, read from the two patchers' weight patches. LoRA patches stacked on top of
+    ``model``'s stay low-rank (exact); anything else becomes a dense difference of patched weights."""
+    if negative.object_patches.keys() != model.object_patches.keys():
+        raise NPOError("negative_model: has object patches (e.g. a different model_sampling) that model lacks; "
+                       "connect a separately loaded model instead.")
+    entries: dict[str, LowRank | Dense] = {}
+    for key in sorted(set(model.patches) | set(negative.patches)):
+        if not key.startswith(PREFIX):
+            continue
+        pos = model.patches.get(key, [])
+        neg = negative.patches.get(key, [])
+        name = key[len(PREFIX):]
+        extra = neg[len(pos):] if len(neg) >= len(pos) and all(a is b for a, b in zip(pos, neg)) else None
+        if extra is not None and not extra:
+            continue
+        lowrank = _as_lowrank(extra, name) if extra is not None else None
+        if lowrank is not None:
+            entries[name] = lowrank
+            continue
+        w0 = original_weight(model, name).float()
+        wp = comfy.lora.calculate_weight(pos, w0.clone(), key) if pos else w0
+        wn = comfy.lora.calculate_weight(neg, w0.clone(), key) if neg else w0
+        d = wn.float() - wp.float()
+        if torch.count_nonzero(d):
+            entries[name] = Dense(d)
+    return NPOOffset(entries, source_format="negative_model patches", source="negative_model")
+
+
+def _as_lowrank(extra: list, name: str) -> LowRank | None:
+    """Stacked LoRA patches (strength, LoRAAdapter, strength_model=1, no offset/function) as one LowRank."""
+    ups, downs = [], []
+    for strength_patch, value, strength_model, off, fn in extra:
+        weights = getattr(value, "weights", None)
+        if getattr(value, "name", None) != "lora" or strength_model != 1.0 or off is not None or fn is not None:
+            return None
+        up, down, alpha, mid, dora, reshape = (list(weights) + [None] * 6)[:6]
+        if mid is not None or dora is not None or reshape is not None:
+            return None
+        rank = down.shape[0]
+        scale = strength_patch * (float(alpha) / rank if alpha is not None else 1.0)
+        ups.append(up.float() * scale)
+        downs.append(down.float())
+    if not ups:
+        return None
+    return LowRank(torch.cat(ups, 1), torch.cat(downs, 0))
+
+
+class NPOCFGGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose negative pass runs NPO weights.
+
+    - an offset (or a ``negative_model`` that shares weights with ``model``): the model is wrapped by
+      ``apply_offset``, so cond and uncond stay in one batch;
+    - an independent ``negative_model``: the uncond pass runs on it, the cond pass on ``model``
+      (two UNet calls per step), with pre-/post-CFG functions applied as ComfyUI does.
+    """
+
+    def __init__(self, model_patcher, negative_patcher=None):
+        if negative_patcher is not None:
+            model_patcher = model_patcher.clone()
+            model_patcher.set_additional_models("npo_negative_model", [negative_patcher])
+        super().__init__(model_patcher)
+        self.negative_patcher = negative_patcher
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        if self.negative_patcher is None:
+            return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
+        import math
+
+        pos = self.conds.get("positive", None)
+        neg = self.conds.get("negative", None)
+        if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+            neg = None
+        out = [comfy.samplers.calc_cond_batch(self.inner_model, [pos], x, timestep, model_options)[0], None]
+        if neg is not None:
+            neg_model = self.negative_patcher.model
+            if hasattr(neg_model, "current_patcher"):
+                neg_model.current_patcher = self.negative_patcher
+            out[1] = comfy.samplers.calc_cond_batch(neg_model, [neg], x, timestep, model_options)[0]
+        conds = [pos, neg]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
+                    "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            out = fn(args)
+        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                           model_options=model_options, cond=pos, uncond=neg)
+
+
+def make_guider(model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0,
+                negative_model=None) -> NPOCFGGuider:
+    if (offset is None) == (negative_model is None):
+        raise NPOError("NPO CFG Guider: connect exactly one of npo_offset or negative_model.")
+    if offset is not None:
+        guider = NPOCFGGuider(apply_offset(model, offset, strength))
+    elif negative_model.is_clone(model):
+        # Two clones of one module cannot both be loaded (COMFYUI.md §3 row D): express the negative
+        # model as an offset over ``model`` and inject it on the uncond rows instead.
+        diff = patch_difference(model, negative_model)
+        guider = NPOCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)
+    else:
+        check_unet_model(negative_model, "negative_model")
+        if model_arch(negative_model) != model_arch(model):
+            raise NPOError(f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "
+                           "be the same architecture.")
+        guider = NPOCFGGuider(model, negative_model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider

@@ -1,0 +1,422 @@
+"""Reading, recognising, converting and writing NPO offset files.
+
+Understood (METHOD.md §5, COMFYUI.md §2):
+- diffusers / PEFT LoRA: ``[unet.|base_model.model.]<diffusers module>.{lora.up|lora.down|lora_B|lora_A|
+  lora_linear_layer.up|...}.weight`` (no alpha → scale 1; the authors' released files);
+- kohya: ``lora_unet_<module with _>.{lora_up,lora_down}.weight`` + ``.alpha``;
+- ComfyUI: ``diffusion_model.<ldm module>.{lora_up.weight,lora_down.weight,alpha,diff,diff_b}``;
+- full UNet state dicts (diffusers or LDM names, e.g. Self-NPO's ``unet.ckpt``): absolute weights,
+  turned into δ = θ_file − θ_reference when applied.
+Pickles load only through ``torch.load(weights_only=True)``. Everything else is refused with an
+``NPOError`` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import NPOError
+from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
+
+FORMAT_VERSION = "1"
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+
+# (suffix, role) — longest/most specific first; matched with str.endswith.
+_LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    ("_lora.up.weight", "up"),
+    ("_lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+)
+_UNSUPPORTED_MARKERS = ("hada_", "lokr_", ".lora_mid.", "oft_", ".dora_scale", ".set_weight", "lora_magnitude", ".w_norm", ".b_norm")
+_UNET_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.", "model.")
+_NON_UNET_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te1.", "te2.", "cond_stage_model.", "conditioner.",
+                      "first_stage_model.", "vae.", "clip_l.", "clip_g.", "text_model.", "text_encoders.", "model_ema.",
+                      "lora_te1_", "lora_te2_")
+_LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
+_DIFFUSERS_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+                    "add_embedding")
+_CONTEXT_TO_ARCH = {768: "SD15", 1024: "SD2", 2048: "SDXL"}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors header metadata of ``path``. Refuses non-tensor pickles."""
+    p = Path(path)
+    name = p.name
+    if not p.is_file():
+        raise NPOError(f"{name}: file not found ({p}).")
+    if p.stat().st_size == 0:
+        raise NPOError(f"{name}: the file is empty; download or save it again.")
+    ext = p.suffix.lower()
+    if ext in SAFETENSORS_EXT:
+        return _read_safetensors(p)
+    if ext in PICKLE_EXT:
+        return _read_pickle(p), {}
+    raise NPOError(f"{name}: unknown file type '{ext}'; NPO offsets are .safetensors (or .ckpt/.pt/.pth/.bin "
+                   "holding plain tensors).")
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for broken headers/buffers
+        raise NPOError(f"{p.name}: not a readable safetensors file ({type(e).__name__}: {e}). The file is truncated "
+                       "or corrupt; download or save it again.") from e
+    return sd, meta
+
+
+def _read_pickle(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NPOError(f"{p.name}: refused. Pickled files load only if they hold plain tensors "
+                       f"(torch.load weights_only=True failed: {type(e).__name__}: {str(e)[:200]}). Convert it to "
+                       ".safetensors with a tool you trust.") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise NPOError(f"{p.name}: expected a dict of tensors (a state dict), got {type(obj).__name__}.")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise NPOError(f"{p.name}: entries that are not tensors: {bad[:5]}; expected a plain state dict.")
+    return {str(k): v for k, v in obj.items()}
+
+
+def load_offset(path: str | os.PathLike) -> NPOOffset:
+    """Read and parse an offset file (any supported format). The result may still need ``resolve``."""
+    sd, meta = read_state_dict(path)
+    return parse_state_dict(sd, meta, source=Path(path).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising
+# ---------------------------------------------------------------------------------------------
+def _split_role(key: str) -> tuple[str, str] | None:
+    for suffix, role in _LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _strip_prefix(module: str) -> tuple[str, str] | None:
+    """(naming, module path) or None for a non-UNet key."""
+    if module.startswith("lora_unet_"):
+        return "flat", module[len("lora_unet_"):]
+    if module.startswith("lycoris_"):
+        return "flat", module[len("lycoris_"):]
+    for pre in _NON_UNET_PREFIXES:
+        if module.startswith(pre):
+            return None
+    for pre in _UNET_PREFIXES:
+        if module.startswith(pre):
+            module = module[len(pre):]
+            break
+    module = module.replace(".processor.", ".")
+    if module.endswith(".to_out"):  # diffusers attn-processor LoRA names to_out; the Linear is to_out.0
+        module += ".0"
+    root = module.split(".", 1)[0]
+    if root in _LDM_ROOTS:
+        return "ldm", module
+    if root in _DIFFUSERS_ROOTS:
+        return "diffusers", module
+    return "unknown", module
+
+
+def _check_values(source: str, key: str, t: torch.Tensor) -> None:
+    if not (t.is_floating_point()):
+        raise NPOError(f"{source}: tensor '{key}' has dtype {t.dtype}; offsets must be floating point. The file is "
+                       "not an NPO offset or LoRA.")
+    if not bool(torch.isfinite(t).all()):
+        raise NPOError(f"{source}: tensor '{key}' contains NaN or Inf values; the file is damaged (or was saved from a "
+                       "diverged training run). Use another checkpoint of it.")
+
+
+def parse_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, source: str = "") -> NPOOffset:
+    """Recognise the key format of ``sd`` and build an ``NPOOffset`` in the file's own naming."""
+    metadata = dict(metadata or {})
+    if not sd:
+        raise NPOError(f"{source}: the file holds no tensors.")
+    unsupported = [k for k in sd if any(m in k for m in _UNSUPPORTED_MARKERS)]
+    if unsupported:
+        raise NPOError(f"{source}: LoRA variant not supported for NPO (LoHa/LoKr/OFT/DoRA/LoCon-mid keys such as "
+                       f"'{unsupported[0]}'). Use a plain LoRA (up/down/alpha) or a full-weight offset.")
+    for k, t in sd.items():
+        _check_values(source, k, t)
+    is_lora = any(_split_role(k) is not None for k in sd)
+    if is_lora:
+        return _parse_lora(sd, metadata, source)
+    return _parse_full(sd, metadata, source)
+
+
+def _peft_alpha(metadata: Mapping[str, str]) -> float | None:
+    raw = metadata.get("lora_adapter_metadata") or metadata.get("unet.lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(info, dict) and "unet" in info and isinstance(info["unet"], dict):
+        info = info["unet"]
+    alpha = info.get("lora_alpha") if isinstance(info, dict) else None
+    return float(alpha) if isinstance(alpha, (int, float)) else None
+
+
+def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> NPOOffset:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    stray: list[str] = []
+    for k, t in sd.items():
+        split = _split_role(k)
+        if split is None:
+            stray.append(k)
+            continue
+        module, role = split
+        groups.setdefault(module, {})[role] = t
+    if stray:
+        raise NPOError(f"{source}: mixes LoRA keys with keys of no known LoRA role, e.g. {stray[:3]}. Unknown key format; "
+                       "expected diffusers/PEFT, kohya or ComfyUI LoRA keys.")
+    peft_alpha = _peft_alpha(metadata)
+    entries: dict[str, Entry] = {}
+    ignored: list[str] = []
+    namings: set[str] = set()
+    fmt = _lora_format(sd, metadata)
+    for module, parts in groups.items():
+        stripped = _strip_prefix(module)
+        if stripped is None:
+            ignored.extend(f"{module}.{r}" for r in parts)
+            continue
+        naming, path = stripped
+        if naming == "unknown":
+            raise NPOError(f"{source}: unknown key format for '{module}': not a UNet module in LDM, diffusers or kohya "
+                           "naming. Expected keys like 'diffusion_model.input_blocks.1.1...', "
+                           "'unet.down_blocks.0.attentions.0...' or 'lora_unet_...'.")
+        namings.add(naming)
+        if "up" in parts or "down" in parts:
+            if "up" not in parts or "down" not in parts:
+                raise NPOError(f"{source}: LoRA module '{module}' has only one of up/down; the file is incomplete.")
+            up, down = parts["up"], parts["down"]
+            if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+                raise NPOError(f"{source}: LoRA module '{module}' has mismatched up {tuple(up.shape)} / down "
+                               f"{tuple(down.shape)}; the file is corrupt.")
+            alpha_t = parts.get("alpha")
+            alpha = float(alpha_t.float().flatten()[0]) if alpha_t is not None else peft_alpha
+            entries[f"{path}.weight"] = LowRank(up, down, alpha)
+        elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
+            raise NPOError(f"{source}: '{module}.alpha' has no lora_up/lora_down; the file is incomplete.")
+        if "diff" in parts:
+            entries[f"{path}.weight"] = Dense(parts["diff"])
+        if "diff_b" in parts:
+            entries[f"{path}.bias"] = Dense(parts["diff_b"])
+    return _finish(entries, namings, fmt, metadata, source, ignored)
+
+
+def _lora_format(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    if "npo.format_version" in metadata:
+        return "npo-pack"
+    keys = list(sd)
+    if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    if any(".lora.up." in k or "lora_linear_layer" in k or "_lora.up." in k for k in keys):
+        return "diffusers-lora"
+    return "comfy"
+
+
+def _parse_full(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> NPOOffset:
+    entries: dict[str, Entry] = {}
+    ignored: list[str] = []
+    namings: set[str] = set()
+    for k, t in sd.items():
+        if not (k.endswith(".weight") or k.endswith(".bias")):
+            raise NPOError(f"{source}: unknown key format: '{k}' is neither a LoRA key nor a '.weight'/'.bias' "
+                           "parameter of a UNet state dict.")
+        module, leaf = k.rsplit(".", 1)
+        stripped = _strip_prefix(module)
+        if stripped is None:
+            ignored.append(k)
+            continue
+        naming, path = stripped
+        if naming in ("unknown", "flat"):
+            raise NPOError(f"{source}: unknown key format: '{k}' is not a UNet parameter in LDM or diffusers naming.")
+        namings.add(naming)
+        entries[f"{path}.{leaf}"] = FullWeight(t)
+    return _finish(entries, namings, "full-state-dict", metadata, source, ignored)
+
+
+def _finish(entries: dict[str, Entry], namings: set[str], fmt: str, metadata: Mapping[str, str], source: str,
+            ignored: list[str]) -> NPOOffset:
+    if not entries:
+        raise NPOError(f"{source}: no UNet offsets in the file ({len(ignored)} text-encoder/VAE keys only). NPO changes "
+                       "only the UNet.")
+    if len(namings) > 1:
+        raise NPOError(f"{source}: mixes key namings {sorted(namings)}; expected one format per file.")
+    naming = namings.pop()
+    arch = metadata.get("npo.base_arch") or detect_base_arch(entries)
+    return NPOOffset(entries=entries, naming=naming, source_format=fmt, base_arch=arch, source=source,
+                     metadata={k: v for k, v in metadata.items() if k.startswith("npo.")}, ignored=sorted(ignored))
+
+
+def context_dim_of(entries: Mapping[str, Entry]) -> int | None:
+    """The text-context width the offset expects, read from any cross-attention key/value projection."""
+    for k, e in entries.items():
+        flat = k.replace("_", ".")
+        if "attn2.to.k" in flat or "attn2.to.v" in flat:
+            shape = e.weight_shape
+            if len(shape) >= 2:
+                return int(shape[1])
+    return None
+
+
+def detect_base_arch(entries: Mapping[str, Entry]) -> str:
+    ctx = context_dim_of(entries)
+    if ctx is not None:
+        return _CONTEXT_TO_ARCH.get(ctx, f"unknown (text context {ctx})")
+    if any(k.startswith("label_emb") or k.startswith("add_embedding") for k in entries):
+        return "SDXL"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# converting to the model's names
+# ---------------------------------------------------------------------------------------------
+def _fit_shape(source: str, key: str, e: Entry, target: tuple[int, ...]) -> Entry:
+    """Check ``e`` against the parameter shape; allow Linear-vs-1×1-conv differences (trailing 1s)."""
+    shape = tuple(e.weight_shape)
+    if shape == target:
+        return e
+    squeeze = lambda s: tuple(d for i, d in enumerate(s) if i < 2 or d != 1)  # noqa: E731
+    if squeeze(shape) == squeeze(target) and len(target) >= 2:
+        extra = [1] * (len(target) - 2)
+        if isinstance(e, LowRank):
+            return LowRank(e.up.reshape(e.up.shape[0], e.up.shape[1], *extra), e.down.reshape(e.down.shape[0], e.down.shape[1], *target[2:]), e.alpha)
+        if isinstance(e, Dense):
+            return Dense(e.delta.reshape(target))
+        return FullWeight(e.value.reshape(target))
+    raise NPOError(f"{source}: '{key}' has shape {shape} but the model's parameter is {target}. The offset was made for "
+                   "another architecture (SD1.5 vs SDXL?); use an offset trained for this model's base.")
+
+
+def resolve(
+    offset: NPOOffset,
+    targets: Mapping[str, tuple[int, ...]],
+    diffusers_to_ldm: Mapping[str, str],
+    model_arch: str = "unknown",
+    model_context_dim: int | None = None,
+) -> NPOOffset:
+    """Map every key of ``offset`` onto the model's LDM parameter names and check shapes.
+
+    ``targets``: LDM parameter name (relative to the UNet) → shape. ``diffusers_to_ldm``: diffusers
+    parameter name → LDM name (ComfyUI's ``comfy.utils.unet_to_diffusers``). Any key that does not
+    land is an error listing the keys: nothing is skipped. FullWeight entries stay absolute.
+    """
+    src = offset.source or "offset"
+    ctx = context_dim_of(offset.entries)
+    if ctx is not None and model_context_dim is not None and ctx != model_context_dim:
+        raise NPOError(f"{src}: made for {_CONTEXT_TO_ARCH.get(ctx, 'another model')} (text context {ctx}) but the model "
+                       f"is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
+                       "base (SD1.5 offsets on SD1.5 fine-tunes, SDXL offsets on SDXL ones).")
+    if offset.naming == "ldm":
+        mapping = {k: k for k in offset.entries if k in targets}
+    elif offset.naming == "diffusers":
+        mapping = {k: diffusers_to_ldm[k] for k in offset.entries if k in diffusers_to_ldm}
+    elif offset.naming == "flat":
+        lookup: dict[str, str] = {}
+        for name in targets:
+            lookup[_flat(name)] = name
+        for dname, lname in diffusers_to_ldm.items():
+            lookup.setdefault(_flat(dname), lname)
+        mapping = {k: lookup[_flat(k)] for k in offset.entries if _flat(k) in lookup}
+    else:
+        raise NPOError(f"{src}: unknown key naming '{offset.naming}'.")
+    unmatched = sorted(k for k in offset.entries if k not in mapping or mapping[k] not in targets)
+    if unmatched:
+        shown = "\n  ".join(unmatched[:20])
+        more = f"\n  … and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
+        raise NPOError(f"{src}: {len(unmatched)} of {len(offset.entries)} keys do not land on the model ({model_arch}):\n  "
+                       f"{shown}{more}\nThe offset was made for another architecture or uses an unknown key format.")
+    out: dict[str, Entry] = {}
+    for k, e in offset.entries.items():
+        name = mapping[k]
+        if name in out:
+            raise NPOError(f"{src}: two keys map to the same parameter '{name}'; the file is inconsistent.")
+        out[name] = _fit_shape(src, k, e, tuple(targets[name]))
+    return offset.replace(entries=out, naming="ldm")
+
+
+def _flat(param_name: str) -> str:
+    module, leaf = param_name.rsplit(".", 1)
+    return f"{module.replace('.', '_')}.{leaf}"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def to_comfy_state_dict(offset: NPOOffset, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """ComfyUI LoRA keys (``diffusion_model.<module>.lora_up.weight`` / ``lora_down.weight`` / ``alpha`` /
+    ``diff`` / ``diff_b``), readable by the stock LoraLoader."""
+    if not offset.is_resolved:
+        raise NPOError(f"{offset.source or 'offset'}: resolve it against a model before saving.")
+    sd: dict[str, torch.Tensor] = {}
+    for k, e in offset.entries.items():
+        module, leaf = k.rsplit(".", 1)
+        base = f"diffusion_model.{module}"
+        if isinstance(e, LowRank):
+            if leaf != "weight":
+                raise NPOError(f"low-rank offset on a bias ('{k}') cannot be saved")
+            sd[f"{base}.lora_up.weight"] = e.up.to(dtype).contiguous()
+            sd[f"{base}.lora_down.weight"] = e.down.to(dtype).contiguous()
+            sd[f"{base}.alpha"] = torch.tensor(float(e.alpha if e.alpha is not None else e.rank))
+        elif isinstance(e, Dense):
+            sd[f"{base}.diff" if leaf == "weight" else f"{base}.diff_b"] = e.delta.to(dtype).contiguous()
+        else:
+            raise NPOError(f"full-weight entry '{k}' must be resolved against a model before saving")
+    return sd
+
+
+def save_offset(offset: NPOOffset, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically (temporary name in the same folder, then rename) with NPO metadata."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    sd = to_comfy_state_dict(offset, dtype)
+    meta = {k: str(v) for k, v in offset.metadata.items()}
+    meta.update({"npo.format_version": FORMAT_VERSION, "npo.base_arch": offset.base_arch,
+                 "npo.source_format": offset.source_format})
+    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p

@@ -1,0 +1,229 @@
+"""Per-row offset injection: forward hooks that add offset(x) to selected batch rows only.
+
+ComfyUI evaluates cond and uncond in ONE batched UNet call. NPO must change only the rows of the
+negative/uncond chunk: each hooked layer computes y = f(x) as usual, then adds Δ(x[rows]) to
+y[rows], where Δ is the layer's response to its weight offset (low-rank: up·(down·x)·scale; dense:
+ΔW·x; norms: normalize(x)·Δγ + Δβ). No weight is copied or modified. Outside a ``RowGate.active``
+block the hooks return immediately, so a hook left attached can never change another model's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NPOError
+from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
+
+UNCOND = 1  # ComfyUI's cond_or_uncond value for the negative/uncond chunk (0 = positive)
+
+
+class RowGate:
+    """Which batch rows the injected offset applies to during the current forward (None: none)."""
+
+    def __init__(self) -> None:
+        self.rows: list[slice] | None = None
+
+    @contextlib.contextmanager
+    def active(self, rows: list[slice] | None) -> Iterator[None]:
+        previous, self.rows = self.rows, rows or None
+        try:
+            yield
+        finally:
+            self.rows = previous
+
+
+def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int = UNCOND) -> torch.Tensor:
+    """Bool mask [batch]: True on rows of the chunks whose ``cond_or_uncond`` entry equals ``select``.
+    ComfyUI concatenates equal-sized chunks in ``cond_or_uncond`` order."""
+    mask = torch.zeros(batch, dtype=torch.bool)
+    if not cond_or_uncond:
+        return mask
+    n = len(cond_or_uncond)
+    if batch % n:
+        raise NPOError(f"batch {batch} is not a multiple of the {n} cond/uncond chunks; cannot tell which rows are uncond")
+    size = batch // n
+    for i, kind in enumerate(cond_or_uncond):
+        if kind == select:
+            mask[i * size:(i + 1) * size] = True
+    return mask
+
+
+def mask_to_slices(mask: torch.Tensor) -> list[slice]:
+    """Contiguous runs of True as slices (uncond chunks are contiguous, so usually one slice)."""
+    out: list[slice] = []
+    start = None
+    for i, v in enumerate(mask.tolist()):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append(slice(start, i))
+            start = None
+    if start is not None:
+        out.append(slice(start, len(mask)))
+    return out
+
+
+class _LayerOffset:
+    """The offset of one module (weight and/or bias), cached per (device, dtype)."""
+
+    def __init__(self, name: str, module: nn.Module, weight: Entry | None, bias: Entry | None, strength: float) -> None:
+        self.name = name
+        self.kind = _module_kind(name, module)
+        if isinstance(weight, FullWeight) or isinstance(bias, FullWeight):
+            raise NPOError(f"'{name}': full weights must be resolved to offsets before injection")
+        if isinstance(weight, LowRank):
+            if self.kind not in ("linear", "conv") or getattr(module, "groups", 1) != 1:
+                raise NPOError(f"'{name}': a low-rank offset on a {type(module).__name__} layer is not supported")
+            w = weight.scaled(strength)
+            self.lowrank: tuple[torch.Tensor, torch.Tensor] | None = (w.down.float(), w.up.float())
+            self.dense = None
+        else:
+            self.lowrank = None
+            self.dense = None if weight is None else weight.delta.float() * strength
+        self.bias = None if bias is None else bias.delta.float() * strength
+        if isinstance(bias, LowRank):
+            raise NPOError(f"'{name}': low-rank bias offsets are not supported")
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        key = (device, dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+            lr = None if self.lowrank is None else (conv(self.lowrank[0]), conv(self.lowrank[1]))
+            hit = (lr, conv(self.dense), conv(self.bias))
+            self._cache[key] = hit
+        return hit
+
+    def response(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Δy for input rows x: what the output changes by when the parameters move by the offset."""
+        lr, dw, db = self.tensors(x.device, x.dtype)
+        k = self.kind
+        if k == "linear":
+            if lr is not None:
+                y = F.linear(F.linear(x, lr[0]), lr[1])
+            elif dw is not None:
+                y = F.linear(x, dw)
+            else:
+                y = torch.zeros((*x.shape[:-1], db.shape[0]), device=x.device, dtype=x.dtype)
+            return y if db is None else y + db
+        if k == "conv":
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+            m = module
+            if lr is not None:
+                y = conv(conv(x, lr[0], None, m.stride, m.padding, m.dilation), lr[1])
+            elif dw is not None:
+                y = conv(x, dw, None, m.stride, m.padding, m.dilation, m.groups)
+            else:
+                y = conv(x, torch.zeros((db.shape[0], x.shape[1] // m.groups, *m.kernel_size), device=x.device, dtype=x.dtype), None, m.stride, m.padding, m.dilation, m.groups)
+            return y if db is None else y + db.view(1, -1, *([1] * (y.dim() - 2)))
+        if k == "groupnorm":
+            normed = F.group_norm(x, module.num_groups, None, None, module.eps)
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            y = normed * dw.view(shape) if dw is not None else torch.zeros_like(x)
+            return y if db is None else y + db.view(shape)
+        if k == "layernorm":
+            normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            y = normed * dw if dw is not None else torch.zeros_like(x)
+            return y if db is None else y + db
+        raise AssertionError(k)
+
+
+def _module_kind(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    raise NPOError(f"'{name}': an offset on a {type(module).__name__} layer is not supported (Linear, Conv, GroupNorm "
+                   "and LayerNorm are).")
+
+
+class OffsetInjector:
+    """Attaches forward hooks for a resolved (LDM-named) offset on ``root`` (the UNet module).
+
+    Δ is added to the rows in ``gate.rows`` only; ``strength`` multiplies δ.
+    """
+
+    def __init__(self, offset: NPOOffset, strength: float, gate: RowGate) -> None:
+        if not offset.is_resolved:
+            raise NPOError(f"{offset.source or 'offset'}: resolve it against the model before injecting")
+        self.offset = offset
+        self.strength = float(strength)
+        self.gate = gate
+        self._handles: list = []
+        self._root: nn.Module | None = None
+        self._layers: list[tuple[nn.Module, _LayerOffset]] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _build(self, root: nn.Module) -> None:
+        if self._root is root:
+            return
+        by_module: dict[str, dict[str, Entry]] = {}
+        for k, e in self.offset.entries.items():
+            module, leaf = k.rsplit(".", 1)
+            by_module.setdefault(module, {})[leaf] = e
+        layers = []
+        for name, parts in sorted(by_module.items()):
+            try:
+                module = root.get_submodule(name)
+            except AttributeError as err:
+                raise NPOError(f"{self.offset.source or 'offset'}: module '{name}' not found in the model") from err
+            layers.append((module, _LayerOffset(name, module, parts.get("weight"), parts.get("bias"), self.strength)))
+        self._root, self._layers = root, layers
+
+    def attach(self, root: nn.Module) -> None:
+        if self._handles and self._root is root:
+            return
+        self.detach()
+        self._build(root)
+        gate = self.gate
+        for module, layer in self._layers:
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer) -> torch.Tensor | None:
+                rows = gate.rows
+                if rows is None:
+                    return None
+                x = args[0]
+                for sl in rows:
+                    out[sl] += layer.response(mod, x[sl])
+                return out
+            self._handles.append(module.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def clear_cache(self) -> None:
+        for _, layer in self._layers:
+            layer._cache.clear()
+
+    @contextlib.contextmanager
+    def attached_to(self, root: nn.Module) -> Iterator[None]:
+        """Attach for the duration of the block if not attached already."""
+        was = self.attached and self._root is root
+        if not was:
+            self.attach(root)
+        try:
+            yield
+        finally:
+            if not was:
+                self.detach()
+
+
+def dense_cost_note(offset: NPOOffset) -> str:
+    """One line on what an offset costs per negative pass, for logs and the Load node's summary."""
+    dense = sum(e.numel() for e in offset.entries.values() if isinstance(e, (Dense, FullWeight)))
+    low = sum(e.numel() for e in offset.entries.values() if isinstance(e, LowRank))
+    return f"{low:,} low-rank + {dense:,} dense offset parameters evaluated on the negative rows"

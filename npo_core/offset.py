@@ -1,0 +1,267 @@
+"""NPO offsets: per-parameter weight deltas δ that the negative CFG pass adds to the model.
+
+Sign convention (METHOD.md §6.1): the negative/uncond pass runs θ_neg = θ_pos + strength·δ.
+δ is *added*; the "negative" effect comes from sitting in the uncond slot of CFG.
+
+Keys are parameter names relative to the UNet ("<module>.weight" / "<module>.bias") in the
+naming of ``NPOOffset.naming``: "ldm" (ComfyUI/original SD: ``input_blocks.1.1...``),
+"diffusers" (``down_blocks.0.attentions.0...``) or "flat" (kohya: dots written as underscores).
+Only "ldm" offsets are applied; ``formats.resolve`` converts the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NPOError
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """ΔW = (alpha / rank) · up @ down. Linear: up [out, r], down [r, in].
+    Conv: up [out, r, 1, 1], down [r, in, kh, kw]. ``alpha=None`` means alpha = rank (scale 1)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (int(self.up.shape[0]), int(self.down.shape[1]), *self.down.shape[2:])
+
+    def delta(self) -> torch.Tensor:
+        """Dense ΔW in fp32, shaped like the weight."""
+        up = self.up.float().flatten(1)
+        down = self.down.float().flatten(1)
+        return (self.scale * (up @ down)).reshape(self.weight_shape)
+
+    def scaled(self, s: float) -> LowRank:
+        return LowRank(self.up.float() * (s * self.scale), self.down, None)
+
+    def numel(self) -> int:
+        return self.up.numel() + self.down.numel()
+
+
+@dataclass(frozen=True)
+class Dense:
+    """ΔW (or Δb) stored in full, shaped like the parameter."""
+
+    delta: torch.Tensor
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.delta.shape)
+
+    def scaled(self, s: float) -> Dense:
+        return Dense(self.delta.float() * s)
+
+    def numel(self) -> int:
+        return self.delta.numel()
+
+
+@dataclass(frozen=True)
+class FullWeight:
+    """An absolute parameter value from a full UNet state dict (e.g. Self-NPO's ``unet.ckpt``).
+    It becomes an offset δ = value − reference once resolved against a model's weights."""
+
+    value: torch.Tensor
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    def numel(self) -> int:
+        return self.value.numel()
+
+
+Entry = LowRank | Dense | FullWeight
+
+
+@dataclass
+class NPOOffset:
+    """A set of parameter offsets plus what is known about them.
+
+    ``entries`` maps parameter names (see module docstring) to LowRank / Dense / FullWeight.
+    ``source_format`` is what the file was ("peft", "diffusers-lora", "kohya", "comfy",
+    "full-state-dict", "npo-pack", ...); ``base_arch`` the family it was made for ("SD15", "SDXL",
+    "SD2", or "unknown"); ``ignored`` lists file keys that are not UNet parameters (text encoder,
+    VAE) and were deliberately left out, so the summary can show them.
+    """
+
+    entries: dict[str, Entry]
+    naming: str = "ldm"
+    source_format: str = "unknown"
+    base_arch: str = "unknown"
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    # ---- inspection -------------------------------------------------------------------------
+    def modules(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.entries})
+
+    def ranks(self) -> list[int]:
+        return sorted({e.rank for e in self.entries.values() if isinstance(e, LowRank)})
+
+    def kinds(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries.values():
+            out[type(e).__name__] = out.get(type(e).__name__, 0) + 1
+        return out
+
+    def numel(self) -> int:
+        return sum(e.numel() for e in self.entries.values())
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.naming == "ldm" and not any(isinstance(e, FullWeight) for e in self.entries.values())
+
+    def summary(self) -> str:
+        ranks = self.ranks()
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds().items()))
+        lines = [
+            f"source: {self.source or '(in memory)'}",
+            f"format: {self.source_format} (key naming: {self.naming})",
+            f"base architecture: {self.base_arch}",
+            f"layers: {len(self.modules())} modules, {len(self.entries)} tensors ({kinds})",
+            f"rank: {', '.join(map(str, ranks)) if ranks else 'dense'}",
+            f"parameters: {self.numel():,}",
+        ]
+        if self.ignored:
+            lines.append(f"ignored (not UNet, NPO changes only the UNet): {len(self.ignored)} keys, e.g. {self.ignored[0]}")
+        recipe = self.metadata.get("npo.recipe")
+        if recipe:
+            lines.append(f"recipe: {recipe}")
+        return "\n".join(lines)
+
+    # ---- arithmetic -------------------------------------------------------------------------
+    def replace(self, **changes) -> NPOOffset:
+        return dataclasses.replace(self, **changes)
+
+    def scaled(self, s: float) -> NPOOffset:
+        """δ → s·δ (exact for low-rank: the scale is folded into ``up``)."""
+        self._require_resolved("scale")
+        return self.replace(entries={k: e.scaled(s) for k, e in self.entries.items()})
+
+    def resolved_full_weights(self, reference: Callable[[str], torch.Tensor]) -> NPOOffset:
+        """Turn FullWeight entries into Dense δ = value − reference(key). ``reference`` returns the
+        model's current parameter (LDM name). Other entries pass through."""
+        out: dict[str, Entry] = {}
+        for k, e in self.entries.items():
+            if isinstance(e, FullWeight):
+                ref = reference(k)
+                if tuple(ref.shape) != tuple(e.value.shape):
+                    raise NPOError(f"{self.source}: full weight '{k}' has shape {tuple(e.value.shape)} but the model's is "
+                                   f"{tuple(ref.shape)}; this state dict was made for another architecture.")
+                out[k] = Dense(e.value.float() - ref.float().to(e.value.device))
+            else:
+                out[k] = e
+        return self.replace(entries=out)
+
+    def plus(self, other: NPOOffset) -> NPOOffset:
+        """δ_a + δ_b. Two low-rank entries on one key are concatenated along the rank (exact)."""
+        self._require_resolved("add")
+        other._require_resolved("add")
+        out: dict[str, Entry] = dict(self.entries)
+        for k, e in other.entries.items():
+            if k not in out:
+                out[k] = e
+                continue
+            a = out[k]
+            if isinstance(a, LowRank) and isinstance(e, LowRank):
+                a1, e1 = a.scaled(1.0), e.scaled(1.0)
+                out[k] = LowRank(torch.cat([a1.up.float(), e1.up.float()], 1), torch.cat([a1.down.float(), e1.down.float()], 0))
+            else:
+                out[k] = Dense(_dense(a).float() + _dense(e).float().to(_dense(a).device))
+        return self.replace(entries=out, source_format="combined")
+
+    def compressed(self, rank: int, min_size: int = 2) -> tuple[NPOOffset, float]:
+        """Dense 2-D+ entries → best rank-r approximation by SVD (Eckart–Young).
+        Returns the new offset and the energy kept, Σ kept σ² / Σ σ² over all compressed entries
+        (1.0 when nothing was compressed). 1-D entries (biases, norm scales) stay dense."""
+        self._require_resolved("compress")
+        if rank < 1:
+            raise NPOError(f"rank must be ≥ 1, got {rank}")
+        kept = total = 0.0
+        out: dict[str, Entry] = {}
+        for k, e in self.entries.items():
+            if isinstance(e, Dense) and e.delta.dim() >= min_size and min(e.delta.shape[0], e.delta[0].numel()) > rank:
+                mat = e.delta.float().flatten(1)
+                u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+                s2 = s.square()
+                kept += float(s2[:rank].sum())
+                total += float(s2.sum())
+                up = u[:, :rank] * s[:rank]
+                down = vh[:rank].reshape(rank, *e.delta.shape[1:])
+                if e.delta.dim() > 2:
+                    up = up.reshape(up.shape[0], rank, *([1] * (e.delta.dim() - 2)))
+                out[k] = LowRank(up.contiguous(), down.contiguous(), None)
+            else:
+                out[k] = e
+        energy = 1.0 if total == 0 else kept / total
+        meta = dict(self.metadata, **{"npo.svd_rank": str(rank), "npo.svd_energy": f"{energy:.6f}"})
+        return self.replace(entries=out, metadata=meta), energy
+
+    def _require_resolved(self, what: str) -> None:
+        if not self.is_resolved:
+            raise NPOError(f"{self.source or 'offset'}: cannot {what} before it is resolved against a model "
+                           "(it holds full weights or non-ComfyUI key names); apply it to a model first.")
+
+
+def _dense(e: Entry) -> torch.Tensor:
+    if isinstance(e, LowRank):
+        return e.delta()
+    if isinstance(e, Dense):
+        return e.delta
+    raise NPOError("a full-weight entry must be resolved against a model before arithmetic")
+
+
+def negative_offset(
+    offset: NPOOffset,
+    strength: float = 1.0,
+    merge_weight: float = 0.0,
+    positive: Mapping[str, torch.Tensor] | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
+) -> NPOOffset:
+    """The offset to add to θ_pos so the negative pass runs the authors' merged weights:
+
+        θ_neg = θ_base + s·δ + (1 − m)·(θ_pos − θ_base)   ⇔   θ_neg − θ_pos = s·δ − m·(θ_pos − θ_base)
+
+    s = ``strength``, m = ``merge_weight`` (``--merge_weight`` in gen.py / gen_xl.py). m = 0 (the
+    authors' default) gives θ_pos + s·δ and needs no base. For m > 0, ``positive`` and ``base``
+    map LDM parameter names to the two models' weights; keys where they differ get a dense term.
+    """
+    if not (0.0 <= merge_weight <= 1.0):
+        raise NPOError(f"merge_weight must be in [0, 1], got {merge_weight}")
+    out = offset.scaled(strength)
+    if merge_weight == 0.0:
+        return out
+    if positive is None or base is None:
+        raise NPOError("merge_weight > 0 needs base_model: connect the original base checkpoint (e.g. SD1.5 or "
+                       "SDXL base) the offset was trained against, or set merge_weight to 0.")
+    missing = sorted(set(positive) ^ set(base))
+    if missing:
+        raise NPOError(f"base_model and model have different parameters (e.g. {missing[:3]}); base_model must be "
+                       "the same architecture as model.")
+    extra: dict[str, Entry] = {}
+    for k in positive:
+        p, b = positive[k], base[k]
+        if p.shape != b.shape:
+            raise NPOError(f"base_model parameter '{k}' has shape {tuple(b.shape)}, model has {tuple(p.shape)}; "
+                           "base_model must be the same architecture as model.")
+        d = p.float() - b.float().to(p.device)
+        if torch.count_nonzero(d):
+            extra[k] = Dense(-merge_weight * d)
+    return out.plus(NPOOffset(extra, source_format="merge"))
