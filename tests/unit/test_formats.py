@@ -1,0 +1,226 @@
+"""Reading, recognising, resolving and writing offset files (no ComfyUI; a hand-made key map)."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_npo.npo_core import formats
+from comfyui_npo.npo_core.errors import NPOError
+from comfyui_npo.npo_core.offset import Dense, FullWeight, LowRank, NPOOffset
+
+# A two-block "UNet": LDM names and shapes, and the diffusers → LDM map ComfyUI would give.
+TARGETS = {
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (8, 8),
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 768),
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight": (8, 8),
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": (8,),
+    "input_blocks.1.1.proj_in.weight": (8, 8, 1, 1),
+    "input_blocks.1.0.in_layers.2.weight": (8, 4, 3, 3),
+}
+D2L = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",
+    "down_blocks.0.attentions.0.proj_in.weight": "input_blocks.1.1.proj_in.weight",
+    "down_blocks.0.resnets.0.conv1.weight": "input_blocks.1.0.in_layers.2.weight",
+}
+DIFF_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+DIFF_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+LDM_Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+LDM_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+
+
+def lora(out, inn, r=2):
+    return torch.randn(out, r), torch.randn(r, inn)
+
+
+def resolve(off):
+    return formats.resolve(off, TARGETS, D2L, "SD15", 768)
+
+
+@pytest.mark.parametrize("prefix", ["unet.", "", "base_model.model."])
+@pytest.mark.parametrize("style", [("lora.up", "lora.down"), ("lora_B", "lora_A"), ("lora_linear_layer.up", "lora_linear_layer.down")])
+def test_diffusers_and_peft_keys_land(prefix, style):
+    (uq, dq), (uk, dk) = lora(8, 8), lora(8, 768)
+    sd = {f"{prefix}{DIFF_Q}.{style[0]}.weight": uq, f"{prefix}{DIFF_Q}.{style[1]}.weight": dq,
+          f"{prefix}{DIFF_K}.{style[0]}.weight": uk, f"{prefix}{DIFF_K}.{style[1]}.weight": dk}
+    off = formats.parse_state_dict(sd, {}, "x.safetensors")
+    assert off.naming == "diffusers" and off.base_arch == "SD15"
+    res = resolve(off)
+    assert set(res.entries) == {f"{LDM_Q}.weight", f"{LDM_K}.weight"}
+    e = res.entries[f"{LDM_Q}.weight"]
+    assert isinstance(e, LowRank) and e.scale == 1.0 and torch.equal(e.up, uq) and torch.equal(e.down, dq)
+
+
+def test_peft_alpha_from_adapter_metadata():
+    u, d = lora(8, 8, r=4)
+    meta = {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 2}'}
+    off = formats.parse_state_dict({f"unet.{DIFF_Q}.lora_B.weight": u, f"unet.{DIFF_Q}.lora_A.weight": d}, meta, "m")
+    assert off.entries[f"{DIFF_Q}.weight"].scale == pytest.approx(0.5)
+
+
+def test_attn_processor_names_map_to_linear():
+    u, d = lora(8, 8)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora"
+    off = formats.parse_state_dict({f"{key}.up.weight": u, f"{key}.down.weight": d}, {}, "p")
+    assert list(resolve(off).entries) == ["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"]
+
+
+@pytest.mark.parametrize("path", [LDM_Q, DIFF_Q])
+def test_kohya_keys_with_alpha(path):
+    u, d = lora(8, 8, r=4)
+    flat = "lora_unet_" + path.replace(".", "_")
+    sd = {f"{flat}.lora_up.weight": u, f"{flat}.lora_down.weight": d, f"{flat}.alpha": torch.tensor(2.0)}
+    off = formats.parse_state_dict(sd, {}, "k.safetensors")
+    assert off.source_format == "kohya" and off.naming == "flat"
+    e = resolve(off).entries[f"{LDM_Q}.weight"]
+    assert e.scale == pytest.approx(0.5)
+
+
+def test_comfy_keys_with_diff_and_diff_b():
+    u, d = lora(8, 8)
+    sd = {f"diffusion_model.{LDM_Q}.lora_up.weight": u, f"diffusion_model.{LDM_Q}.lora_down.weight": d,
+          f"diffusion_model.{LDM_Q}.alpha": torch.tensor(2.0),
+          "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff": torch.randn(8, 8),
+          "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b": torch.randn(8)}
+    res = resolve(formats.parse_state_dict(sd, {}, "c"))
+    assert isinstance(res.entries["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"], Dense)
+    assert isinstance(res.entries["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias"], Dense)
+
+
+def test_linear_lora_on_1x1_conv_is_reshaped():
+    u, d = lora(8, 8)
+    sd = {"unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": u, "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": d}
+    e = resolve(formats.parse_state_dict(sd, {}, "p")).entries["input_blocks.1.1.proj_in.weight"]
+    assert e.weight_shape == (8, 8, 1, 1)
+    assert torch.allclose(e.delta().flatten(1), u @ d)
+
+
+@pytest.mark.parametrize("prefix,names", [("model.diffusion_model.", "ldm"), ("unet.", "diffusers"), ("", "diffusers")])
+def test_full_state_dict_becomes_full_weights(prefix, names):
+    keys = TARGETS if names == "ldm" else {k: TARGETS[v] for k, v in D2L.items()}
+    sd = {prefix + k: torch.randn(s) for k, s in keys.items()}
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.randn(2)  # a whole checkpoint: VAE part ignored, reported
+    off = formats.parse_state_dict(sd, {}, "full.ckpt")
+    assert off.source_format == "full-state-dict"
+    assert off.ignored == ["first_stage_model.decoder.conv_in.weight"] and "ignored" in off.summary()
+    res = resolve(off)
+    assert set(res.entries) == set(TARGETS) and all(isinstance(e, FullWeight) for e in res.entries.values())
+
+
+def test_unmatched_keys_are_an_error_listing_them():
+    u, d = lora(8, 8)
+    sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d,
+          "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.up.weight": u,
+          "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.down.weight": d}
+    with pytest.raises(NPOError, match=r"1 of 2 keys do not land(.|\n)*up_blocks\.3\.attentions\.2"):
+        resolve(formats.parse_state_dict(sd, {}, "x.safetensors"))
+
+
+def test_sdxl_offset_on_sd15_model_names_both_architectures():
+    u, d = lora(8, 2048)
+    sd = {f"unet.{DIFF_K}.lora.up.weight": u, f"unet.{DIFF_K}.lora.down.weight": d}
+    off = formats.parse_state_dict(sd, {}, "sdxl.safetensors")
+    assert off.base_arch == "SDXL"
+    with pytest.raises(NPOError, match=r"sdxl\.safetensors: made for SDXL(.|\n)*SD15"):
+        resolve(off)
+
+
+def test_shape_mismatch_is_an_error():
+    u, d = lora(16, 8)
+    sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d}
+    with pytest.raises(NPOError, match="shape"):
+        resolve(formats.parse_state_dict(sd, {}, "x"))
+
+
+@pytest.mark.parametrize("sd,match", [
+    ({}, "no tensors"),
+    ({"foo.bar": torch.zeros(2)}, "unknown key format"),
+    ({"something.lora_up.weight": torch.zeros(2, 1), "something.lora_down.weight": torch.zeros(1, 2)}, "unknown key format"),
+    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2)}, "only one of up/down"),
+    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(3, 8)}, "mismatched"),
+    ({f"unet.{DIFF_Q}.hada_w1_a": torch.zeros(2, 2)}, "not supported"),
+    ({f"unet.{DIFF_Q}.lora.up.weight": torch.full((8, 2), float("nan")), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8)}, "NaN"),
+    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2, dtype=torch.int32), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8)}, "floating"),
+    ({"lora_te_text_model_x.lora_up.weight": torch.zeros(2, 1), "lora_te_text_model_x.lora_down.weight": torch.zeros(1, 2)}, "only the UNet"),
+])
+def test_bad_state_dicts_are_refused_with_the_file_name(sd, match):
+    with pytest.raises(NPOError, match=match) as err:
+        formats.parse_state_dict(sd, {}, "bad.safetensors")
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_text_encoder_keys_are_ignored_and_reported():
+    u, d = lora(8, 8)
+    sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d,
+          "text_encoder.text_model.x.lora.up.weight": u, "text_encoder.text_model.x.lora.down.weight": d}
+    off = formats.parse_state_dict(sd, {}, "x")
+    assert len(off.ignored) == 2 and len(off.entries) == 1
+
+
+def test_files_truncated_empty_unknown_and_pickles(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({f"unet.{DIFF_Q}.lora.up.weight": torch.randn(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.randn(2, 8)}, str(good))
+    assert len(formats.load_offset(good).entries) == 1
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) - 20])
+    with pytest.raises(NPOError, match="trunc.safetensors: not a readable safetensors"):
+        formats.load_offset(trunc)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(NPOError, match="empty"):
+        formats.load_offset(empty)
+    with pytest.raises(NPOError, match="unknown file type"):
+        (tmp_path / "x.gguf").write_bytes(b"abc")
+        formats.load_offset(tmp_path / "x.gguf")
+    with pytest.raises(NPOError, match="not found"):
+        formats.load_offset(tmp_path / "missing.safetensors")
+    # a plain-tensor pickle (Self-NPO's unet.ckpt) loads
+    ck = tmp_path / "unet.ckpt"
+    torch.save({f"{k}": torch.randn(s) for k, s in TARGETS.items()}, ck)
+    assert formats.load_offset(ck).source_format == "full-state-dict"
+    # a pickle with arbitrary objects is refused and never executed
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(NPOError, match="evil.pt: refused"):
+        formats.load_offset(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_save_roundtrip_in_comfy_keys_atomically(tmp_path):
+    u, d = lora(8, 8, r=3)
+    off = NPOOffset({f"{LDM_Q}.weight": LowRank(u, d, 1.5), "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": Dense(torch.ones(8))},
+                    base_arch="SD15", metadata={"npo.recipe": "test"})
+    path = formats.save_offset(off, tmp_path / "out" / "o.safetensors", {"npo.steps": 3})
+    assert sorted(os.listdir(path.parent)) == ["o.safetensors"]  # no temporary left behind
+    sd, meta = formats.read_state_dict(path)
+    assert set(sd) == {f"diffusion_model.{LDM_Q}.lora_up.weight", f"diffusion_model.{LDM_Q}.lora_down.weight",
+                       f"diffusion_model.{LDM_Q}.alpha", "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b"}
+    assert meta["npo.format_version"] == "1" and meta["npo.recipe"] == "test" and meta["npo.steps"] == "3"
+    back = formats.load_offset(path)
+    assert back.source_format == "npo-pack" and back.base_arch == "SD15"
+    e = resolve(back).entries[f"{LDM_Q}.weight"]
+    assert torch.allclose(e.delta(), LowRank(u, d, 1.5).delta())
+
+
+def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "o.safetensors"
+    path.write_bytes(b"old")
+    off = NPOOffset({f"{LDM_Q}.weight": Dense(torch.ones(8, 8))})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError):
+        formats.save_offset(off, path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["o.safetensors"]
