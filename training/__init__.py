@@ -1,0 +1,1 @@
+"""Self-NPO training (truncated diffusion fine-tuning, TDFT). Pure torch: never imports ComfyUI."""

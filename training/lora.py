@@ -1,0 +1,100 @@
+"""Trainable LoRA adapters attached as forward hooks: y = f(x) + (alpha/r)·up(down(x)).
+
+The wrapped modules' own weights are never touched or copied. ``up`` starts at zero, so the
+student starts equal to the base model (as the authors' full fine-tune does).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..npo_core.offset import LowRank, NPOOffset
+
+TARGET_PRESETS = {
+    # attention projections: the layers of the authors' released NPO LoRAs
+    "attention": r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+    "attention+ff": r"(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2))$",
+    "all": r".*",
+}
+
+
+def select_modules(root: nn.Module, pattern: str) -> list[str]:
+    """Names of Linear / Conv2d (groups 1) modules of ``root`` matching ``pattern`` (a preset name or regex)."""
+    rx = re.compile(TARGET_PRESETS.get(pattern, pattern))
+    out = []
+    for name, m in root.named_modules():
+        if not name or not rx.search(name):
+            continue
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
+            out.append(name)
+    return out
+
+
+class LoRASet(nn.Module):
+    def __init__(self, root: nn.Module, module_names: list[str], rank: int, alpha: float | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {rank}")
+        if not module_names:
+            raise ValueError("no layers selected for LoRA")
+        self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
+        self.names = list(module_names)
+        self.modules_ = [root.get_submodule(n) for n in self.names]
+        self.downs, self.ups = nn.ParameterList(), nn.ParameterList()
+        for m in self.modules_:
+            w = m.weight
+            dev = device if device is not None else w.device
+            if isinstance(m, nn.Linear):
+                down = torch.empty(rank, m.in_features, dtype=torch.float32)
+                up = torch.zeros(m.out_features, rank, dtype=dtype, device=dev)
+            else:
+                down = torch.empty(rank, m.in_channels, *m.kernel_size, dtype=torch.float32)
+                up = torch.zeros(m.out_channels, rank, 1, 1, dtype=dtype, device=dev)
+            fan_in = down[0].numel()
+            down.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=generator)
+            self.downs.append(nn.Parameter(down.to(dev, dtype)))
+            self.ups.append(nn.Parameter(up))
+        self._handles: list = []
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        out = {}
+        for n, d, u in zip(self.names, self.downs, self.ups):
+            out[f"{n}.lora_down"] = d
+            out[f"{n}.lora_up"] = u
+        return out
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        scale = self.scale
+        for m, d, u in zip(self.modules_, self.downs, self.ups):
+            def hook(mod, args, out, d=d, u=u):
+                x = args[0]
+                if isinstance(mod, nn.Linear):
+                    h = F.linear(F.linear(x.to(d.dtype), d), u)
+                else:
+                    h = F.conv2d(F.conv2d(x.to(d.dtype), d, None, mod.stride, mod.padding, mod.dilation), u)
+                return out + (scale * h).to(out.dtype)
+            self._handles.append(m.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def to_offset(self, **meta) -> NPOOffset:
+        """The adapters as an NPO offset (keys ``<module>.weight``, naming of ``root``)."""
+        entries = {f"{n}.weight": LowRank(u.detach().float().cpu().clone(), d.detach().float().cpu().clone(), self.alpha)
+                   for n, d, u in zip(self.names, self.downs, self.ups)}
+        return NPOOffset(entries, **meta)

@@ -1,0 +1,166 @@
+"""The TDFT training loop: AdamW, EMA teacher, gradient clipping, checkpoints that resume exactly,
+progress and cancel callbacks. Host-agnostic: a denoiser callable and named parameters."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..npo_core.schedule import DiscreteSchedule
+from .data import StartData
+from .ema import EMATeacher
+from .tdft import Denoiser, TDFTConfig, student_cond, student_loss, teacher_rollout
+
+CHECKPOINT_FORMAT = "comfyui-npo-train/1"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, bad resume file); the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-6
+    weight_decay: float = 1e-3
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    save_every: int = 0
+    tdft: TDFTConfig = field(default_factory=TDFTConfig)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[int, int, float], None] = lambda step, total, loss: None
+    should_stop: Callable[[], bool] = lambda: False
+    on_checkpoint: Callable[[Path, int], None] = lambda path, step: None
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list[float]
+    stopped_early: bool
+    ema: EMATeacher
+    last_checkpoint: Path | None
+
+
+def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], ema: EMATeacher,
+                    opt: torch.optim.Optimizer, gen: torch.Generator, losses: list[float], cfg: TrainConfig,
+                    signature: str) -> Path:
+    """Atomic write (temporary name, then rename): a crash leaves the old file or the new one."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "params": {n: p.detach().cpu().clone() for n, p in params.items()},
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": gen.get_state(),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "config": json.dumps(cfg.as_dict()),
+        "signature": signature,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, signature: str) -> dict:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainingError(f"resume_from: cannot read '{Path(path).name}' ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"resume_from: '{Path(path).name}' is not a Self-NPO training checkpoint of this pack.")
+    if state.get("signature") != signature:
+        raise TrainingError(f"resume_from: '{Path(path).name}' was made for another model or training setup "
+                            f"({state.get('signature')!r}, this run is {signature!r}); resume with the same model, "
+                            "mode, rank and layers, or start fresh.")
+    return state
+
+
+def train(denoiser: Denoiser, schedule: DiscreteSchedule, params: dict[str, nn.Parameter], data: StartData,
+          cfg: TrainConfig, callbacks: Callbacks | None = None, checkpoint_path: Path | None = None,
+          resume_from: str | os.PathLike | None = None, signature: str = "") -> TrainResult:
+    """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``."""
+    cb = callbacks or Callbacks()
+    cfg.tdft.validate(schedule.num_timesteps)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be ≥ 1")
+    plist = list(params.values())
+    for p in plist:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(plist, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    ema = EMATeacher(params, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    start = 0
+    if resume_from:
+        state = load_checkpoint(resume_from, signature)
+        start = int(state["step"])
+        if start > cfg.steps:
+            raise TrainingError(f"steps ({cfg.steps}) is smaller than the {start} steps already done in resume_from; "
+                                f"set steps > {start}.")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["params"][n])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        losses = [float(v) for v in state["losses"].tolist()]
+    last_ckpt: Path | None = None
+    stopped = False
+    step = start
+    for step in range(start, cfg.steps):
+        if cb.should_stop():
+            stopped = True
+            break
+        z0, c_pos, c_neg = data.batch(step, cfg.batch_size)
+        dev = plist[0].device
+        z0 = z0.to(dev)
+        with ema.swapped_in():
+            roll = teacher_rollout(denoiser, schedule, z0, c_pos, c_neg, cfg.tdft, gen)
+        c_student = student_cond(c_pos, c_neg, cfg.tdft, cfg.batch_size, gen)
+        loss, _ = student_loss(denoiser, schedule, roll, c_student, cfg.tdft, gen)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            where = f"; the last good checkpoint is {last_ckpt.name}" if last_ckpt else ""
+            raise TrainingError(f"the loss became {value} at step {step + 1}{where}. Lower learning_rate, use "
+                                "training_dtype fp32, or resume from the last checkpoint.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip)
+        opt.step()
+        ema.update()
+        losses.append(value)
+        cb.on_step(step + 1, cfg.steps, value)
+        if checkpoint_path is not None and cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
+            last_ckpt = save_checkpoint(checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature)
+            cb.on_checkpoint(last_ckpt, step + 1)
+    else:
+        step = cfg.steps
+    done = step if stopped else cfg.steps
+    for p in plist:
+        p.requires_grad_(False)
+    return TrainResult(done, losses, stopped, ema, last_ckpt)
