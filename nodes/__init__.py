@@ -8,6 +8,7 @@ def node_list() -> list:
     from .guider import NPOCFGGuider
     from .models import NPOApply, NPONegativeModel
     from .offsets import NPOCompressOffset, NPOLoadOffset
+    from .train import NPOSaveOffset, SelfNPOTrain
 
     host.register_npo_folder()
-    return [NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset]
+    return [NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset]

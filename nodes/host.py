@@ -308,3 +308,210 @@ def make_guider(model, positive, negative, cfg: float, offset: NPOOffset | None 
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-NPO training: the ComfyUI side (denoiser, conds, pool, schedule, precision)
+# ---------------------------------------------------------------------------------------------
+def check_trainable(mp, input_name: str = "model") -> None:
+    """TDFT needs a discrete VP schedule (eps or v prediction); flow-matching models are refused."""
+    import comfy.model_base
+
+    check_unet_model(mp, input_name)
+    mt = getattr(mp.model, "model_type", None)
+    if mt not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
+        raise NPOError(f"{input_name}: Self-NPO training supports eps- and v-prediction models (SD1.5/SD2/SDXL); this "
+                       f"model's type is {getattr(mt, 'name', mt)} (e.g. flow matching), which TDFT's DDIM rollout does "
+                       "not handle.")
+
+
+def schedule_sigmas(mp) -> torch.Tensor:
+    """The model's discrete k-diffusion sigmas ν_t, t = 0..T−1 (ModelSamplingDiscrete.sigmas)."""
+    ms = mp.get_model_object("model_sampling")
+    sig = getattr(ms, "sigmas", None)
+    if sig is None or sig.dim() != 1 or sig.shape[0] < 100:
+        raise NPOError("model: its model_sampling has no discrete sigma table; Self-NPO needs a discrete schedule.")
+    return sig.detach().float().cpu()
+
+
+def load_for_training(mp) -> torch.device:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([mp], memory_required=0, force_full_load=True)
+    return mm.get_torch_device()
+
+
+def throw_if_interrupted() -> None:
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+
+
+def conditioning_entries(conditioning, input_name: str) -> list:
+    """One ComfyUI CONDITIONING entry per prompt (Conditioning (Combine) stacks several)."""
+    if not conditioning:
+        raise NPOError(f"{input_name}: empty conditioning; connect a CLIP Text Encode output.")
+    return [[c[0], dict(c[1])] for c in conditioning]
+
+
+def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str) -> dict[str, torch.Tensor]:
+    """Batch-1 model inputs for one conditioning entry: ``{"c_crossattn": ..., "y": ...}`` (SDXL adds y)."""
+    import comfy.sampler_helpers
+
+    conds = comfy.sampler_helpers.convert_cond([entry])
+    noise = torch.zeros(latent_shape)
+    conds = comfy.samplers.encode_model_conds(mp.model.extra_conds, conds, noise, device, prompt_type)
+    out = {}
+    for k, v in conds[0]["model_conds"].items():
+        if k in ("c_crossattn", "y"):
+            out[k] = v.cond.to(device)
+        elif k not in ("c_concat",):
+            continue
+    if "c_crossattn" not in out:
+        raise NPOError("positive/negative: the conditioning has no cross-attention tensor for this model.")
+    return out
+
+
+def training_denoiser(mp, compute_dtype: torch.dtype):
+    """D(x_ve, ν, cond) -> x0 over the ComfyUI model (apply_model converts eps/v to x0)."""
+    base = mp.model
+
+    def denoise(x, sigma, cond):
+        kwargs = {"y": cond["y"].to(compute_dtype)} if "y" in cond else {}
+        autocast = x.device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(x.device.type, dtype=compute_dtype, enabled=autocast):
+            out = base.apply_model(x.to(compute_dtype), sigma.float(), c_crossattn=cond["c_crossattn"].to(compute_dtype),
+                                   transformer_options={}, **kwargs)
+        return out.float()
+
+    return denoise
+
+
+def latent_to_model_space(mp, samples: torch.Tensor) -> torch.Tensor:
+    return mp.model.process_latent_in(samples)
+
+
+def latent_channels(mp) -> int:
+    return int(mp.model.latent_format.latent_channels)
+
+
+def sample_pool(mp, positive_entries: list, negative, count: int, width: int, height: int, steps: int, cfg: float,
+                seed: int, on_sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free start pool: ``count`` latents sampled from the frozen model, prompts cycling.
+    Returns (latents in LATENT space [N,C,h,w], prompt index per latent)."""
+    import comfy.sample
+
+    c = latent_channels(mp)
+    shape = (1, c, height // 8, width // 8)
+    out, prompt_of = [], []
+    for i in range(count):
+        p = i % len(positive_entries)
+        gen = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(shape, generator=gen)
+        lat = comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", [positive_entries[p]], negative,
+                                  torch.zeros(shape), seed=seed + i, disable_pbar=True)
+        out.append(lat.float().cpu())
+        prompt_of.append(p)
+        on_sample(i + 1)
+    return torch.cat(out), torch.tensor(prompt_of)
+
+
+class TrainingSession:
+    """Puts a loaded ComfyUI UNet into training shape and restores it exactly afterwards.
+
+    Nodes run under ``torch.inference_mode``, so the model's Parameters are inference tensors that
+    autograd can neither save nor version (even after ``.data`` is replaced). For the session every
+    Parameter is replaced by a fresh normal Parameter holding a copy of its values (≈ one extra copy
+    of the UNet in its own dtype); the original Parameter objects are never touched and are put back
+    on exit, so the model is bit-identical afterwards. In ``full`` mode the copies are the student.
+    Mixed precision comes from autocast in ``training_denoiser``; gradient checkpointing wraps the
+    transformer and residual blocks.
+    """
+
+    def __init__(self, mp, gradient_checkpointing: bool) -> None:
+        self.unet = unet_of(mp)
+        self.gradient_checkpointing = gradient_checkpointing
+        self._originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self._by_name: dict[str, torch.nn.Parameter] = {}
+        self._forwards: list[torch.nn.Module] = []
+
+    def __enter__(self):
+        with torch.inference_mode(False):
+            for mod_name, module in self.unet.named_modules():
+                for pname, old in list(module._parameters.items()):
+                    if old is None:
+                        continue
+                    module._parameters[pname] = torch.nn.Parameter(old.data.clone(), requires_grad=False)
+                    self._originals.append((module, pname, old))
+                    self._by_name[f"{mod_name}.{pname}" if mod_name else pname] = old
+        if self.gradient_checkpointing:
+            self._checkpoint_blocks()
+        return self
+
+    def _checkpoint_blocks(self) -> None:
+        import torch.utils.checkpoint as ckpt
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+        for m in self.unet.modules():
+            if isinstance(m, (BasicTransformerBlock, ResBlock)):
+                inner = m.forward
+
+                def forward(*args, _inner=inner, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _inner(*args, **kwargs)
+                    return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                m.forward = forward
+                self._forwards.append(m)
+
+    def full_params(self, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
+        """All UNet weights as trainable Parameters in ``dtype`` (the student of full fine-tuning)."""
+        out = {}
+        with torch.inference_mode(False):
+            for name, p in self.unet.named_parameters():
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                out[name] = p
+        return out
+
+    def original(self, name: str) -> torch.Tensor:
+        return self._by_name[name].data
+
+    def __exit__(self, *exc):
+        for m in self._forwards:
+            del m.forward
+        for module, pname, old in self._originals:
+            module._parameters[pname] = old
+        self._originals.clear()
+        self._by_name.clear()
+        return False
+
+
+def output_dir() -> str:
+    return folder_paths.get_output_directory()
+
+
+def npo_dir() -> str:
+    register_npo_folder()
+    return folder_paths.get_folder_paths(NPO_FOLDER)[0]
+
+
+def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_prefix") -> tuple[str, str, int]:
+    """(folder, base filename, next counter) inside ``base_dir``; refuses prefixes that leave it."""
+    if os.path.isabs(filename_prefix) or ".." in filename_prefix.replace("\\", "/").split("/"):
+        raise NPOError(f"{input_name}: '{filename_prefix}' must be a relative name without '..' (files are written "
+                       f"inside {base_dir}).")
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, base_dir)
+    except Exception as e:
+        raise NPOError(f"{input_name}: '{filename_prefix}' is not allowed ({e}).") from None
+    real_base = os.path.realpath(base_dir)
+    if os.path.commonpath((real_base, os.path.realpath(folder))) != real_base:
+        raise NPOError(f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name.")
+    return folder, filename, counter
+
+
+def progress_bar(total: int):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)
