@@ -92,6 +92,8 @@ def sample_start(z0: torch.Tensor, schedule: DiscreteSchedule, cfg: TDFTConfig, 
 @torch.no_grad()
 def teacher_rollout(teacher: Denoiser, schedule: DiscreteSchedule, z0: torch.Tensor, cond_pos: C.Cond,
                     cond_neg: C.Cond, cfg: TDFTConfig, gen: torch.Generator) -> Rollout:
+    """K guided DDIM steps from the noised start, then the target. Samples that reached t = 0 are
+    frozen (as in the authors' code) and, unlike there, not evaluated again until the final target."""
     grid = ddim_grid(cfg.grid_points, cfg.grid_stride)
     k, x = sample_start(z0, schedule, cfg, gen)
     t = grid[k]
@@ -99,14 +101,20 @@ def teacher_rollout(teacher: Denoiser, schedule: DiscreteSchedule, z0: torch.Ten
     dev, dt = z0.device, z0.dtype
     calls = rows = 0
     for _ in range(cfg.truncation_steps):
-        x0_g, n = guided_x0(teacher, x, schedule.nu(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
-        calls, rows = calls + 1, rows + n
         active = k >= 0
-        t_prev = torch.where(k >= 1, grid[(k - 1).clamp_min(0)], torch.zeros_like(t))
-        stepped = ddim_step(x, x0_g, schedule.nu(t).to(dev, dt), schedule.nu(t_prev).to(dev, dt))
-        x = torch.where(active.to(dev).view(-1, *([1] * (x.dim() - 1))), stepped, x)
-        t = torch.where(active, t_prev, t)
-        k = torch.where(active, k - 1, k)
+        idx = active.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        ta = t[idx]
+        xa = x[idx.to(dev)]
+        x0_g, n = guided_x0(teacher, xa, schedule.nu(ta).to(dev, dt), C.index(cond_pos, idx), C.index(cond_neg, idx),
+                            cfg.teacher_guidance)
+        calls, rows = calls + 1, rows + n
+        ka = k[idx]
+        t_prev = torch.where(ka >= 1, grid[(ka - 1).clamp_min(0)], torch.zeros_like(ta))
+        x = x.index_copy(0, idx.to(dev), ddim_step(xa, x0_g, schedule.nu(ta).to(dev, dt), schedule.nu(t_prev).to(dev, dt)))
+        t = t.index_copy(0, idx, t_prev)
+        k = k.index_copy(0, idx, ka - 1)
     target, n = guided_x0(teacher, x, schedule.nu(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
     return Rollout(x, t, target, t_start, calls + 1, rows + n)
 

@@ -110,9 +110,14 @@ def test_rollout_walks_the_grid_and_targets_teacher_x0_at_truncation():
 
     g = torch.Generator().manual_seed(3)
     roll = tdft.teacher_rollout(teacher, SCHED, z0, cn, cn, cfg, g)
-    assert len(seen) == cfg.truncation_steps + 1 and roll.teacher_calls == 6 and roll.teacher_rows == 6 * 64
     want_end = torch.clamp(roll.t_start - 200, min=0)
     assert torch.equal(roll.t_end, want_end)
+    # frozen samples (reached t = 0) are not evaluated again before the final target:
+    # a sample starting at grid index k < K is evaluated k + 1 times in the loop, others K times
+    k0 = (roll.t_start + 1) // 40 - 1
+    assert len(seen) == cfg.truncation_steps + 1 and roll.teacher_calls == 6
+    assert roll.teacher_rows == int(torch.clamp(k0 + 1, max=5).sum()) + 64
+    assert sum(len(s) for s in seen) == roll.teacher_rows
     # replay by hand: same generator draws, plain-python loop per sample
     g = torch.Generator().manual_seed(3)
     k = torch.randint(0, 25, (64,), generator=g)
