@@ -16,7 +16,7 @@ from ..npo_core.schedule import DiscreteSchedule
 from ..training import tdft
 from ..training.data import StartData
 from ..training.lora import TARGET_PRESETS, LoRASet, select_modules
-from ..training.trainer import Callbacks, TrainConfig, TrainingError, train
+from ..training.trainer import Callbacks, TrainConfig, TrainingError, load_checkpoint, train
 from . import host
 from .common import CATEGORY, NPOOffsetType
 from .plot import loss_curve_image
@@ -157,11 +157,23 @@ class SelfNPOTrain(io.ComfyNode):
         elif width % 8 or height % 8:
             raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
 
+        unet = host.unet_of(model)
+        layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
+        if not layer_names:
+            raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
+        signature = _signature(arch, mode, rank, lora_layers, host.param_shapes(model))
         resume_path = None
         if resume_from and resume_from != NONE:
             resume_path = os.path.join(host.output_dir(), CHECKPOINT_SUBDIR, resume_from)
             if not os.path.isfile(resume_path):
                 raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
+            try:  # checked before any sampling: a wrong file or a too-small `steps` fails at once
+                done = int(load_checkpoint(resume_path, signature)["step"])
+            except TrainingError as e:
+                raise NPOError(str(e)) from None
+            if steps < done:
+                raise NPOError(f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set "
+                               f"steps ≥ {done}.")
 
         pos_entries = host.conditioning_entries(positive, "positive")
         neg_entries = host.conditioning_entries(negative, "negative")
@@ -178,11 +190,6 @@ class SelfNPOTrain(io.ComfyNode):
         shape = (1, channels, samples.shape[2], samples.shape[3])
         schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
-        unet = host.unet_of(mp)
-        layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
-        if not layer_names:
-            raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
-        signature = _signature(arch, mode, rank, lora_layers, host.param_shapes(mp))
         prefix_folder, prefix_name, counter = host.save_path(os.path.join(host.output_dir(), CHECKPOINT_SUBDIR),
                                                              filename_prefix)
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")

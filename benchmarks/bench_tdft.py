@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""Cost of one Self-NPO (TDFT) training step on the full-size SD1.5 UNet (random weights, CPU, fp32).
+
+Timed in one process, variants interleaved over repeats (A B C, C B A, ...), medians of per-step
+wall time (the first step of every run is a warm-up and not counted):
+
+- ``ours``     the pack's training loop (``training.trainer.train``) through the ComfyUI denoiser, as
+               the Self-NPO Train node runs it: teacher = EMA swap, w = −1 (conditional pass skipped),
+               frozen samples not re-evaluated, then student forward + backward, AdamW, EMA update;
+- ``floor``    the same UNet passes timed alone: the teacher's no-grad forwards with exactly the batch
+               sizes ``ours`` used (replayed from the same random draws) + one student forward+backward;
+- ``authors``  the authors' schedule (``Self-NPO/train.py``): 6 teacher evaluations, each a separate
+               conditional and unconditional forward of the whole batch (12 passes), + student step.
+
+Ratios: ours / floor (overhead of the loop; goal ≤ 1.15) and authors / ours (goal ≥ 1.8 at w = −1).
+Memory: ``--memory`` runs one child process per mode (lora, full) that builds the model, resets the
+peak-RSS counter (``/proc/self/clear_refs`` ← 5) and trains 2 steps; the peak is ``VmHWM``.
+
+    python benchmarks/bench_tdft.py [--latent 8] [--batch 2] [--steps 3] [--repeats 3] [--mode lora] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SD15 = {
+    "image_size": 32, "use_checkpoint": False, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
+    "context_dim": 768, "num_heads": 8, "use_linear_in_transformer": False, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def setup():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401  (registers the pack as comfyui_npo)
+
+    comfy_root = conftest.find_comfyui()
+    if comfy_root is None:
+        sys.exit("ComfyUI not found: set COMFYUI_PATH or install it to ~/comfy/ComfyUI")
+    sys.path.insert(0, str(comfy_root))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401
+
+
+def build(seed: int = 0):
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    with torch.inference_mode():
+        m = comfy.supported_models.SD15(dict(SD15)).get_model({})
+        g = torch.Generator().manual_seed(seed)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(m, torch.device("cpu"), torch.device("cpu"))
+
+
+class Bench:
+    def __init__(self, mode: str, latent: int, batch: int):
+        import torch
+
+        from comfyui_npo.nodes import host
+        from comfyui_npo.npo_core.schedule import DiscreteSchedule
+        from comfyui_npo.training import tdft
+        from comfyui_npo.training.data import StartData
+        from comfyui_npo.training.lora import LoRASet, select_modules
+
+        self.torch, self.tdft, self.host = torch, tdft, host
+        self.mp = build()
+        self.batch = batch
+        self.schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(self.mp))
+        g = torch.Generator().manual_seed(1)
+        self.data = StartData(torch.randn(8, 4, latent, latent, generator=g),
+                              [{"c_crossattn": torch.randn(1, 77, 768, generator=g)} for _ in range(2)],
+                              {"c_crossattn": torch.zeros(1, 77, 768)})
+        self.session = host.TrainingSession(self.mp, gradient_checkpointing=False)
+        self.session.__enter__()
+        unet = host.unet_of(self.mp)
+        if mode == "lora":
+            self.lset = LoRASet(unet, select_modules(unet, "attention"), 16, generator=torch.Generator().manual_seed(0))
+            self.lset.attach()
+            self.params = self.lset.named_trainable()
+        else:
+            self.params = self.session.full_params(torch.float32)
+        self.denoiser = host.training_denoiser(self.mp, torch.float32)
+        self.mode = mode
+
+    def ours(self, steps: int) -> list[float]:
+        from comfyui_npo.training.trainer import Callbacks, TrainConfig, train
+
+        stamps = []
+        cfg = TrainConfig(steps=steps, batch_size=self.batch, learning_rate=1e-6, seed=0)
+        t0 = time.perf_counter()
+        train(self.denoiser, self.schedule, self.params, self.data, cfg,
+              Callbacks(on_step=lambda s, t, v: stamps.append(time.perf_counter())))
+        times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
+        return times[1:]
+
+    def _rows_per_call(self, steps: int) -> list[list[int]]:
+        """Replay ``ours``' random draws to get the teacher batch size of every call."""
+        torch = self.torch
+        gen = torch.Generator().manual_seed(0)
+        out = []
+        for step in range(steps):
+            z0, cp, cn = self.data.batch(step, self.batch)
+            calls = []
+
+            def fake(x, nu, cond, calls=calls):
+                calls.append(x.shape[0])
+                return x * 0.5
+            roll = self.tdft.teacher_rollout(fake, self.schedule, z0, cp, cn, self.tdft.TDFTConfig(), gen)
+            self.tdft.student_cond(cp, cn, self.tdft.TDFTConfig(), self.batch, gen)
+            self.tdft.sample_student_level(roll.t_end, 1000, gen)
+            torch.randn(z0.shape, generator=gen)  # ξ
+            out.append(calls)
+        return out
+
+    def _student(self, z0, cp) -> None:
+        torch = self.torch
+        for p in self.params.values():
+            p.requires_grad_(True)
+        nu = torch.full((z0.shape[0],), 5.0)
+        pred = self.denoiser(z0, nu, cp)
+        loss = (pred - z0).square().mean()
+        loss.backward()
+        for p in self.params.values():
+            p.grad = None
+
+    def floor(self, steps: int) -> list[float]:
+        torch = self.torch
+        plan = self._rows_per_call(steps)
+        times = []
+        for step, calls in enumerate(plan):
+            z0, cp, cn = self.data.batch(step, self.batch)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for rows in calls:
+                    self.denoiser(z0[:rows], torch.full((rows,), 3.0), {"c_crossattn": cn["c_crossattn"][:rows]})
+            self._student(z0, cp)
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
+    def authors(self, steps: int) -> list[float]:
+        torch = self.torch
+        times = []
+        for step in range(steps):
+            z0, cp, cn = self.data.batch(step, self.batch)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(6):  # 5 DDIM steps + the final evaluation, cond and uncond separately
+                    nu = torch.full((self.batch,), 3.0)
+                    self.denoiser(z0, nu, cp)
+                    self.denoiser(z0, nu, cn)
+            self._student(z0, cp)
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
+
+def peak_rss_child(mode: str, latent: int, batch: int) -> dict:
+    setup()
+    import torch
+
+    b = Bench(mode, latent, batch)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    b.ours(2)
+    status = Path("/proc/self/status").read_text()
+    hwm = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    return {"mode": mode, "peak_rss_mb": hwm / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--latent", type=int, default=8, help="latent side (8 → 64 px images)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="training steps per run (the first is not counted)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora")
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS of lora vs full (child processes)")
+    ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(peak_rss_child(a.child, a.latent, a.batch)))
+        return
+    setup()
+    import torch
+
+    bench = Bench(a.mode, a.latent, a.batch)
+    results: dict[str, list[float]] = {"ours": [], "floor": [], "authors": []}
+    order = list(results)
+    for r in range(a.repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            results[name] += getattr(bench, name)(a.steps)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "config": vars(a) | {"json": str(a.json) if a.json else None},
+        "median_step_s": med,
+        "ours_over_floor": med["ours"] / med["floor"],
+        "authors_over_ours": med["authors"] / med["ours"],
+        "samples": {k: len(v) for k, v in results.items()},
+    }
+    if a.memory:
+        mem = {}
+        for mode in ("lora", "full"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--latent", str(a.latent), "--batch",
+                                  str(a.batch)], capture_output=True, text=True, check=True)
+            mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        report["peak_rss_mb"] = mem
+        report["full_over_lora_memory"] = mem["full"] / mem["lora"]
+    print(f"\nSelf-NPO TDFT step, SD1.5 UNet (860M params, random weights), CPU fp32, latent {a.latent}², "
+          f"batch {a.batch}, mode {a.mode}, w = −1, K = 5")
+    print("| variant | median s/step | ratio |")
+    print("|---|---|---|")
+    print(f"| ours (pack) | {med['ours']:.3f} | 1.00 |")
+    print(f"| floor (same UNet passes alone) | {med['floor']:.3f} | ours/floor = {report['ours_over_floor']:.3f} |")
+    print(f"| authors' schedule (12 teacher passes) | {med['authors']:.3f} | authors/ours = "
+          f"{report['authors_over_ours']:.3f} |")
+    if a.memory:
+        print(f"\npeak RSS: lora {report['peak_rss_mb']['lora']:.0f} MB, full {report['peak_rss_mb']['full']:.0f} MB "
+              f"(full/lora = {report['full_over_lora_memory']:.2f})")
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

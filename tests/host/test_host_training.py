@@ -1,0 +1,170 @@
+"""Self-NPO Train through the node in real ComfyUI: both modes, save, reload (ours and stock
+LoraLoaderModelOnly), sample with Apply NPO, cancel, resume, and the node's bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.lora
+import comfy.model_management
+import folder_paths
+import npo_hostkit as kit
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_npo.nodes import host
+from comfyui_npo.nodes.models import NPOApply
+from comfyui_npo.nodes.offsets import NPOLoadOffset
+from comfyui_npo.nodes.train import NPOSaveOffset, SelfNPOTrain
+from comfyui_npo.npo_core.errors import NPOError
+from comfyui_npo.npo_core.offset import Dense, LowRank
+
+
+@pytest.fixture()
+def out_dir(tmp_path, monkeypatch):
+    d = tmp_path / "output"
+    d.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(d))
+    return d
+
+
+def train(model, pos, neg, **kw):
+    args = dict(steps=3, batch_size=2, learning_rate=0.0, mode="lora", rank=4, truncation_steps=5,
+                teacher_guidance=-1.0, ema_decay=0.999, loss="pseudo_huber", seed=0, gradient_checkpointing=True,
+                training_dtype="fp32", save_every=0, filename_prefix="t", pool_size=2, width=64, height=64,
+                pool_steps=2, pool_cfg=5.0)
+    args.update(kw)
+    with torch.inference_mode():
+        return SelfNPOTrain.execute(model=model, positive=pos, negative=neg, **args)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_train_save_reload_and_sample(mode, tiny, npo_dir, out_dir, monkeypatch):
+    model = tiny("sd15")
+    before = kit.state_hash(host.unet_of(model))
+    pos, neg = kit.make_conds("sd15")
+    pos2, _ = kit.make_conds("sd15", seed=5)
+    out = train(model, pos + pos2, neg, mode=mode, rank=4, learning_rate=1e-3 if mode == "lora" else 1e-4)
+    offset, curve, steps = out.result
+    assert steps == 3 and curve.shape[0] == 1 and curve.shape[-1] == 3 and float(curve.min()) >= 0
+    assert kit.state_hash(host.unet_of(model)) == before  # the model it was given never changes
+    kinds = {type(e) for e in offset.entries.values()}
+    assert kinds == ({LowRank} if mode == "lora" else {LowRank, Dense})  # full: compressed to rank 4 (+1-D dense)
+    assert offset.is_resolved and offset.base_arch == "SD15" and "self-npo-tdft" in offset.metadata["npo.recipe"]
+    if mode == "lora":  # attention layers only, the LoRA learned something
+        assert all(".attn" in k for k in offset.entries)
+        assert any(float(e.up.abs().max()) > 0 for e in offset.entries.values())
+
+    with torch.inference_mode():
+        NPOSaveOffset.execute(npo_offset=offset, filename_prefix="trained")
+    files = os.listdir(npo_dir)
+    assert files == ["trained_00001_.safetensors"]
+    path = npo_dir / files[0]
+
+    # reload through our loader: identical deltas
+    with torch.inference_mode():
+        loaded = NPOLoadOffset.execute(offset_name=files[0]).result[0]
+    resolved = host.resolve_for_model(loaded, model)
+    assert set(resolved.entries) == set(offset.entries)
+    for k, e in offset.entries.items():
+        a = e.delta() if isinstance(e, LowRank) else e.delta
+        b = resolved.entries[k]
+        b = b.delta() if isinstance(b, LowRank) else b.delta
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    # the stock loader maps every key of the file onto the model
+    sd = load_file(str(path))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map)
+    params = set()
+    for k in sd:
+        if k.endswith(".lora_up.weight"):
+            params.add(k[: -len(".lora_up.weight")] + ".weight")
+        elif k.endswith(".diff"):
+            params.add(k[: -len(".diff")] + ".weight")
+        elif k.endswith(".diff_b"):
+            params.add(k[: -len(".diff_b")] + ".bias")
+    assert set(patches) == params and len(params) == len(offset.entries)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(npo_dir)], {".safetensors"}))
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, files[0], 1.0)[0]
+    assert set(stock.patches) == params
+
+    # sample with Apply NPO: differs from plain CFG, finite, and the base samples as before
+    plain = kit.ksample(model, pos, neg, 5.0)
+    with torch.inference_mode():
+        npo = NPOApply.execute(model=model, npo_offset=loaded, strength=1.0).result[0]
+    got = kit.ksample(npo, pos, neg, 5.0)
+    assert torch.isfinite(got).all() and not torch.equal(got, plain)
+    assert torch.equal(kit.ksample(model, pos, neg, 5.0), plain)
+
+
+def test_cancel_stops_within_one_step_and_resume_continues(tiny, out_dir, monkeypatch):
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    updates = []
+    armed = [True]
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+            if armed[0] and len(updates) == 2 + 3:  # pool of 2, then the 3rd training step: press Cancel
+                armed[0] = False
+                comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(host, "progress_bar", Bar)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        train(model, pos, neg, steps=8, save_every=2, filename_prefix="run")
+    comfy.model_management.interrupt_current_processing(False)
+    assert len(updates) == 5  # no step ran after the cancel
+    ckpts = sorted(os.listdir(out_dir / "npo_training"))
+    assert ckpts == ["run_00001_.pt"]
+    state = torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)
+    assert state["step"] == 2  # the last checkpoint before the cancel, intact
+
+    updates.clear()
+    out = train(model, pos, neg, steps=4, save_every=2, filename_prefix="run", resume_from=ckpts[0])
+    assert out.result[2] == 4 and len(updates) == 2 + 2  # pool + steps 3 and 4 only
+    assert torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)["step"] == 4
+
+    with pytest.raises(NPOError, match="steps"):
+        train(model, pos, neg, steps=3, resume_from=ckpts[0])
+    other = tiny("sdxl")
+    xpos, xneg = kit.make_conds("sdxl")
+    with pytest.raises(NPOError, match="resume_from"):
+        train(other, xpos, xneg, steps=6, resume_from=ckpts[0])
+
+
+def test_sdxl_v_prediction_trains(tiny, out_dir):
+    model = tiny("sdxl_v")
+    pos, neg = kit.make_conds("sdxl_v")
+    out = train(model, pos, neg, steps=2, teacher_guidance=-5.0, student_cond="mix")
+    assert out.result[2] == 2 and all(torch.isfinite(e.up).all() for e in out.result[0].entries.values())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"latents": {"samples": torch.zeros(2, 3, 8, 8)}}, "latents"),
+    ({"width": 100}, "divisible"),
+    ({"lora_layers": "attention", "rank": 0}, "rank"),
+    ({"filename_prefix": "../escape", "save_every": 1}, "filename_prefix"),
+    ({"resume_from": "missing.pt"}, "resume_from"),
+])
+def test_bad_inputs_name_the_input(kw, match, tiny, out_dir):
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    with pytest.raises(NPOError, match=match):
+        train(model, pos, neg, **kw)
+
+
+def test_user_latents_replace_the_pool(tiny, out_dir):
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    lat = {"samples": torch.randn(3, 4, 8, 8)}
+    out = train(model, pos, neg, steps=2, latents=lat, pool_size=50)  # pool_size ignored: no sampling
+    assert out.result[2] == 2
