@@ -74,6 +74,11 @@ class NPOCompressOffset(io.ComfyNode):
     def execute(cls, npo_offset, model, rank: int) -> io.NodeOutput:
         resolved = host.resolve_for_model(npo_offset, model)
         out, energy = resolved.compressed(int(rank))
-        text = f"rank {rank}: kept {energy:.2%} of the dense offsets' energy (Σσ² kept / Σσ²)\n" + out.summary()
+        n = int(out.metadata.get("npo.svd_entries", "0"))
+        if n:
+            text = f"rank {rank}: {n} layers compressed, kept {energy:.2%} of their energy (Σσ² kept / Σσ²)\n"
+        else:
+            text = f"rank {rank}: nothing to compress (every layer already has rank ≤ {rank})\n"
+        text += out.summary()
         host.log.info("NPO offset compressed: %s", text.splitlines()[0])
         return io.NodeOutput(out, ui=ui.PreviewText(text))

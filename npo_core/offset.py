@@ -188,30 +188,41 @@ class NPOOffset:
         return self.replace(entries=out, source_format="combined")
 
     def compressed(self, rank: int, min_size: int = 2) -> tuple[NPOOffset, float]:
-        """Dense 2-D+ entries → best rank-r approximation by SVD (Eckart–Young).
-        Returns the new offset and the energy kept, Σ kept σ² / Σ σ² over all compressed entries
-        (1.0 when nothing was compressed). 1-D entries (biases, norm scales) stay dense."""
+        """Best rank-r approximation (Eckart–Young) of every 2-D+ entry whose rank exceeds r: dense
+        entries by SVD, low-rank entries by QR of up/down and an SVD of the small core. Returns the new
+        offset and the energy kept, Σ kept σ² / Σ σ² over the compressed entries (1.0 when none needed
+        it). 1-D entries (biases, norm scales) stay dense."""
         self._require_resolved("compress")
         if rank < 1:
             raise NPOError(f"rank must be ≥ 1, got {rank}")
         kept = total = 0.0
+        count = 0
         out: dict[str, Entry] = {}
         for k, e in self.entries.items():
-            if isinstance(e, Dense) and e.delta.dim() >= min_size and min(e.delta.shape[0], e.delta[0].numel()) > rank:
-                mat = e.delta.float().flatten(1)
-                u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-                s2 = s.square()
-                kept += float(s2[:rank].sum())
-                total += float(s2.sum())
-                up = u[:, :rank] * s[:rank]
-                down = vh[:rank].reshape(rank, *e.delta.shape[1:])
-                if e.delta.dim() > 2:
-                    up = up.reshape(up.shape[0], rank, *([1] * (e.delta.dim() - 2)))
-                out[k] = LowRank(up.contiguous(), down.contiguous(), None)
+            shape = e.weight_shape
+            if len(shape) < min_size:
+                out[k] = e
+                continue
+            if isinstance(e, Dense) and min(shape[0], e.delta[0].numel()) > rank:
+                u, s, vh = torch.linalg.svd(e.delta.float().flatten(1), full_matrices=False)
+                left, right = u[:, :rank] * s[:rank], vh[:rank]
+            elif isinstance(e, LowRank) and e.rank > rank:
+                qu, ru = torch.linalg.qr(e.up.float().flatten(1) * e.scale)
+                qd, rd = torch.linalg.qr(e.down.float().flatten(1).T)
+                a, s, bh = torch.linalg.svd(ru @ rd.T)
+                left, right = (qu @ a[:, :rank]) * s[:rank], (qd @ bh[:rank].T).T
             else:
                 out[k] = e
+                continue
+            s2 = s.square()
+            kept += float(s2[:rank].sum())
+            total += float(s2.sum())
+            count += 1
+            up = left.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
+            out[k] = LowRank(up.contiguous(), right.reshape(rank, *shape[1:]).contiguous(), None)
         energy = 1.0 if total == 0 else kept / total
-        meta = dict(self.metadata, **{"npo.svd_rank": str(rank), "npo.svd_energy": f"{energy:.6f}"})
+        meta = dict(self.metadata, **{"npo.svd_rank": str(rank), "npo.svd_energy": f"{energy:.6f}",
+                                      "npo.svd_entries": str(count)})
         return self.replace(entries=out, metadata=meta), energy
 
     def _require_resolved(self, what: str) -> None:

@@ -111,3 +111,15 @@ def test_summary_names_format_rank_layers_arch():
     text = off.summary()
     for part in ("peft", "SD15", "rank: 8", "1 modules", "f.safetensors"):
         assert part in text
+
+
+def test_lowrank_entries_above_the_rank_are_recompressed_exactly_like_dense_svd():
+    g = torch.Generator().manual_seed(2)
+    e = LowRank(torch.randn(10, 6, generator=g), torch.randn(6, 7, generator=g), 3.0)
+    dense = e.delta()
+    a, e_a = NPOOffset({"w.weight": e}).compressed(2)
+    b, e_b = NPOOffset({"w.weight": Dense(dense)}).compressed(2)
+    np.testing.assert_allclose(a.entries["w.weight"].delta().numpy(), b.entries["w.weight"].delta().numpy(), atol=1e-4)
+    assert e_a == pytest.approx(e_b, rel=1e-5) and a.metadata["npo.svd_entries"] == "1"
+    same, e_same = NPOOffset({"w.weight": e}).compressed(8)  # already rank ≤ 8: untouched
+    assert same.entries["w.weight"] is e and e_same == 1.0 and same.metadata["npo.svd_entries"] == "0"
