@@ -1,0 +1,262 @@
+"""The served ComfyUI frontend in headless Chromium (Chrome DevTools Protocol over a websocket).
+
+Proves, in the real editor: the pack's nodes are registered in LiteGraph; each example workflow loads
+from the server's template route without a validation error, a missing-node dialog or a JS exception;
+the frontend's own UI→API conversion (``app.graphToPrompt``) equals the converter the HTTP tests use;
+and a workflow queued from the page (``app.queuePrompt``) completes on the server.
+
+Needs Debian's Chromium at /usr/bin/chromium (``apt-get install -y chromium``; override the path with
+$NPO_E2E_CHROMIUM). Without it this module is skipped with one loud line. The test never installs it.
+
+``NPO_E2E_WRITE_THUMBNAILS=1`` also writes example_workflows/<name>.jpg: a screenshot of the loaded
+workflow in this frontend (overlays hidden), re-encoded as a JPEG under 100 KB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import npo_e2ekit as kit
+import pytest
+
+try:  # aiohttp comes with ComfyUI's requirements
+    import npo_cdp as cdp
+except ImportError as e:  # pragma: no cover
+    cdp = None
+    _IMPORT_ERROR = str(e)
+
+if cdp is None or not Path(os.environ.get("NPO_E2E_CHROMIUM", "/usr/bin/chromium")).is_file():
+    _REASON = (f"Chromium not found at {os.environ.get('NPO_E2E_CHROMIUM', '/usr/bin/chromium')} (Debian: apt-get "
+               "install -y chromium): browser tests skipped" if cdp is not None else
+               f"browser tests skipped: {_IMPORT_ERROR}")
+    print(f"\n!!! {_REASON} !!!", file=sys.stderr)
+    pytest.skip(_REASON, allow_module_level=True)
+
+EXAMPLES = kit.example_names()
+PACK_NODES = ["NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset"]
+TEST_VALUES = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET, "width": 64, "height": 64, "steps": 3}
+
+
+class BrowserSession:
+    """One Chromium + one page on the ComfyUI frontend, driven from synchronous tests on one event loop."""
+
+    def __init__(self, server):
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.chromium = cdp.Chromium(log_path=server.base / "chromium.log")
+        self.page: cdp.Page | None = None
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def js(self, expression: str, timeout: float = 60.0):
+        return self.run(self.page.evaluate(expression, timeout=timeout))
+
+    def start(self) -> None:
+        self.chromium.start()
+        self.page = self.run(cdp.Page.open(self.chromium.port))
+        self.run(self.page.goto(self.server.url + "/"))
+        self.run(self.page.wait_for("!!(window.app && app.graph && window.LiteGraph && app.vueAppReady)",
+                                    timeout=120))
+
+    def stop(self) -> None:
+        try:
+            if self.page is not None:
+                self.run(self.page.close())
+        finally:
+            self.chromium.stop()
+            self.loop.close()
+
+    def toasts(self) -> list[str]:
+        return self.js("Array.from(document.querySelectorAll('.p-toast-message')).map(e => e.innerText)")
+
+    def dialogs(self) -> list[str]:
+        return self.js("Array.from(document.querySelectorAll('.p-dialog')).map(e => e.innerText.slice(0, 300))")
+
+    def close_toasts(self) -> None:
+        self.js("document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach(b => b.click()); 0")
+
+    def load_example(self, name: str) -> dict:
+        """Load the example from the server's template route; return what the page then holds."""
+        url = f"/api/workflow_templates/{kit.PACK_FOLDER}/{name}.json"
+        return self._load(f"await (await fetch({json.dumps(url)})).json()")
+
+    def load_workflow(self, workflow: dict) -> dict:
+        return self._load(json.dumps(workflow))
+
+    def _load(self, source: str) -> dict:
+        return self.js(f"""(async () => {{
+            const wf = {source};
+            await app.loadGraphData(wf);
+            await new Promise(r => setTimeout(r, 500));
+            const registered = LiteGraph.registered_node_types;
+            const nodes = app.graph._nodes.map(n => ({{
+                id: n.id, type: n.type, title: n.title, registered: !!registered[n.type],
+                has_errors: !!n.has_errors,
+                widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value])),
+            }}));
+            const links = Object.keys(app.graph.links instanceof Map ? Object.fromEntries(app.graph.links)
+                                                                      : app.graph.links).length;
+            return {{nodes, links}};
+        }})()""")
+
+    def close_dialogs(self) -> None:
+        self.js("""(async () => {
+            document.querySelectorAll('.p-dialog .p-dialog-close-button').forEach(b => b.click());
+            await new Promise(r => setTimeout(r, 300));
+            return true;
+        })()""")
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    session = BrowserSession(server)
+    try:
+        session.start()
+    except Exception:
+        session.stop()
+        raise
+    yield session
+    session.stop()
+
+
+def test_frontend_registers_the_pack_nodes(browser):
+    registered = browser.js(f"{json.dumps(PACK_NODES)}.filter(t => !!LiteGraph.registered_node_types[t])")
+    assert registered == PACK_NODES
+    templates = browser.js("app.api.getWorkflowTemplates()")
+    assert sorted(templates.get(kit.PACK_FOLDER, [])) == EXAMPLES, templates
+    assert not browser.page.exceptions, browser.page.exceptions
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_loads_in_the_frontend(browser, object_info, name):
+    wf = kit.load_example(name)
+    browser.close_toasts()
+    state = browser.load_example(name)
+    toasts, dialogs = browser.toasts(), browser.dialogs()
+    assert not toasts, f"the frontend complained while loading {name}: {toasts}"
+    assert not dialogs, f"a dialog (missing nodes?) opened while loading {name}: {dialogs}"
+    assert not browser.page.exceptions, browser.page.exceptions
+    assert [n["type"] for n in state["nodes"]] == [n["type"] for n in wf["nodes"]]
+    assert all(n["registered"] for n in state["nodes"]), [n["type"] for n in state["nodes"] if not n["registered"]]
+    assert not any(n["has_errors"] for n in state["nodes"])
+    assert state["links"] == len(wf["links"])
+    by_id = {n["id"]: n for n in state["nodes"]}
+    for node in wf["nodes"]:
+        if node["type"] == "NPOLoadOffset":
+            assert by_id[node["id"]]["widgets"]["offset_name"] == node["widgets_values"][0]
+        if node.get("title"):
+            assert by_id[node["id"]]["title"] == node["title"]
+
+    # the frontend's own UI→API conversion agrees with the converter the HTTP tests use
+    front = browser.js("app.graphToPrompt().then(p => p.output)")
+    ours = kit.ui_to_api(wf, object_info)
+    assert set(front) == set(ours)
+    for nid, entry in ours.items():
+        assert front[nid]["class_type"] == entry["class_type"]
+        assert front[nid]["inputs"] == entry["inputs"], f"{name} node {nid} ({entry['class_type']})"
+
+    if os.environ.get("NPO_E2E_WRITE_THUMBNAILS") == "1":
+        write_thumbnail(browser, name)
+
+
+def test_frontend_reports_a_missing_node(browser):
+    """The checks above are not vacuous: an unknown node type opens the missing-nodes dialog."""
+    wf = kit.load_example("npo_guider_advanced")
+    (guider,) = [n for n in wf["nodes"] if n["type"] == "NPOCFGGuider"]
+    guider["type"] = "NPODoesNotExist"
+    try:
+        state = browser.load_workflow(wf)
+        dialogs = browser.dialogs()
+        assert any("missing nodes" in d.lower() and "NPODoesNotExist" in d for d in dialogs), dialogs
+        assert [n["registered"] for n in state["nodes"] if n["type"] == "NPODoesNotExist"] == [False]
+    finally:
+        browser.close_dialogs()
+    assert not browser.dialogs()
+
+
+def test_workflow_queued_from_the_frontend_completes(browser, server):
+    name = "npo_ksampler"
+    browser.load_example(name)
+    values = {**TEST_VALUES, "seed": random.randint(1, 2**31)}  # a new seed: nothing comes from the cache
+    before = set(kit.get_json(server.url + "/history"))
+    changed = browser.js(f"""(() => {{
+        const values = {json.dumps(values)};
+        let n = 0;
+        for (const node of app.graph._nodes)
+            for (const w of node.widgets || [])
+                if (w.name in values) {{ w.value = values[w.name]; n++; }}
+        return n;
+    }})()""")
+    assert changed >= 6
+    browser.js("app.queuePrompt(0, 1).then(() => true)")
+    deadline = time.time() + 60  # the POST happens at once; running may take longer (below)
+    new = set()
+    while time.time() < deadline and not new:
+        queue = kit.get_json(server.url + "/queue")
+        new = (set(kit.get_json(server.url + "/history")) - before) | {
+            item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])}
+        time.sleep(0.25)
+    assert len(new) == 1, (f"the frontend did not queue exactly one prompt ({new}); dialogs: {browser.dialogs()}, "
+                           f"toasts: {browser.toasts()}")
+    entry = kit.wait_history(server.url, new.pop(), timeout=300, server=server)
+    assert entry["status"]["status_str"] == "success", kit.execution_error(entry)
+    names = sorted(r["filename"].rsplit("_", 2)[0] for r in kit.output_images(entry))
+    assert names == ["npo_off", "npo_on"], kit.output_images(entry)
+    assert not browser.page.exceptions, browser.page.exceptions
+
+
+def write_thumbnail(browser: BrowserSession, name: str) -> Path:
+    """Screenshot of the workflow as loaded (sidebars, menus and minimap hidden), cropped to the graph."""
+    from PIL import Image
+
+    browser.js("""(async () => {
+        app.canvas.deselectAll && app.canvas.deselectAll();
+        await app.extensionManager.command.execute('Comfy.Canvas.FitView');
+        document.body.style.visibility = 'hidden';
+        document.getElementById('graph-canvas-container').style.visibility = 'visible';
+        document.querySelectorAll('.minimap-main-container, .p-buttongroup, .p-toast')
+            .forEach(e => { e.style.visibility = 'hidden'; });
+        app.canvas.setDirty(true, true);
+        await new Promise(r => setTimeout(r, 800));
+        return true;
+    })()""")
+    box = browser.js("""(() => {
+        const ds = app.canvas.ds, th = LiteGraph.NODE_TITLE_HEIGHT;
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        const add = (x, y, w, h) => { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w);
+                                      y1 = Math.max(y1, y + h); };
+        for (const n of app.graph._nodes) add(n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th);
+        for (const g of app.graph._groups || []) add(g._bounding ? g._bounding[0] : g.pos[0],
+            g._bounding ? g._bounding[1] : g.pos[1], g._bounding ? g._bounding[2] : g.size[0],
+            g._bounding ? g._bounding[3] : g.size[1]);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        const p0 = ds.convertOffsetToCanvas([x0, y0]), p1 = ds.convertOffsetToCanvas([x1, y1]);
+        return [r.left + p0[0] - 16, r.top + p0[1] - 16, p1[0] - p0[0] + 32, p1[1] - p0[1] + 32];
+    })()""")
+    try:
+        png = browser.run(browser.page.send("Page.captureScreenshot", {
+            "format": "png", "clip": {"x": max(0, box[0]), "y": max(0, box[1]), "width": box[2], "height": box[3],
+                                      "scale": 1}}))["data"]
+    finally:
+        browser.js("document.body.style.visibility = ''; 0")
+    import base64
+
+    im = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
+    im.thumbnail((960, 600), Image.LANCZOS)
+    out = kit.EXAMPLES / f"{name}.jpg"
+    for quality in (88, 80, 72, 64, 56):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True, progressive=True)
+        if buf.tell() < 95_000:
+            break
+    out.write_bytes(buf.getvalue())
+    print(f"[e2e] wrote {out} ({im.size[0]}x{im.size[1]}, {out.stat().st_size} bytes)", file=sys.stderr)
+    return out

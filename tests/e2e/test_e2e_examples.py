@@ -1,0 +1,77 @@
+"""Static checks of example_workflows/ (no server needed, so they run even without ComfyUI):
+well-formed UI JSON (version 0.4, consistent links), a Note naming the files to pick, a small JPEG
+thumbnail beside each workflow."""
+
+from __future__ import annotations
+
+import npo_e2ekit as kit
+import pytest
+
+EXAMPLES = kit.example_names()
+
+
+def test_the_three_examples_exist():
+    assert {"npo_ksampler", "npo_guider_advanced", "npo_sdxl_zero_negative"} <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_is_wellformed_ui_json(name):
+    wf = kit.load_example(name)
+    assert wf["version"] == 0.4
+    assert isinstance(wf["groups"], list) and isinstance(wf["config"], dict) and isinstance(wf["extra"], dict)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    for n in wf["nodes"]:
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "properties", "widgets_values"):
+            assert key in n, f"node {n.get('id')} has no '{key}'"
+        if n["type"] not in kit.FRONTEND_ONLY:
+            assert n["properties"].get("Node name for S&R") == n["type"]
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        out = nodes[src]["outputs"][sslot]
+        inp = nodes[dst]["inputs"][dslot]
+        assert lid in (out["links"] or []), f"link {lid} missing from node {src} output {sslot}"
+        assert inp["link"] == lid, f"link {lid} missing from node {dst} input {dslot}"
+        assert out["type"] == typ == inp["type"], f"link {lid}: {out['type']} → {inp['type']} ({typ})"
+    for n in wf["nodes"]:
+        for slot, inp in enumerate(n.get("inputs", [])):
+            if inp.get("link") is not None:
+                link = next(lk for lk in wf["links"] if lk[0] == inp["link"])
+                assert (link[3], link[4]) == (n["id"], slot)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_tells_the_user_which_files_to_pick(name):
+    wf = kit.load_example(name)
+    notes = " ".join(str(n["widgets_values"][0]) for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    assert "models/npo" in notes and "models/loras" in notes
+    for n in wf["nodes"]:
+        if n["type"] == "NPOLoadOffset":
+            offset = n["widgets_values"][0]
+            assert offset in notes, f"the Note does not name the offset file '{offset}'"
+            assert not offset.startswith("tiny_"), "examples must name the real offset file, not a test asset"
+        if n["type"] == "CheckpointLoaderSimple":
+            assert not n["widgets_values"][0].startswith("tiny_")
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame segment (no imaging library needed)."""
+    assert data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9", "not a complete JPEG file"
+    i = 2
+    while i + 9 < len(data):
+        assert data[i] == 0xFF, "corrupt JPEG segment"
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    raise AssertionError("no JPEG frame header")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_has_a_small_jpeg_thumbnail(name):
+    thumb = kit.EXAMPLES / f"{name}.jpg"
+    assert thumb.is_file(), f"{thumb.name} is missing"
+    data = thumb.read_bytes()
+    assert len(data) < 100_000, f"{thumb.name} is {len(data)} bytes (limit 100 KB)"
+    width, height = jpeg_size(data)
+    assert min(width, height) >= 128, (width, height)

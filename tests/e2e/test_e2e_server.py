@@ -1,0 +1,83 @@
+"""The pack as a ComfyUI server sees it: import, node definitions, model folder, example workflows."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import npo_e2ekit as kit
+
+# node id → (input names in order: required then optional, output types). The order is part of the
+# pack's contract: saved workflows store widget values by position.
+EXPECTED_NODES = {
+    "NPOLoadOffset": (["offset_name", "base_model"], ["NPO_OFFSET"]),
+    "NPOApply": (["model", "npo_offset", "strength", "start_percent", "end_percent"], ["MODEL"]),
+    "NPONegativeModel": (["model", "npo_offset", "strength", "base_model", "merge_weight"], ["MODEL"]),
+    "NPOCFGGuider": (["model", "positive", "negative", "cfg", "strength", "npo_offset", "negative_model"], ["GUIDER"]),
+    "NPOCompressOffset": (["npo_offset", "model", "rank"], ["NPO_OFFSET"]),
+}
+PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"
+
+
+def test_pack_imports_without_errors(server):
+    log = server.log_text()
+    pack_lines = [ln for ln in log.splitlines() if kit.PACK_FOLDER in ln]
+    failed = [ln for ln in pack_lines if "IMPORT FAILED" in ln or "Cannot import" in ln]
+    assert not failed, "ComfyUI could not import the pack:\n" + "\n".join(failed) + "\n" + server.log_tail(120)
+    assert any(re.search(r"seconds: .*custom_nodes/" + re.escape(kit.PACK_FOLDER), ln) for ln in pack_lines), \
+        "the pack is missing from ComfyUI's 'Import times for custom nodes' list:\n" + server.log_tail(120)
+
+
+def test_object_info_lists_every_node_with_declared_inputs(object_info):
+    for node_id, (inputs, outputs) in EXPECTED_NODES.items():
+        assert node_id in object_info, f"{node_id} is not registered; /object_info has no such node"
+        info = object_info[node_id]
+        assert info["python_module"] == PACK_MODULE, info["python_module"]
+        assert info["category"] == "NPO"
+        assert info["display_name"] and info["display_name"] != node_id
+        assert info.get("description"), f"{node_id} has no description"
+        assert kit.input_order(info) == inputs, f"{node_id} inputs changed: {kit.input_order(info)}"
+        assert info["output"] == outputs, f"{node_id} outputs: {info['output']}"
+
+
+def test_every_pack_input_has_a_tooltip(object_info):
+    pack_nodes = {k: v for k, v in object_info.items() if v.get("python_module") == PACK_MODULE}
+    assert set(EXPECTED_NODES) <= set(pack_nodes)
+    missing = []
+    for node_id, info in pack_nodes.items():
+        for section in ("required", "optional"):
+            for name, spec in (info["input"].get(section) or {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if not str(opts.get("tooltip", "")).strip():
+                    missing.append(f"{node_id}.{name}")
+    assert not missing, f"inputs without tooltip: {missing}"
+
+
+def test_widget_defaults_and_ranges(object_info):
+    def spec(node, name):
+        return kit.input_spec(object_info[node], name)
+
+    typ, opts = spec("NPOApply", "strength")
+    assert typ == "FLOAT" and opts["default"] == 1.0 and opts["min"] == 0.0
+    typ, opts = spec("NPOCFGGuider", "cfg")
+    assert typ == "FLOAT" and opts["default"] == 7.5
+    for node, name in (("NPOApply", "start_percent"), ("NPOApply", "end_percent")):
+        typ, opts = spec(node, name)
+        assert typ == "FLOAT" and opts["min"] == 0.0 and opts["max"] == 1.0
+
+
+def test_offset_list_reads_models_npo(object_info):
+    typ, opts = kit.input_spec(object_info["NPOLoadOffset"], "offset_name")
+    options = kit.combo_options(typ, opts)
+    assert kit.TINY_OFFSET in options and kit.SDXL_OFFSET in options, options
+
+
+def test_workflow_templates_lists_and_serves_the_examples(server):
+    names = kit.example_names()
+    assert {"npo_ksampler", "npo_guider_advanced", "npo_sdxl_zero_negative"} <= set(names)
+    templates = kit.get_json(server.url + "/workflow_templates")
+    assert sorted(templates.get(kit.PACK_FOLDER, [])) == names, templates
+    for name in names:
+        route = f"{server.url}/api/workflow_templates/{kit.PACK_FOLDER}/{name}"
+        assert json.loads(kit.get_bytes(route + ".json")) == kit.load_example(name)
+        assert kit.get_bytes(route + ".jpg") == (kit.EXAMPLES / f"{name}.jpg").read_bytes()  # the thumbnail
