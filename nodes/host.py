@@ -273,7 +273,9 @@ class NPOCFGGuider(comfy.samplers.CFGGuider):
         neg = self.conds.get("negative", None)
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
             neg = None
-        out = [comfy.samplers.calc_cond_batch(self.inner_model, [pos], x, timestep, model_options)[0], None]
+        cond_out = comfy.samplers.calc_cond_batch(self.inner_model, [pos], x, timestep, model_options)[0]
+        # like sampling_function: a skipped uncond (cfg 1) is a zero prediction, never None
+        out = [cond_out, torch.zeros_like(cond_out)]
         if neg is not None:
             neg_model = self.negative_patcher.model
             if hasattr(neg_model, "current_patcher"):

@@ -74,6 +74,13 @@ class NPONegativeModel(io.ComfyNode):
         if m > 0 and base_model is None:
             raise NPOError("merge_weight > 0 needs base_model: connect the base checkpoint δ was trained on, or set "
                            "merge_weight to 0.")
+        if base_model is not None:
+            host.check_unet_model(model)
+            host.check_unet_model(base_model, "base_model")
+            if host.param_shapes(base_model) != host.param_shapes(model):
+                raise NPOError(f"base_model is {host.model_arch(base_model)} with other layers than model "
+                               f"({host.model_arch(model)}); base_model must be the base checkpoint of the same "
+                               "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones).")
         resolved = host.resolve_for_model(npo_offset, model, reference=base_model)
         positive = base = None
         if m > 0:
