@@ -33,11 +33,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SD15 = {
-    "image_size": 32, "use_checkpoint": False, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1,
-    "context_dim": 768, "num_heads": 8, "use_linear_in_transformer": False, "use_temporal_resblock": False,
+    "image_size": 32,
+    "use_checkpoint": False,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+    "num_heads": 8,
+    "use_linear_in_transformer": False,
+    "use_temporal_resblock": False,
     "use_temporal_attention": False,
 }
 
@@ -84,9 +96,11 @@ class Bench:
         self.batch = batch
         self.schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(self.mp))
         g = torch.Generator().manual_seed(1)
-        self.data = StartData(torch.randn(8, 4, latent, latent, generator=g),
-                              [{"c_crossattn": torch.randn(1, 77, 768, generator=g)} for _ in range(2)],
-                              {"c_crossattn": torch.zeros(1, 77, 768)})
+        self.data = StartData(
+            torch.randn(8, 4, latent, latent, generator=g),
+            [{"c_crossattn": torch.randn(1, 77, 768, generator=g)} for _ in range(2)],
+            {"c_crossattn": torch.zeros(1, 77, 768)},
+        )
         self.session = host.TrainingSession(self.mp, gradient_checkpointing=False)
         self.session.__enter__()
         unet = host.unet_of(self.mp)
@@ -105,9 +119,15 @@ class Bench:
         stamps = []
         cfg = TrainConfig(steps=steps, batch_size=self.batch, learning_rate=1e-6, seed=0)
         t0 = time.perf_counter()
-        train(self.denoiser, self.schedule, self.params, self.data, cfg,
-              Callbacks(on_step=lambda s, t, v: stamps.append(time.perf_counter())))
-        times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
+        train(
+            self.denoiser,
+            self.schedule,
+            self.params,
+            self.data,
+            cfg,
+            Callbacks(on_step=lambda s, t, v: stamps.append(time.perf_counter())),
+        )
+        times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
         return times[1:]
 
     def _rows_per_call(self, steps: int) -> list[list[int]]:
@@ -122,6 +142,7 @@ class Bench:
             def fake(x, nu, cond, calls=calls):
                 calls.append(x.shape[0])
                 return x * 0.5
+
             roll = self.tdft.teacher_rollout(fake, self.schedule, z0, cp, cn, self.tdft.TDFTConfig(), gen)
             self.tdft.student_cond(cp, cn, self.tdft.TDFTConfig(), self.batch, gen)
             self.tdft.sample_student_level(roll.t_end, 1000, gen)
@@ -205,7 +226,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"ours": [], "floor": [], "authors": []}
     order = list(results)
     for r in range(a.repeats):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             results[name] += getattr(bench, name)(a.steps)
     med = {k: statistics.median(v) for k, v in results.items()}
     report = {
@@ -219,22 +240,32 @@ def main() -> None:
     if a.memory:
         mem = {}
         for mode in ("lora", "full"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--latent", str(a.latent), "--batch",
-                                  str(a.batch)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--latent", str(a.latent), "--batch", str(a.batch)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         report["peak_rss_mb"] = mem
         report["full_over_lora_memory"] = mem["full"] / mem["lora"]
-    print(f"\nSelf-NPO TDFT step, SD1.5 UNet (860M params, random weights), CPU fp32, latent {a.latent}², "
-          f"batch {a.batch}, mode {a.mode}, w = −1, K = 5")
+    print(
+        f"\nSelf-NPO TDFT step, SD1.5 UNet (860M params, random weights), CPU fp32, latent {a.latent}², "
+        f"batch {a.batch}, mode {a.mode}, w = −1, K = 5"
+    )
     print("| variant | median s/step | ratio |")
     print("|---|---|---|")
     print(f"| ours (pack) | {med['ours']:.3f} | 1.00 |")
     print(f"| floor (same UNet passes alone) | {med['floor']:.3f} | ours/floor = {report['ours_over_floor']:.3f} |")
-    print(f"| authors' schedule (12 teacher passes) | {med['authors']:.3f} | authors/ours = "
-          f"{report['authors_over_ours']:.3f} |")
+    print(
+        f"| authors' schedule (12 teacher passes) | {med['authors']:.3f} | authors/ours = "
+        f"{report['authors_over_ours']:.3f} |"
+    )
     if a.memory:
-        print(f"\npeak RSS: lora {report['peak_rss_mb']['lora']:.0f} MB, full {report['peak_rss_mb']['full']:.0f} MB "
-              f"(full/lora = {report['full_over_lora_memory']:.2f})")
+        print(
+            f"\npeak RSS: lora {report['peak_rss_mb']['lora']:.0f} MB, full {report['peak_rss_mb']['full']:.0f} MB "
+            f"(full/lora = {report['full_over_lora_memory']:.2f})"
+        )
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))
 

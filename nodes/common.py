@@ -10,8 +10,10 @@ NPOOffsetType = io.Custom("NPO_OFFSET")
 CATEGORY = "NPO"
 STRENGTH_MAX = 4.0
 
-STRENGTH_TOOLTIP = ("How much of the NPO offset δ the negative pass adds: θ_neg = θ + strength·δ. 1.0 is what the "
-                    "authors used; 0 turns NPO off (plain CFG).")
+STRENGTH_TOOLTIP = (
+    "How much of the NPO offset δ the negative pass adds: θ_neg = θ + strength·δ. 1.0 is what the "
+    "authors used; 0 turns NPO off (plain CFG)."
+)
 
 
 def check_range(name: str, value: float, lo: float, hi: float) -> float:

@@ -16,27 +16,42 @@ class NPOCFGGuider(io.ComfyNode):
             display_name="NPO CFG Guider",
             category=CATEGORY,
             description="CFG guider for SamplerCustomAdvanced: denoised = neg + cfg·(pos − neg), where the negative "
-                        "pass runs θ + strength·δ (npo_offset) or a separate negative_model. Connect exactly one.",
+            "pass runs θ + strength·δ (npo_offset) or a separate negative_model. Connect exactly one.",
             inputs=[
                 io.Model.Input("model", tooltip="The positive model θ."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt, run through model."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (SD1.5: empty prompt; SDXL: a zeroed "
-                                                          "conditioning, as the authors did), run through NPO weights."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Guidance scale s. The authors used 7.5 for SD1.5 and 5 for SDXL. At 1 NPO "
-                                       "has no effect."),
-                NPOOffsetType.Input("npo_offset", optional=True, tooltip="The NPO offset δ (or connect negative_model)."),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="Negative prompt (SD1.5: empty prompt; SDXL: a zeroed "
+                    "conditioning, as the authors did), run through NPO weights.",
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=7.5,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Guidance scale s. The authors used 7.5 for SD1.5 and 5 for SDXL. At 1 NPO has no effect.",
+                ),
+                NPOOffsetType.Input(
+                    "npo_offset", optional=True, tooltip="The NPO offset δ (or connect negative_model)."
+                ),
                 strength_input(),
-                io.Model.Input("negative_model", optional=True,
-                               tooltip="A model for the negative pass instead of an offset, e.g. from NPO Negative "
-                                       "Model or a LoRA loader. Clones of model are handled exactly."),
+                io.Model.Input(
+                    "negative_model",
+                    optional=True,
+                    tooltip="A model for the negative pass instead of an offset, e.g. from NPO Negative "
+                    "Model or a LoRA loader. Clones of model are handled exactly.",
+                ),
             ],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, cfg: float, strength: float = 1.0, npo_offset=None,
-                negative_model=None) -> io.NodeOutput:
+    def execute(
+        cls, model, positive, negative, cfg: float, strength: float = 1.0, npo_offset=None, negative_model=None
+    ) -> io.NodeOutput:
         strength = check_range("strength", strength, 0.0, STRENGTH_MAX)
         cfg = check_range("cfg", cfg, 0.0, 100.0)
         return io.NodeOutput(host.make_guider(model, positive, negative, cfg, npo_offset, strength, negative_model))

@@ -56,8 +56,10 @@ def offset_file_path(name: str) -> str:
         path = folder_paths.get_full_path(folder, name)
         if path:
             return path
-    raise NPOError(f"offset_name: '{name}' is in neither models/npo nor models/loras. Put the file there and "
-                   "refresh (press R in the browser).")
+    raise NPOError(
+        f"offset_name: '{name}' is in neither models/npo nor models/loras. Put the file there and "
+        "refresh (press R in the browser)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +78,10 @@ def check_unet_model(mp, input_name: str = "model") -> None:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     if not isinstance(getattr(mp.model, "diffusion_model", None), UNetModel):
-        raise NPOError(f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). NPO offsets are "
-                       "defined for those UNets only; this architecture is not supported.")
+        raise NPOError(
+            f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). NPO offsets are "
+            "defined for those UNets only; this architecture is not supported."
+        )
 
 
 def context_dim(mp) -> int | None:
@@ -123,8 +127,11 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
     if any(isinstance(e, FullWeight) for e in out.entries.values()):
         ref = reference if reference is not None else mp
         out = out.resolved_full_weights(lambda k: patched_weight(ref, k))
-        out = out.replace(entries={k: e for k, e in out.entries.items()
-                                   if not (isinstance(e, Dense) and not torch.count_nonzero(e.delta))})
+        out = out.replace(
+            entries={
+                k: e for k, e in out.entries.items() if not (isinstance(e, Dense) and not torch.count_nonzero(e.delta))
+            }
+        )
     return out
 
 
@@ -135,8 +142,9 @@ def model_weights(mp, names) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # inference: per-row injection on the uncond rows
 # ---------------------------------------------------------------------------------------------
-def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0,
-                 select: int = 1):
+def apply_offset(
+    model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0, select: int = 1
+):
     """A clone of ``model`` whose negative/uncond rows (``cond_or_uncond == select``) run θ + strength·δ,
     between ``start_percent`` and ``end_percent`` of the schedule. One batched UNet call per step."""
     offset = resolve_for_model(offset, model)
@@ -167,8 +175,14 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
 
     key = f"npo_offset_{uuid.uuid4().hex[:8]}"
     mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, npo_apply_model)
-    mp.set_injections(key, [comfy.patcher_extension.PatcherInjection(
-        inject=lambda patcher: injector.attach(unet_of(patcher)), eject=lambda patcher: injector.detach())])
+    mp.set_injections(
+        key,
+        [
+            comfy.patcher_extension.PatcherInjection(
+                inject=lambda patcher: injector.attach(unet_of(patcher)), eject=lambda patcher: injector.detach()
+            )
+        ],
+    )
     return mp
 
 
@@ -179,7 +193,11 @@ def add_offset_patches(model, offset: NPOOffset, strength: float):
     """A clone of ``model`` with θ + strength·δ as ComfyUI weight patches (resolved offset)."""
     sd = formats.to_comfy_state_dict(offset)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(sd, key_map, log_missing=False) if _accepts_log_missing() else comfy.lora.load_lora(sd, key_map)
+    patches = (
+        comfy.lora.load_lora(sd, key_map, log_missing=False)
+        if _accepts_log_missing()
+        else comfy.lora.load_lora(sd, key_map)
+    )
     expected = {PREFIX + k for k in offset.entries}
     landed = {k if isinstance(k, str) else k[0] for k in patches}
     missing = sorted(expected - landed)
@@ -204,16 +222,19 @@ def patch_difference(model, negative) -> NPOOffset:
     θ_negative = θ_model + δ, read from the two patchers' weight patches. LoRA patches stacked on top of
     ``model``'s stay low-rank (exact); anything else becomes a dense difference of patched weights."""
     if negative.object_patches.keys() != model.object_patches.keys():
-        raise NPOError("negative_model: has object patches (e.g. a different model_sampling) that model lacks; "
-                       "connect a separately loaded model instead.")
+        raise NPOError(
+            "negative_model: has object patches (e.g. a different model_sampling) that model lacks; "
+            "connect a separately loaded model instead."
+        )
     entries: dict[str, LowRank | Dense] = {}
     for key in sorted(set(model.patches) | set(negative.patches)):
         if not key.startswith(PREFIX):
             continue
         pos = model.patches.get(key, [])
         neg = negative.patches.get(key, [])
-        name = key[len(PREFIX):]
-        extra = neg[len(pos):] if len(neg) >= len(pos) and all(a is b for a, b in zip(pos, neg)) else None
+        name = key[len(PREFIX) :]
+        stacked = len(neg) >= len(pos) and all(a is b for a, b in zip(pos, neg, strict=False))
+        extra = neg[len(pos) :] if stacked else None
         if extra is not None and not extra:
             continue
         lowrank = _as_lowrank(extra, name) if extra is not None else None
@@ -283,15 +304,25 @@ class NPOCFGGuider(comfy.samplers.CFGGuider):
             out[1] = comfy.samplers.calc_cond_batch(neg_model, [neg], x, timestep, model_options)[0]
         conds = [pos, neg]
         for fn in model_options.get("sampler_pre_cfg_function", []):
-            args = {"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": timestep, "input": x,
-                    "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            args = {
+                "conds": conds,
+                "conds_out": out,
+                "cond_scale": self.cfg,
+                "timestep": timestep,
+                "input": x,
+                "sigma": timestep,
+                "model": self.inner_model,
+                "model_options": model_options,
+            }
             out = fn(args)
-        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
-                                           model_options=model_options, cond=pos, uncond=neg)
+        return comfy.samplers.cfg_function(
+            self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options=model_options, cond=pos, uncond=neg
+        )
 
 
-def make_guider(model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0,
-                negative_model=None) -> NPOCFGGuider:
+def make_guider(
+    model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0, negative_model=None
+) -> NPOCFGGuider:
     if (offset is None) == (negative_model is None):
         raise NPOError("NPO CFG Guider: connect exactly one of npo_offset or negative_model.")
     if offset is not None:
@@ -304,8 +335,10 @@ def make_guider(model, positive, negative, cfg: float, offset: NPOOffset | None 
     else:
         check_unet_model(negative_model, "negative_model")
         if model_arch(negative_model) != model_arch(model):
-            raise NPOError(f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "
-                           "be the same architecture.")
+            raise NPOError(
+                f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "
+                "be the same architecture."
+            )
         guider = NPOCFGGuider(model, negative_model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
@@ -322,9 +355,11 @@ def check_trainable(mp, input_name: str = "model") -> None:
     check_unet_model(mp, input_name)
     mt = getattr(mp.model, "model_type", None)
     if mt not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
-        raise NPOError(f"{input_name}: Self-NPO training supports eps- and v-prediction models (SD1.5/SD2/SDXL); this "
-                       f"model's type is {getattr(mt, 'name', mt)} (e.g. flow matching), which TDFT's DDIM rollout does "
-                       "not handle.")
+        raise NPOError(
+            f"{input_name}: Self-NPO training supports eps- and v-prediction models (SD1.5/SD2/SDXL); this "
+            f"model's type is {getattr(mt, 'name', mt)} (e.g. flow matching), which TDFT's DDIM rollout does "
+            "not handle."
+        )
 
 
 def schedule_sigmas(mp) -> torch.Tensor:
@@ -382,8 +417,13 @@ def training_denoiser(mp, compute_dtype: torch.dtype):
         kwargs = {"y": cond["y"].to(compute_dtype)} if "y" in cond else {}
         autocast = x.device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(x.device.type, dtype=compute_dtype, enabled=autocast):
-            out = base.apply_model(x.to(compute_dtype), sigma.float(), c_crossattn=cond["c_crossattn"].to(compute_dtype),
-                                   transformer_options={}, **kwargs)
+            out = base.apply_model(
+                x.to(compute_dtype),
+                sigma.float(),
+                c_crossattn=cond["c_crossattn"].to(compute_dtype),
+                transformer_options={},
+                **kwargs,
+            )
         return out.float()
 
     return denoise
@@ -397,8 +437,18 @@ def latent_channels(mp) -> int:
     return int(mp.model.latent_format.latent_channels)
 
 
-def sample_pool(mp, positive_entries: list, negative, count: int, width: int, height: int, steps: int, cfg: float,
-                seed: int, on_sample) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_pool(
+    mp,
+    positive_entries: list,
+    negative,
+    count: int,
+    width: int,
+    height: int,
+    steps: int,
+    cfg: float,
+    seed: int,
+    on_sample,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free start pool: ``count`` latents sampled from the frozen model, prompts cycling.
     Returns (latents in LATENT space [N,C,h,w], prompt index per latent)."""
     import comfy.sample
@@ -410,8 +460,19 @@ def sample_pool(mp, positive_entries: list, negative, count: int, width: int, he
         p = i % len(positive_entries)
         gen = torch.Generator().manual_seed(seed + i)
         noise = torch.randn(shape, generator=gen)
-        lat = comfy.sample.sample(mp, noise, steps, cfg, "euler", "normal", [positive_entries[p]], negative,
-                                  torch.zeros(shape), seed=seed + i, disable_pbar=True)
+        lat = comfy.sample.sample(
+            mp,
+            noise,
+            steps,
+            cfg,
+            "euler",
+            "normal",
+            [positive_entries[p]],
+            negative,
+            torch.zeros(shape),
+            seed=seed + i,
+            disable_pbar=True,
+        )
         out.append(lat.float().cpu())
         prompt_of.append(p)
         on_sample(i + 1)
@@ -463,6 +524,7 @@ class TrainingSession:
                     if not torch.is_grad_enabled():
                         return _inner(*args, **kwargs)
                     return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
                 m.forward = forward
                 self._forwards.append(m)
 
@@ -501,15 +563,19 @@ def npo_dir() -> str:
 def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_prefix") -> tuple[str, str, int]:
     """(folder, base filename, next counter) inside ``base_dir``; refuses prefixes that leave it."""
     if os.path.isabs(filename_prefix) or ".." in filename_prefix.replace("\\", "/").split("/"):
-        raise NPOError(f"{input_name}: '{filename_prefix}' must be a relative name without '..' (files are written "
-                       f"inside {base_dir}).")
+        raise NPOError(
+            f"{input_name}: '{filename_prefix}' must be a relative name without '..' (files are written "
+            f"inside {base_dir})."
+        )
     try:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, base_dir)
     except Exception as e:
         raise NPOError(f"{input_name}: '{filename_prefix}' is not allowed ({e}).") from None
     real_base = os.path.realpath(base_dir)
     if os.path.commonpath((real_base, os.path.realpath(folder))) != real_base:
-        raise NPOError(f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name.")
+        raise NPOError(
+            f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name."
+        )
     return folder, filename, counter
 
 

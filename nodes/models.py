@@ -18,22 +18,38 @@ class NPOApply(io.ComfyNode):
             display_name="Apply NPO",
             category=CATEGORY,
             description="Makes the negative/unconditional CFG pass run θ + strength·δ while the positive pass keeps θ. "
-                        "Works with KSampler, KSamplerAdvanced and SamplerCustom; no effect at cfg 1.",
+            "Works with KSampler, KSamplerAdvanced and SamplerCustom; no effect at cfg 1.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to sample with (SD1.5/SDXL family, fine-tunes and LoRA'd "
-                                                "models included)."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model to sample with (SD1.5/SDXL family, fine-tunes and LoRA'd models included).",
+                ),
                 NPOOffsetType.Input("npo_offset", tooltip="From Load NPO Offset or Self-NPO Train."),
                 strength_input(),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Fraction of the schedule (0 = first, noisiest step) where NPO starts."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Fraction of the schedule where NPO stops (1 = the last step)."),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of the schedule (0 = first, noisiest step) where NPO starts.",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of the schedule where NPO stops (1 = the last step).",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, npo_offset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
+    def execute(
+        cls, model, npo_offset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0
+    ) -> io.NodeOutput:
         strength = check_range("strength", strength, 0.0, STRENGTH_MAX)
         start = check_range("start_percent", start_percent, 0.0, 1.0)
         end = check_range("end_percent", end_percent, 0.0, 1.0)
@@ -52,17 +68,27 @@ class NPONegativeModel(io.ComfyNode):
             display_name="NPO Negative Model",
             category=CATEGORY,
             description="A MODEL whose weights are the NPO negative weights θ_neg = θ_base + s·δ + (1 − m)(θ − θ_base) "
-                        "(m = merge_weight; m = 0 gives θ + s·δ). Preview the 'bad' model alone, or feed NPO CFG Guider.",
+            "(m = merge_weight; m = 0 gives θ + s·δ). Preview the 'bad' model alone, or feed NPO CFG Guider.",
             inputs=[
                 io.Model.Input("model", tooltip="The positive model θ (the checkpoint you sample with)."),
                 NPOOffsetType.Input("npo_offset", tooltip="From Load NPO Offset or Self-NPO Train."),
                 strength_input(),
-                io.Model.Input("base_model", optional=True,
-                               tooltip="The original base (SD1.5 / SDXL base) δ was trained on. Needed when "
-                                       "merge_weight > 0, and for full-weight NPO files on a fine-tune."),
-                io.Float.Input("merge_weight", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="The authors' --merge_weight m: how much of the fine-tune's own offset "
-                                       "(θ − θ_base) to drop from the negative. 0 (default) keeps it: θ + s·δ."),
+                io.Model.Input(
+                    "base_model",
+                    optional=True,
+                    tooltip="The original base (SD1.5 / SDXL base) δ was trained on. Needed when "
+                    "merge_weight > 0, and for full-weight NPO files on a fine-tune.",
+                ),
+                io.Float.Input(
+                    "merge_weight",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    optional=True,
+                    tooltip="The authors' --merge_weight m: how much of the fine-tune's own offset "
+                    "(θ − θ_base) to drop from the negative. 0 (default) keeps it: θ + s·δ.",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
@@ -72,15 +98,19 @@ class NPONegativeModel(io.ComfyNode):
         strength = check_range("strength", strength, 0.0, STRENGTH_MAX)
         m = check_range("merge_weight", merge_weight, 0.0, 1.0)
         if m > 0 and base_model is None:
-            raise NPOError("merge_weight > 0 needs base_model: connect the base checkpoint δ was trained on, or set "
-                           "merge_weight to 0.")
+            raise NPOError(
+                "merge_weight > 0 needs base_model: connect the base checkpoint δ was trained on, or set "
+                "merge_weight to 0."
+            )
         if base_model is not None:
             host.check_unet_model(model)
             host.check_unet_model(base_model, "base_model")
             if host.param_shapes(base_model) != host.param_shapes(model):
-                raise NPOError(f"base_model is {host.model_arch(base_model)} with other layers than model "
-                               f"({host.model_arch(model)}); base_model must be the base checkpoint of the same "
-                               "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones).")
+                raise NPOError(
+                    f"base_model is {host.model_arch(base_model)} with other layers than model "
+                    f"({host.model_arch(model)}); base_model must be the base checkpoint of the same "
+                    "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones)."
+                )
         resolved = host.resolve_for_model(npo_offset, model, reference=base_model)
         positive = base = None
         if m > 0:

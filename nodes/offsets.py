@@ -20,15 +20,21 @@ class NPOLoadOffset(io.ComfyNode):
             display_name="Load NPO Offset",
             category=CATEGORY,
             description="Loads an NPO offset δ: the authors' released LoRA files (diffusers/PEFT keys), kohya or "
-                        "ComfyUI LoRA files, files saved by this pack, or a full NPO UNet state dict.",
+            "ComfyUI LoRA files, files saved by this pack, or a full NPO UNet state dict.",
             inputs=[
-                io.Combo.Input("offset_name", options=host.offset_file_list(),
-                               tooltip="A file from models/npo or models/loras (.safetensors; .ckpt/.pt only if they "
-                                       "hold plain tensors)."),
-                io.Model.Input("base_model", optional=True,
-                               tooltip="Only for full-weight files (a whole NPO UNet): the base checkpoint they were "
-                                       "trained from, so δ = file − base. Without it δ is taken against the model "
-                                       "the offset is applied to."),
+                io.Combo.Input(
+                    "offset_name",
+                    options=host.offset_file_list(),
+                    tooltip="A file from models/npo or models/loras (.safetensors; .ckpt/.pt only if they "
+                    "hold plain tensors).",
+                ),
+                io.Model.Input(
+                    "base_model",
+                    optional=True,
+                    tooltip="Only for full-weight files (a whole NPO UNet): the base checkpoint they were "
+                    "trained from, so δ = file − base. Without it δ is taken against the model "
+                    "the offset is applied to.",
+                ),
             ],
             outputs=[NPOOffsetType.Output(display_name="npo_offset")],
         )
@@ -59,13 +65,20 @@ class NPOCompressOffset(io.ComfyNode):
             display_name="Compress NPO Offset (SVD)",
             category=CATEGORY,
             description="Turns dense offsets (full-weight NPO models, .diff tensors) into rank-r low-rank ones by "
-                        "SVD, so the negative pass costs low-rank matmuls only. Shows the energy kept.",
+            "SVD, so the negative pass costs low-rank matmuls only. Shows the energy kept.",
             inputs=[
                 NPOOffsetType.Input("npo_offset", tooltip="The offset to compress."),
-                io.Model.Input("model", tooltip="The model the offset will be applied to (maps key names and turns "
-                                                "full weights into δ)."),
-                io.Int.Input("rank", default=64, min=1, max=1024, tooltip="Rank r of the approximation: higher keeps "
-                                                                          "more of δ and costs more."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model the offset will be applied to (maps key names and turns full weights into δ).",
+                ),
+                io.Int.Input(
+                    "rank",
+                    default=64,
+                    min=1,
+                    max=1024,
+                    tooltip="Rank r of the approximation: higher keeps more of δ and costs more.",
+                ),
             ],
             outputs=[NPOOffsetType.Output(display_name="npo_offset")],
         )

@@ -9,7 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def loss_curve_image(losses: list[float], width: int = 640, height: int = 320, title: str = "Self-NPO loss") -> torch.Tensor:
+def loss_curve_image(
+    losses: list[float], width: int = 640, height: int = 320, title: str = "Self-NPO loss"
+) -> torch.Tensor:
     img = Image.new("RGB", (width, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 60, width - 15, 30, height - 35

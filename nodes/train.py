@@ -46,74 +46,200 @@ class SelfNPOTrain(io.ComfyNode):
             display_name="Self-NPO Train",
             category=CATEGORY,
             description="Self-NPO: learns an NPO offset for the connected checkpoint from the model itself by "
-                        "truncated diffusion fine-tuning (TDFT): no preference data, no reward model. The model you "
-                        "connect is never changed; the result is an NPO_OFFSET for Apply NPO / NPO CFG Guider.",
+            "truncated diffusion fine-tuning (TDFT): no preference data, no reward model. The model you "
+            "connect is never changed; the result is an NPO_OFFSET for Apply NPO / NPO CFG Guider.",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint to make an NPO offset for (SD1.5/SD2/SDXL family, eps "
-                                                "or v-prediction)."),
-                io.Conditioning.Input("positive", tooltip="Training prompts. Several prompts: combine them with "
-                                                          "Conditioning (Combine); each entry is one prompt, cycled "
-                                                          "over the batch."),
-                io.Conditioning.Input("negative", tooltip="The unconditional/negative conditioning (SD1.5: empty "
-                                                          "prompt; SDXL: zeroed, as the authors)."),
-                io.Latent.Input("latents", optional=True,
-                                tooltip="Start latents (e.g. your images through VAE Encode), as in the authors' code. "
-                                        "Leave empty for the data-free default: a pool sampled from the model."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
-                             tooltip="Optimizer steps in total (the authors: 1000). When resuming, the total to reach."),
-                io.Int.Input("batch_size", default=4, min=1, max=256,
-                             tooltip="Samples per step (the authors: 20 for SD1.5, 10 for SDXL, on 80 GB GPUs)."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7, round=1e-9,
-                               tooltip="0 = the mode's default: full 1e-6 (SD1.5) / 1e-7 (SDXL) as the authors; "
-                                       "lora 1e-4 (SD1.5) / 2e-5 (SDXL)."),
-                io.Combo.Input("mode", options=["lora", "full"], default="lora",
-                               tooltip="lora: low-rank adapters, teacher = base + EMA of the LoRA (no second UNet), "
-                                       "fits consumer GPUs. full: all UNet weights like the paper (needs ~5× the "
-                                       "model's size in memory)."),
-                io.Int.Input("rank", default=16, min=0, max=1024,
-                             tooltip="lora: the LoRA rank. full: compress the dense result to this rank by SVD "
-                                     "(0 keeps it dense)."),
-                io.Combo.Input("lora_layers", options=list(TARGET_PRESETS), default="attention", optional=True,
-                               tooltip="lora: which layers get adapters (attention = to_q/k/v/out of every attention, "
-                                       "the layers of the released NPO LoRAs)."),
-                io.Int.Input("truncation_steps", default=5, min=1, max=25,
-                             tooltip="K: teacher DDIM steps per sample before the target is taken (the authors: 5)."),
-                io.Float.Input("teacher_guidance", default=-1.0, min=-20.0, max=20.0, step=0.5,
-                               tooltip="w in x0_c + w(x0_c − x0_u) for the teacher. −1 (authors' SD1.5) = purely "
-                                       "unconditional (and skips the conditional pass); the authors used −5 for SDXL. "
-                                       "Positive values would teach a better model: the wrong direction."),
-                io.Float.Input("ema_decay", default=0.999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
-                               tooltip="The teacher is the EMA of the student with this decay (the authors: 0.999)."),
-                io.Combo.Input("loss", options=list(tdft.LOSSES), default="pseudo_huber",
-                               tooltip="pseudo_huber (c = 1e-3, the authors') or mse, in x0 space."),
-                io.Combo.Input("student_cond", options=list(tdft.STUDENT_CONDS), default="prompt", optional=True,
-                               tooltip="What the student is conditioned on: the prompt (the authors' code), the "
-                                       "negative/empty conditioning (the branch NPO later queries), or a 50/50 mix."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
-                             tooltip="Seed for the pool, the noise and the sampled timesteps."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32",
-                               tooltip="Dtype of the trainable weights (the forward runs in the model's dtype). fp32 "
-                                       "as the authors (fp32 master weights)."),
-                io.Int.Input("save_every", default=100, min=0, max=1_000_000,
-                             tooltip="Write a resumable checkpoint (weights, optimizer, EMA, step, RNG) every N steps "
-                                     "into output/npo_training. 0 = never."),
-                io.String.Input("filename_prefix", default="self_npo",
-                                tooltip="Name of the checkpoint file in output/npo_training."),
-                io.Combo.Input("resume_from", options=checkpoint_files(), default=NONE, optional=True,
-                               tooltip="A checkpoint from output/npo_training to continue (same model, mode, rank, "
-                                       "layers). Training continues to `steps` in total."),
-                io.Int.Input("pool_size", default=16, min=1, max=10_000, optional=True,
-                             tooltip="Data-free pool: how many start latents to sample from the model first."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, optional=True,
-                             tooltip="Data-free pool: image width (a multiple of 8; SDXL: 1024)."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, optional=True,
-                             tooltip="Data-free pool: image height (a multiple of 8; SDXL: 1024)."),
-                io.Int.Input("pool_steps", default=20, min=1, max=200, optional=True,
-                             tooltip="Data-free pool: sampling steps per pool latent (euler)."),
-                io.Float.Input("pool_cfg", default=7.0, min=1.0, max=30.0, step=0.5, optional=True,
-                               tooltip="Data-free pool: CFG scale used to sample the pool."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The checkpoint to make an NPO offset for (SD1.5/SD2/SDXL family, eps or v-prediction).",
+                ),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="Training prompts. Several prompts: combine them with "
+                    "Conditioning (Combine); each entry is one prompt, cycled "
+                    "over the batch.",
+                ),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="The unconditional/negative conditioning (SD1.5: empty "
+                    "prompt; SDXL: zeroed, as the authors).",
+                ),
+                io.Latent.Input(
+                    "latents",
+                    optional=True,
+                    tooltip="Start latents (e.g. your images through VAE Encode), as in the authors' code. "
+                    "Leave empty for the data-free default: a pool sampled from the model.",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=1000,
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Optimizer steps in total (the authors: 1000). When resuming, the total to reach.",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=256,
+                    tooltip="Samples per step (the authors: 20 for SD1.5, 10 for SDXL, on 80 GB GPUs).",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=1e-7,
+                    round=1e-9,
+                    tooltip="0 = the mode's default: full 1e-6 (SD1.5) / 1e-7 (SDXL) as the authors; "
+                    "lora 1e-4 (SD1.5) / 2e-5 (SDXL).",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=["lora", "full"],
+                    default="lora",
+                    tooltip="lora: low-rank adapters, teacher = base + EMA of the LoRA (no second UNet), "
+                    "fits consumer GPUs. full: all UNet weights like the paper (needs ~5× the "
+                    "model's size in memory).",
+                ),
+                io.Int.Input(
+                    "rank",
+                    default=16,
+                    min=0,
+                    max=1024,
+                    tooltip="lora: the LoRA rank. full: compress the dense result to this rank by SVD "
+                    "(0 keeps it dense).",
+                ),
+                io.Combo.Input(
+                    "lora_layers",
+                    options=list(TARGET_PRESETS),
+                    default="attention",
+                    optional=True,
+                    tooltip="lora: which layers get adapters (attention = to_q/k/v/out of every attention, "
+                    "the layers of the released NPO LoRAs).",
+                ),
+                io.Int.Input(
+                    "truncation_steps",
+                    default=5,
+                    min=1,
+                    max=25,
+                    tooltip="K: teacher DDIM steps per sample before the target is taken (the authors: 5).",
+                ),
+                io.Float.Input(
+                    "teacher_guidance",
+                    default=-1.0,
+                    min=-20.0,
+                    max=20.0,
+                    step=0.5,
+                    tooltip="w in x0_c + w(x0_c − x0_u) for the teacher. −1 (authors' SD1.5) = purely "
+                    "unconditional (and skips the conditional pass); the authors used −5 for SDXL. "
+                    "Positive values would teach a better model: the wrong direction.",
+                ),
+                io.Float.Input(
+                    "ema_decay",
+                    default=0.999,
+                    min=0.0,
+                    max=0.99999,
+                    step=0.0001,
+                    round=0.00001,
+                    tooltip="The teacher is the EMA of the student with this decay (the authors: 0.999).",
+                ),
+                io.Combo.Input(
+                    "loss",
+                    options=list(tdft.LOSSES),
+                    default="pseudo_huber",
+                    tooltip="pseudo_huber (c = 1e-3, the authors') or mse, in x0 space.",
+                ),
+                io.Combo.Input(
+                    "student_cond",
+                    options=list(tdft.STUDENT_CONDS),
+                    default="prompt",
+                    optional=True,
+                    tooltip="What the student is conditioned on: the prompt (the authors' code), the "
+                    "negative/empty conditioning (the branch NPO later queries), or a 50/50 mix.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seed for the pool, the noise and the sampled timesteps.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute activations in the backward pass: much less memory, ~30% slower.",
+                ),
+                io.Combo.Input(
+                    "training_dtype",
+                    options=list(DTYPES),
+                    default="fp32",
+                    tooltip="Dtype of the trainable weights (the forward runs in the model's dtype). fp32 "
+                    "as the authors (fp32 master weights).",
+                ),
+                io.Int.Input(
+                    "save_every",
+                    default=100,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Write a resumable checkpoint (weights, optimizer, EMA, step, RNG) every N steps "
+                    "into output/npo_training. 0 = never.",
+                ),
+                io.String.Input(
+                    "filename_prefix", default="self_npo", tooltip="Name of the checkpoint file in output/npo_training."
+                ),
+                io.Combo.Input(
+                    "resume_from",
+                    options=checkpoint_files(),
+                    default=NONE,
+                    optional=True,
+                    tooltip="A checkpoint from output/npo_training to continue (same model, mode, rank, "
+                    "layers). Training continues to `steps` in total.",
+                ),
+                io.Int.Input(
+                    "pool_size",
+                    default=16,
+                    min=1,
+                    max=10_000,
+                    optional=True,
+                    tooltip="Data-free pool: how many start latents to sample from the model first.",
+                ),
+                io.Int.Input(
+                    "width",
+                    default=512,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    optional=True,
+                    tooltip="Data-free pool: image width (a multiple of 8; SDXL: 1024).",
+                ),
+                io.Int.Input(
+                    "height",
+                    default=512,
+                    min=64,
+                    max=4096,
+                    step=8,
+                    optional=True,
+                    tooltip="Data-free pool: image height (a multiple of 8; SDXL: 1024).",
+                ),
+                io.Int.Input(
+                    "pool_steps",
+                    default=20,
+                    min=1,
+                    max=200,
+                    optional=True,
+                    tooltip="Data-free pool: sampling steps per pool latent (euler).",
+                ),
+                io.Float.Input(
+                    "pool_cfg",
+                    default=7.0,
+                    min=1.0,
+                    max=30.0,
+                    step=0.5,
+                    optional=True,
+                    tooltip="Data-free pool: CFG scale used to sample the pool.",
+                ),
             ],
             outputs=[
                 NPOOffsetType.Output(display_name="npo_offset"),
@@ -124,12 +250,35 @@ class SelfNPOTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, steps: int, batch_size: int, learning_rate: float, mode: str,
-                rank: int, truncation_steps: int, teacher_guidance: float, ema_decay: float, loss: str, seed: int,
-                gradient_checkpointing: bool, training_dtype: str, save_every: int, filename_prefix: str,
-                latents=None, lora_layers: str = "attention", student_cond: str = "prompt", resume_from: str = NONE,
-                pool_size: int = 16, width: int = 512, height: int = 512, pool_steps: int = 20,
-                pool_cfg: float = 7.0) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        positive,
+        negative,
+        steps: int,
+        batch_size: int,
+        learning_rate: float,
+        mode: str,
+        rank: int,
+        truncation_steps: int,
+        teacher_guidance: float,
+        ema_decay: float,
+        loss: str,
+        seed: int,
+        gradient_checkpointing: bool,
+        training_dtype: str,
+        save_every: int,
+        filename_prefix: str,
+        latents=None,
+        lora_layers: str = "attention",
+        student_cond: str = "prompt",
+        resume_from: str = NONE,
+        pool_size: int = 16,
+        width: int = 512,
+        height: int = 512,
+        pool_steps: int = 20,
+        pool_cfg: float = 7.0,
+    ) -> io.NodeOutput:
         host.check_trainable(model)
         if mode not in ("lora", "full"):
             raise NPOError(f"mode: '{mode}' is not one of lora, full.")
@@ -140,10 +289,22 @@ class SelfNPOTrain(io.ComfyNode):
         arch = host.model_arch(model)
         lr = learning_rate or AUTO_LR[(mode, "SDXL" if arch.startswith("SDXL") else "other")]
         wd = 1e-3 if (mode == "full" and not arch.startswith("SDXL")) else 0.0
-        tcfg = tdft.TDFTConfig(truncation_steps=truncation_steps, teacher_guidance=float(teacher_guidance), loss=loss,
-                               student_cond=student_cond)
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=lr, weight_decay=wd, ema_decay=ema_decay,
-                          seed=seed, save_every=save_every, tdft=tcfg)
+        tcfg = tdft.TDFTConfig(
+            truncation_steps=truncation_steps,
+            teacher_guidance=float(teacher_guidance),
+            loss=loss,
+            student_cond=student_cond,
+        )
+        cfg = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=lr,
+            weight_decay=wd,
+            ema_decay=ema_decay,
+            seed=seed,
+            save_every=save_every,
+            tdft=tcfg,
+        )
         try:
             tcfg.validate(1000)
         except ValueError as e:
@@ -152,8 +313,10 @@ class SelfNPOTrain(io.ComfyNode):
         if latents is not None:
             samples = latents["samples"]
             if samples.dim() != 4 or samples.shape[1] != channels:
-                raise NPOError(f"latents: expected a LATENT batch with {channels} channels for this model, got shape "
-                               f"{tuple(samples.shape)}. Encode images with this model's VAE.")
+                raise NPOError(
+                    f"latents: expected a LATENT batch with {channels} channels for this model, got shape "
+                    f"{tuple(samples.shape)}. Encode images with this model's VAE."
+                )
         elif width % 8 or height % 8:
             raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
 
@@ -172,8 +335,9 @@ class SelfNPOTrain(io.ComfyNode):
             except TrainingError as e:
                 raise NPOError(str(e)) from None
             if steps < done:
-                raise NPOError(f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set "
-                               f"steps ≥ {done}.")
+                raise NPOError(
+                    f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
+                )
 
         pos_entries = host.conditioning_entries(positive, "positive")
         neg_entries = host.conditioning_entries(negative, "negative")
@@ -181,17 +345,27 @@ class SelfNPOTrain(io.ComfyNode):
         pbar = host.progress_bar(steps + (0 if latents is not None else pool_size))
         device = host.load_for_training(mp)
         if latents is None:
-            samples, prompt_of = host.sample_pool(mp, pos_entries, neg_entries[:1], pool_size, width, height,
-                                                  pool_steps, pool_cfg, seed,
-                                                  lambda i: (pbar.update(1), host.throw_if_interrupted()))
+            samples, prompt_of = host.sample_pool(
+                mp,
+                pos_entries,
+                neg_entries[:1],
+                pool_size,
+                width,
+                height,
+                pool_steps,
+                pool_cfg,
+                seed,
+                lambda i: (pbar.update(1), host.throw_if_interrupted()),
+            )
             device = host.load_for_training(mp)
         else:
             prompt_of = None
         shape = (1, channels, samples.shape[2], samples.shape[3])
         schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
-        prefix_folder, prefix_name, counter = host.save_path(os.path.join(host.output_dir(), CHECKPOINT_SUBDIR),
-                                                             filename_prefix)
+        prefix_folder, prefix_name, counter = host.save_path(
+            os.path.join(host.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
+        )
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
         if resume_path is None:
             _check_free_name(ckpt_path)
@@ -202,51 +376,85 @@ class SelfNPOTrain(io.ComfyNode):
             cond_neg = _plain(host.model_conds(mp, neg_entries[0], shape, device, "negative"))
             data = StartData(z0, conds_pos, cond_neg, prompt_of, seed)
             denoiser = host.training_denoiser(mp, compute_dtype)
-            callbacks = Callbacks(on_step=lambda s, total, value: pbar.update(1),
-                                  should_stop=lambda: host.throw_if_interrupted() or False)
+            callbacks = Callbacks(
+                on_step=lambda s, total, value: pbar.update(1), should_stop=lambda: host.throw_if_interrupted() or False
+            )
             with host.TrainingSession(mp, gradient_checkpointing) as session:
                 lset = None
                 if mode == "lora":
-                    lset = LoRASet(unet, layer_names, rank, dtype=DTYPES[training_dtype], device=device,
-                                   generator=torch.Generator().manual_seed(seed))
+                    lset = LoRASet(
+                        unet,
+                        layer_names,
+                        rank,
+                        dtype=DTYPES[training_dtype],
+                        device=device,
+                        generator=torch.Generator().manual_seed(seed),
+                    )
                     lset.attach()
                     params = lset.named_trainable()
                 else:
                     params = session.full_params(DTYPES[training_dtype])
                 try:
-                    result = train(denoiser, schedule, params, data, cfg, callbacks,
-                                   _path(ckpt_path) if save_every > 0 else None, resume_path, signature)
+                    result = train(
+                        denoiser,
+                        schedule,
+                        params,
+                        data,
+                        cfg,
+                        callbacks,
+                        _path(ckpt_path) if save_every > 0 else None,
+                        resume_path,
+                        signature,
+                    )
                 except TrainingError as e:
                     raise NPOError(str(e)) from None
                 except torch.OutOfMemoryError as e:
-                    raise NPOError(f"out of memory during Self-NPO training ({str(e).splitlines()[0]}). Lower "
-                                   "batch_size or the resolution, turn on gradient_checkpointing, use mode lora or a "
-                                   "lower rank.") from None
+                    raise NPOError(
+                        f"out of memory during Self-NPO training ({str(e).splitlines()[0]}). Lower "
+                        "batch_size or the resolution, turn on gradient_checkpointing, use mode lora or a "
+                        "lower rank."
+                    ) from None
                 finally:
                     if lset is not None:
                         lset.detach()
-                meta = {"npo.recipe": json.dumps({"method": "self-npo-tdft", "mode": mode, "rank": rank,
-                                                  "lora_layers": lora_layers if mode == "lora" else "all",
-                                                  **cfg.as_dict()}),
-                        "npo.steps": str(result.steps_done), "npo.base_model": arch}
+                meta = {
+                    "npo.recipe": json.dumps(
+                        {
+                            "method": "self-npo-tdft",
+                            "mode": mode,
+                            "rank": rank,
+                            "lora_layers": lora_layers if mode == "lora" else "all",
+                            **cfg.as_dict(),
+                        }
+                    ),
+                    "npo.steps": str(result.steps_done),
+                    "npo.base_model": arch,
+                }
                 if mode == "lora":
-                    offset = lset.to_offset(source_format="self-npo", base_arch=_arch_name(arch), source="Self-NPO Train",
-                                            metadata=meta)
+                    offset = lset.to_offset(
+                        source_format="self-npo", base_arch=_arch_name(arch), source="Self-NPO Train", metadata=meta
+                    )
                 else:
                     entries = {}
                     for name, p in params.items():
                         d = p.detach().float() - session.original(name).float()
                         if torch.count_nonzero(d):
                             entries[name] = Dense(d.cpu())
-                    offset = NPOOffset(entries, source_format="self-npo", base_arch=_arch_name(arch),
-                                       source="Self-NPO Train", metadata=meta)
+                    offset = NPOOffset(
+                        entries,
+                        source_format="self-npo",
+                        base_arch=_arch_name(arch),
+                        source="Self-NPO Train",
+                        metadata=meta,
+                    )
         if mode == "full" and rank > 0 and offset.entries:
             offset, energy = offset.compressed(rank)
             host.log.info("Self-NPO full offset compressed to rank %d, energy kept %.4f", rank, energy)
         curve = loss_curve_image(result.losses)
         last = result.losses[-1] if result.losses else float("nan")
-        text = (f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}"
-                + (f"\ncheckpoint: {os.path.basename(ckpt_path)}" if save_every > 0 else ""))
+        text = f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}" + (
+            f"\ncheckpoint: {os.path.basename(ckpt_path)}" if save_every > 0 else ""
+        )
         return io.NodeOutput(offset, curve, result.steps_done, ui=ui.PreviewText(text))
 
 
@@ -283,14 +491,22 @@ class NPOSaveOffset(io.ComfyNode):
             display_name="Save NPO Offset",
             category=CATEGORY,
             description="Writes an NPO offset into models/npo in ComfyUI's LoRA key format (readable by the stock "
-                        "LoraLoader too) with NPO metadata. Never overwrites: a counter is added.",
+            "LoraLoader too) with NPO metadata. Never overwrites: a counter is added.",
             inputs=[
-                NPOOffsetType.Input("npo_offset", tooltip="From Self-NPO Train, Load NPO Offset or Compress NPO Offset."),
-                io.String.Input("filename_prefix", default="self_npo",
-                                tooltip="File name inside models/npo (subfolders allowed, no '..')."),
-                io.Model.Input("model", optional=True,
-                               tooltip="Needed only when the offset still has diffusers/kohya key names or full "
-                                       "weights: the model it belongs to, to convert them."),
+                NPOOffsetType.Input(
+                    "npo_offset", tooltip="From Self-NPO Train, Load NPO Offset or Compress NPO Offset."
+                ),
+                io.String.Input(
+                    "filename_prefix",
+                    default="self_npo",
+                    tooltip="File name inside models/npo (subfolders allowed, no '..').",
+                ),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="Needed only when the offset still has diffusers/kohya key names or full "
+                    "weights: the model it belongs to, to convert them.",
+                ),
             ],
             outputs=[],
             is_output_node=True,
@@ -301,8 +517,10 @@ class NPOSaveOffset(io.ComfyNode):
         offset = npo_offset
         if not offset.is_resolved:
             if model is None:
-                raise NPOError("npo_offset: this offset still has non-ComfyUI key names or full weights; connect model "
-                               "so they can be converted before saving.")
+                raise NPOError(
+                    "npo_offset: this offset still has non-ComfyUI key names or full weights; connect model "
+                    "so they can be converted before saving."
+                )
             offset = host.resolve_for_model(offset, model)
         folder, name, counter = host.save_path(host.npo_dir(), filename_prefix)
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")

@@ -46,14 +46,49 @@ _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".diff_b", "diff_b"),
     (".diff", "diff"),
 )
-_UNSUPPORTED_MARKERS = ("hada_", "lokr_", ".lora_mid.", "oft_", ".dora_scale", ".set_weight", "lora_magnitude", ".w_norm", ".b_norm")
+_UNSUPPORTED_MARKERS = (
+    "hada_",
+    "lokr_",
+    ".lora_mid.",
+    "oft_",
+    ".dora_scale",
+    ".set_weight",
+    "lora_magnitude",
+    ".w_norm",
+    ".b_norm",
+)
 _UNET_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.", "model.")
-_NON_UNET_PREFIXES = ("text_encoder", "lora_te", "te_", "te1_", "te2_", "te1.", "te2.", "cond_stage_model.", "conditioner.",
-                      "first_stage_model.", "vae.", "clip_l.", "clip_g.", "text_model.", "text_encoders.", "model_ema.",
-                      "lora_te1_", "lora_te2_")
+_NON_UNET_PREFIXES = (
+    "text_encoder",
+    "lora_te",
+    "te_",
+    "te1_",
+    "te2_",
+    "te1.",
+    "te2.",
+    "cond_stage_model.",
+    "conditioner.",
+    "first_stage_model.",
+    "vae.",
+    "clip_l.",
+    "clip_g.",
+    "text_model.",
+    "text_encoders.",
+    "model_ema.",
+    "lora_te1_",
+    "lora_te2_",
+)
 _LDM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
-_DIFFUSERS_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-                    "add_embedding")
+_DIFFUSERS_ROOTS = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "add_embedding",
+)
 _CONTEXT_TO_ARCH = {768: "SD15", 1024: "SD2", 2048: "SDXL"}
 
 
@@ -73,8 +108,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         return _read_safetensors(p)
     if ext in PICKLE_EXT:
         return _read_pickle(p), {}
-    raise NPOError(f"{name}: unknown file type '{ext}'; NPO offsets are .safetensors (or .ckpt/.pt/.pth/.bin "
-                   "holding plain tensors).")
+    raise NPOError(
+        f"{name}: unknown file type '{ext}'; NPO offsets are .safetensors (or .ckpt/.pt/.pth/.bin "
+        "holding plain tensors)."
+    )
 
 
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -85,8 +122,10 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             meta = dict(f.metadata() or {})
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for broken headers/buffers
-        raise NPOError(f"{p.name}: not a readable safetensors file ({type(e).__name__}: {e}). The file is truncated "
-                       "or corrupt; download or save it again.") from e
+        raise NPOError(
+            f"{p.name}: not a readable safetensors file ({type(e).__name__}: {e}). The file is truncated "
+            "or corrupt; download or save it again."
+        ) from e
     return sd, meta
 
 
@@ -94,9 +133,11 @@ def _read_pickle(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise NPOError(f"{p.name}: refused. Pickled files load only if they hold plain tensors "
-                       f"(torch.load weights_only=True failed: {type(e).__name__}: {str(e)[:200]}). Convert it to "
-                       ".safetensors with a tool you trust.") from e
+        raise NPOError(
+            f"{p.name}: refused. Pickled files load only if they hold plain tensors "
+            f"(torch.load weights_only=True failed: {type(e).__name__}: {str(e)[:200]}). Convert it to "
+            ".safetensors with a tool you trust."
+        ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
@@ -126,15 +167,15 @@ def _split_role(key: str) -> tuple[str, str] | None:
 def _strip_prefix(module: str) -> tuple[str, str] | None:
     """(naming, module path) or None for a non-UNet key."""
     if module.startswith("lora_unet_"):
-        return "flat", module[len("lora_unet_"):]
+        return "flat", module[len("lora_unet_") :]
     if module.startswith("lycoris_"):
-        return "flat", module[len("lycoris_"):]
+        return "flat", module[len("lycoris_") :]
     for pre in _NON_UNET_PREFIXES:
         if module.startswith(pre):
             return None
     for pre in _UNET_PREFIXES:
         if module.startswith(pre):
-            module = module[len(pre):]
+            module = module[len(pre) :]
             break
     module = module.replace(".processor.", ".")
     if module.endswith(".to_out"):  # diffusers attn-processor LoRA names to_out; the Linear is to_out.0
@@ -149,22 +190,30 @@ def _strip_prefix(module: str) -> tuple[str, str] | None:
 
 def _check_values(source: str, key: str, t: torch.Tensor) -> None:
     if not (t.is_floating_point()):
-        raise NPOError(f"{source}: tensor '{key}' has dtype {t.dtype}; offsets must be floating point. The file is "
-                       "not an NPO offset or LoRA.")
+        raise NPOError(
+            f"{source}: tensor '{key}' has dtype {t.dtype}; offsets must be floating point. The file is "
+            "not an NPO offset or LoRA."
+        )
     if not bool(torch.isfinite(t).all()):
-        raise NPOError(f"{source}: tensor '{key}' contains NaN or Inf values; the file is damaged (or was saved from a "
-                       "diverged training run). Use another checkpoint of it.")
+        raise NPOError(
+            f"{source}: tensor '{key}' contains NaN or Inf values; the file is damaged (or was saved from a "
+            "diverged training run). Use another checkpoint of it."
+        )
 
 
-def parse_state_dict(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, source: str = "") -> NPOOffset:
+def parse_state_dict(
+    sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, source: str = ""
+) -> NPOOffset:
     """Recognise the key format of ``sd`` and build an ``NPOOffset`` in the file's own naming."""
     metadata = dict(metadata or {})
     if not sd:
         raise NPOError(f"{source}: the file holds no tensors.")
     unsupported = [k for k in sd if any(m in k for m in _UNSUPPORTED_MARKERS)]
     if unsupported:
-        raise NPOError(f"{source}: LoRA variant not supported for NPO (LoHa/LoKr/OFT/DoRA/LoCon-mid keys such as "
-                       f"'{unsupported[0]}'). Use a plain LoRA (up/down/alpha) or a full-weight offset.")
+        raise NPOError(
+            f"{source}: LoRA variant not supported for NPO (LoHa/LoKr/OFT/DoRA/LoCon-mid keys such as "
+            f"'{unsupported[0]}'). Use a plain LoRA (up/down/alpha) or a full-weight offset."
+        )
     for k, t in sd.items():
         _check_values(source, k, t)
     is_lora = any(_split_role(k) is not None for k in sd)
@@ -198,8 +247,10 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
         module, role = split
         groups.setdefault(module, {})[role] = t
     if stray:
-        raise NPOError(f"{source}: mixes LoRA keys with keys of no known LoRA role, e.g. {stray[:3]}. Unknown key format; "
-                       "expected diffusers/PEFT, kohya or ComfyUI LoRA keys.")
+        raise NPOError(
+            f"{source}: mixes LoRA keys with keys of no known LoRA role, e.g. {stray[:3]}. Unknown key format; "
+            "expected diffusers/PEFT, kohya or ComfyUI LoRA keys."
+        )
     peft_alpha = _peft_alpha(metadata)
     entries: dict[str, Entry] = {}
     ignored: list[str] = []
@@ -212,17 +263,21 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
             continue
         naming, path = stripped
         if naming == "unknown":
-            raise NPOError(f"{source}: unknown key format for '{module}': not a UNet module in LDM, diffusers or kohya "
-                           "naming. Expected keys like 'diffusion_model.input_blocks.1.1...', "
-                           "'unet.down_blocks.0.attentions.0...' or 'lora_unet_...'.")
+            raise NPOError(
+                f"{source}: unknown key format for '{module}': not a UNet module in LDM, diffusers or kohya "
+                "naming. Expected keys like 'diffusion_model.input_blocks.1.1...', "
+                "'unet.down_blocks.0.attentions.0...' or 'lora_unet_...'."
+            )
         namings.add(naming)
         if "up" in parts or "down" in parts:
             if "up" not in parts or "down" not in parts:
                 raise NPOError(f"{source}: LoRA module '{module}' has only one of up/down; the file is incomplete.")
             up, down = parts["up"], parts["down"]
             if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
-                raise NPOError(f"{source}: LoRA module '{module}' has mismatched up {tuple(up.shape)} / down "
-                               f"{tuple(down.shape)}; the file is corrupt.")
+                raise NPOError(
+                    f"{source}: LoRA module '{module}' has mismatched up {tuple(up.shape)} / down "
+                    f"{tuple(down.shape)}; the file is corrupt."
+                )
             alpha_t = parts.get("alpha")
             alpha = float(alpha_t.float().flatten()[0]) if alpha_t is not None else peft_alpha
             entries[f"{path}.weight"] = LowRank(up, down, alpha)
@@ -254,8 +309,10 @@ def _parse_full(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
     namings: set[str] = set()
     for k, t in sd.items():
         if not (k.endswith(".weight") or k.endswith(".bias")):
-            raise NPOError(f"{source}: unknown key format: '{k}' is neither a LoRA key nor a '.weight'/'.bias' "
-                           "parameter of a UNet state dict.")
+            raise NPOError(
+                f"{source}: unknown key format: '{k}' is neither a LoRA key nor a '.weight'/'.bias' "
+                "parameter of a UNet state dict."
+            )
         module, leaf = k.rsplit(".", 1)
         stripped = _strip_prefix(module)
         if stripped is None:
@@ -269,17 +326,27 @@ def _parse_full(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
     return _finish(entries, namings, "full-state-dict", metadata, source, ignored)
 
 
-def _finish(entries: dict[str, Entry], namings: set[str], fmt: str, metadata: Mapping[str, str], source: str,
-            ignored: list[str]) -> NPOOffset:
+def _finish(
+    entries: dict[str, Entry], namings: set[str], fmt: str, metadata: Mapping[str, str], source: str, ignored: list[str]
+) -> NPOOffset:
     if not entries:
-        raise NPOError(f"{source}: no UNet offsets in the file ({len(ignored)} text-encoder/VAE keys only). NPO changes "
-                       "only the UNet.")
+        raise NPOError(
+            f"{source}: no UNet offsets in the file ({len(ignored)} text-encoder/VAE keys only). NPO changes "
+            "only the UNet."
+        )
     if len(namings) > 1:
         raise NPOError(f"{source}: mixes key namings {sorted(namings)}; expected one format per file.")
     naming = namings.pop()
     arch = metadata.get("npo.base_arch") or detect_base_arch(entries)
-    return NPOOffset(entries=entries, naming=naming, source_format=fmt, base_arch=arch, source=source,
-                     metadata={k: v for k, v in metadata.items() if k.startswith("npo.")}, ignored=sorted(ignored))
+    return NPOOffset(
+        entries=entries,
+        naming=naming,
+        source_format=fmt,
+        base_arch=arch,
+        source=source,
+        metadata={k: v for k, v in metadata.items() if k.startswith("npo.")},
+        ignored=sorted(ignored),
+    )
 
 
 def context_dim_of(entries: Mapping[str, Entry]) -> int | None:
@@ -314,12 +381,18 @@ def _fit_shape(source: str, key: str, e: Entry, target: tuple[int, ...]) -> Entr
     if squeeze(shape) == squeeze(target) and len(target) >= 2:
         extra = [1] * (len(target) - 2)
         if isinstance(e, LowRank):
-            return LowRank(e.up.reshape(e.up.shape[0], e.up.shape[1], *extra), e.down.reshape(e.down.shape[0], e.down.shape[1], *target[2:]), e.alpha)
+            return LowRank(
+                e.up.reshape(e.up.shape[0], e.up.shape[1], *extra),
+                e.down.reshape(e.down.shape[0], e.down.shape[1], *target[2:]),
+                e.alpha,
+            )
         if isinstance(e, Dense):
             return Dense(e.delta.reshape(target))
         return FullWeight(e.value.reshape(target))
-    raise NPOError(f"{source}: '{key}' has shape {shape} but the model's parameter is {target}. The offset was made for "
-                   "another architecture (SD1.5 vs SDXL?); use an offset trained for this model's base.")
+    raise NPOError(
+        f"{source}: '{key}' has shape {shape} but the model's parameter is {target}. The offset was made for "
+        "another architecture (SD1.5 vs SDXL?); use an offset trained for this model's base."
+    )
 
 
 def resolve(
@@ -338,9 +411,11 @@ def resolve(
     src = offset.source or "offset"
     ctx = context_dim_of(offset.entries)
     if ctx is not None and model_context_dim is not None and ctx != model_context_dim:
-        raise NPOError(f"{src}: made for {_CONTEXT_TO_ARCH.get(ctx, 'another model')} (text context {ctx}) but the model "
-                       f"is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
-                       "base (SD1.5 offsets on SD1.5 fine-tunes, SDXL offsets on SDXL ones).")
+        raise NPOError(
+            f"{src}: made for {_CONTEXT_TO_ARCH.get(ctx, 'another model')} (text context {ctx}) but the model "
+            f"is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
+            "base (SD1.5 offsets on SD1.5 fine-tunes, SDXL offsets on SDXL ones)."
+        )
     if offset.naming == "ldm":
         mapping = {k: k for k in offset.entries if k in targets}
     elif offset.naming == "diffusers":
@@ -358,8 +433,10 @@ def resolve(
     if unmatched:
         shown = "\n  ".join(unmatched[:20])
         more = f"\n  … and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
-        raise NPOError(f"{src}: {len(unmatched)} of {len(offset.entries)} keys do not land on the model ({model_arch}):\n  "
-                       f"{shown}{more}\nThe offset was made for another architecture or uses an unknown key format.")
+        raise NPOError(
+            f"{src}: {len(unmatched)} of {len(offset.entries)} keys do not land on the model ({model_arch}):\n  "
+            f"{shown}{more}\nThe offset was made for another architecture or uses an unknown key format."
+        )
     out: dict[str, Entry] = {}
     for k, e in offset.entries.items():
         name = mapping[k]
@@ -399,16 +476,25 @@ def to_comfy_state_dict(offset: NPOOffset, dtype: torch.dtype = torch.float32) -
     return sd
 
 
-def save_offset(offset: NPOOffset, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+def save_offset(
+    offset: NPOOffset,
+    path: str | os.PathLike,
+    extra_metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write atomically (temporary name in the same folder, then rename) with NPO metadata."""
     from safetensors.torch import save_file
 
     p = Path(path)
     sd = to_comfy_state_dict(offset, dtype)
     meta = {k: str(v) for k, v in offset.metadata.items()}
-    meta.update({"npo.format_version": FORMAT_VERSION, "npo.base_arch": offset.base_arch,
-                 "npo.source_format": offset.source_format})
+    meta.update(
+        {
+            "npo.format_version": FORMAT_VERSION,
+            "npo.base_arch": offset.base_arch,
+            "npo.source_format": offset.source_format,
+        }
+    )
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))

@@ -45,11 +45,13 @@ def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int
         return mask
     n = len(cond_or_uncond)
     if batch % n:
-        raise NPOError(f"batch {batch} is not a multiple of the {n} cond/uncond chunks; cannot tell which rows are uncond")
+        raise NPOError(
+            f"batch {batch} is not a multiple of the {n} cond/uncond chunks; cannot tell which rows are uncond"
+        )
     size = batch // n
     for i, kind in enumerate(cond_or_uncond):
         if kind == select:
-            mask[i * size:(i + 1) * size] = True
+            mask[i * size : (i + 1) * size] = True
     return mask
 
 
@@ -120,7 +122,15 @@ class _LayerOffset:
             elif dw is not None:
                 y = conv(x, dw, None, m.stride, m.padding, m.dilation, m.groups)
             else:
-                y = conv(x, torch.zeros((db.shape[0], x.shape[1] // m.groups, *m.kernel_size), device=x.device, dtype=x.dtype), None, m.stride, m.padding, m.dilation, m.groups)
+                y = conv(
+                    x,
+                    torch.zeros((db.shape[0], x.shape[1] // m.groups, *m.kernel_size), device=x.device, dtype=x.dtype),
+                    None,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                    m.groups,
+                )
             return y if db is None else y + db.view(1, -1, *([1] * (y.dim() - 2)))
         if k == "groupnorm":
             normed = F.group_norm(x, module.num_groups, None, None, module.eps)
@@ -143,8 +153,10 @@ def _module_kind(name: str, module: nn.Module) -> str:
         return "groupnorm"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
-    raise NPOError(f"'{name}': an offset on a {type(module).__name__} layer is not supported (Linear, Conv, GroupNorm "
-                   "and LayerNorm are).")
+    raise NPOError(
+        f"'{name}': an offset on a {type(module).__name__} layer is not supported (Linear, Conv, GroupNorm "
+        "and LayerNorm are)."
+    )
 
 
 class OffsetInjector:
@@ -190,7 +202,10 @@ class OffsetInjector:
         self._build(root)
         gate = self.gate
         for module, layer in self._layers:
-            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer) -> torch.Tensor | None:
+
+            def hook(
+                mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer
+            ) -> torch.Tensor | None:
                 rows = gate.rows
                 if rows is None:
                     return None
@@ -198,6 +213,7 @@ class OffsetInjector:
                 for sl in rows:
                     out[sl] += layer.response(mod, x[sl])
                 return out
+
             self._handles.append(module.register_forward_hook(hook))
 
     def detach(self) -> None:

@@ -140,7 +140,9 @@ class NPOOffset:
             f"parameters: {self.numel():,}",
         ]
         if self.ignored:
-            lines.append(f"ignored (not UNet, NPO changes only the UNet): {len(self.ignored)} keys, e.g. {self.ignored[0]}")
+            lines.append(
+                f"ignored (not UNet, NPO changes only the UNet): {len(self.ignored)} keys, e.g. {self.ignored[0]}"
+            )
         recipe = self.metadata.get("npo.recipe")
         if recipe:
             lines.append(f"recipe: {recipe}")
@@ -163,8 +165,10 @@ class NPOOffset:
             if isinstance(e, FullWeight):
                 ref = reference(k)
                 if tuple(ref.shape) != tuple(e.value.shape):
-                    raise NPOError(f"{self.source}: full weight '{k}' has shape {tuple(e.value.shape)} but the model's is "
-                                   f"{tuple(ref.shape)}; this state dict was made for another architecture.")
+                    raise NPOError(
+                        f"{self.source}: full weight '{k}' has shape {tuple(e.value.shape)} but the model's is "
+                        f"{tuple(ref.shape)}; this state dict was made for another architecture."
+                    )
                 out[k] = Dense(e.value.float() - ref.float().to(e.value.device))
             else:
                 out[k] = e
@@ -182,7 +186,9 @@ class NPOOffset:
             a = out[k]
             if isinstance(a, LowRank) and isinstance(e, LowRank):
                 a1, e1 = a.scaled(1.0), e.scaled(1.0)
-                out[k] = LowRank(torch.cat([a1.up.float(), e1.up.float()], 1), torch.cat([a1.down.float(), e1.down.float()], 0))
+                out[k] = LowRank(
+                    torch.cat([a1.up.float(), e1.up.float()], 1), torch.cat([a1.down.float(), e1.down.float()], 0)
+                )
             else:
                 out[k] = Dense(_dense(a).float() + _dense(e).float().to(_dense(a).device))
         return self.replace(entries=out, source_format="combined")
@@ -221,14 +227,18 @@ class NPOOffset:
             up = left.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
             out[k] = LowRank(up.contiguous(), right.reshape(rank, *shape[1:]).contiguous(), None)
         energy = 1.0 if total == 0 else kept / total
-        meta = dict(self.metadata, **{"npo.svd_rank": str(rank), "npo.svd_energy": f"{energy:.6f}",
-                                      "npo.svd_entries": str(count)})
+        meta = dict(
+            self.metadata,
+            **{"npo.svd_rank": str(rank), "npo.svd_energy": f"{energy:.6f}", "npo.svd_entries": str(count)},
+        )
         return self.replace(entries=out, metadata=meta), energy
 
     def _require_resolved(self, what: str) -> None:
         if not self.is_resolved:
-            raise NPOError(f"{self.source or 'offset'}: cannot {what} before it is resolved against a model "
-                           "(it holds full weights or non-ComfyUI key names); apply it to a model first.")
+            raise NPOError(
+                f"{self.source or 'offset'}: cannot {what} before it is resolved against a model "
+                "(it holds full weights or non-ComfyUI key names); apply it to a model first."
+            )
 
 
 def _dense(e: Entry) -> torch.Tensor:
@@ -260,18 +270,24 @@ def negative_offset(
     if merge_weight == 0.0:
         return out
     if positive is None or base is None:
-        raise NPOError("merge_weight > 0 needs base_model: connect the original base checkpoint (e.g. SD1.5 or "
-                       "SDXL base) the offset was trained against, or set merge_weight to 0.")
+        raise NPOError(
+            "merge_weight > 0 needs base_model: connect the original base checkpoint (e.g. SD1.5 or "
+            "SDXL base) the offset was trained against, or set merge_weight to 0."
+        )
     missing = sorted(set(positive) ^ set(base))
     if missing:
-        raise NPOError(f"base_model and model have different parameters (e.g. {missing[:3]}); base_model must be "
-                       "the same architecture as model.")
+        raise NPOError(
+            f"base_model and model have different parameters (e.g. {missing[:3]}); base_model must be "
+            "the same architecture as model."
+        )
     extra: dict[str, Entry] = {}
     for k in positive:
         p, b = positive[k], base[k]
         if p.shape != b.shape:
-            raise NPOError(f"base_model parameter '{k}' has shape {tuple(b.shape)}, model has {tuple(p.shape)}; "
-                           "base_model must be the same architecture as model.")
+            raise NPOError(
+                f"base_model parameter '{k}' has shape {tuple(b.shape)}, model has {tuple(p.shape)}; "
+                "base_model must be the same architecture as model."
+            )
         d = p.float() - b.float().to(p.device)
         if torch.count_nonzero(d):
             extra[k] = Dense(-merge_weight * d)

@@ -25,7 +25,9 @@ class DiscreteSchedule:
         return int(self.alphas_cumprod.shape[0])
 
     @classmethod
-    def scaled_linear(cls, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteSchedule:
+    def scaled_linear(
+        cls, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> DiscreteSchedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
         return cls(torch.cumprod(1 - betas, 0))
 

@@ -23,8 +23,9 @@ class StartData:
             raise ValueError(f"latents must be a non-empty batch [N, C, ...], got shape {tuple(self.latents.shape)}")
         if not self.conds_pos:
             raise ValueError("at least one positive prompt is needed")
-        if self.prompt_of is not None and (self.prompt_of.shape[0] != self.latents.shape[0]
-                                           or int(self.prompt_of.max()) >= len(self.conds_pos)):
+        if self.prompt_of is not None and (
+            self.prompt_of.shape[0] != self.latents.shape[0] or int(self.prompt_of.max()) >= len(self.conds_pos)
+        ):
             raise ValueError("prompt_of must give a valid prompt index for every latent")
 
     def indices(self, step: int, batch_size: int) -> torch.Tensor:

@@ -23,7 +23,9 @@ class EMATeacher:
     @torch.no_grad()
     def update(self) -> None:
         names = list(self.params)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [self.params[n].detach() for n in names], 1.0 - self.decay)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [self.params[n].detach() for n in names], 1.0 - self.decay
+        )
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

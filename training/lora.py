@@ -36,9 +36,16 @@ def select_modules(root: nn.Module, pattern: str) -> list[str]:
 
 
 class LoRASet(nn.Module):
-    def __init__(self, root: nn.Module, module_names: list[str], rank: int, alpha: float | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        root: nn.Module,
+        module_names: list[str],
+        rank: int,
+        alpha: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {rank}")
@@ -69,7 +76,7 @@ class LoRASet(nn.Module):
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         out = {}
-        for n, d, u in zip(self.names, self.downs, self.ups):
+        for n, d, u in zip(self.names, self.downs, self.ups, strict=True):
             out[f"{n}.lora_down"] = d
             out[f"{n}.lora_up"] = u
         return out
@@ -78,7 +85,8 @@ class LoRASet(nn.Module):
         if self._handles:
             return
         scale = self.scale
-        for m, d, u in zip(self.modules_, self.downs, self.ups):
+        for m, d, u in zip(self.modules_, self.downs, self.ups, strict=True):
+
             def hook(mod, args, out, d=d, u=u):
                 x = args[0]
                 if isinstance(mod, nn.Linear):
@@ -86,6 +94,7 @@ class LoRASet(nn.Module):
                 else:
                     h = F.conv2d(F.conv2d(x.to(d.dtype), d, None, mod.stride, mod.padding, mod.dilation), u)
                 return out + (scale * h).to(out.dtype)
+
             self._handles.append(m.register_forward_hook(hook))
 
     def detach(self) -> None:
@@ -95,6 +104,8 @@ class LoRASet(nn.Module):
 
     def to_offset(self, **meta) -> NPOOffset:
         """The adapters as an NPO offset (keys ``<module>.weight``, naming of ``root``)."""
-        entries = {f"{n}.weight": LowRank(u.detach().float().cpu().clone(), d.detach().float().cpu().clone(), self.alpha)
-                   for n, d, u in zip(self.names, self.downs, self.ups)}
+        entries = {
+            f"{n}.weight": LowRank(u.detach().float().cpu().clone(), d.detach().float().cpu().clone(), self.alpha)
+            for n, d, u in zip(self.names, self.downs, self.ups, strict=True)
+        }
         return NPOOffset(entries, **meta)

@@ -45,8 +45,10 @@ class TDFTConfig:
         if self.truncation_steps < 1:
             raise ValueError(f"truncation_steps must be ≥ 1, got {self.truncation_steps}")
         if self.grid_points < 1 or self.grid_stride < 1 or self.grid_points * self.grid_stride > num_timesteps:
-            raise ValueError(f"the DDIM grid ({self.grid_points} points, stride {self.grid_stride}) does not fit "
-                             f"{num_timesteps} timesteps")
+            raise ValueError(
+                f"the DDIM grid ({self.grid_points} points, stride {self.grid_stride}) does not fit "
+                f"{num_timesteps} timesteps"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.student_cond not in STUDENT_CONDS:
@@ -66,8 +68,9 @@ class Rollout:
     teacher_rows: int  # total batch rows evaluated by the teacher
 
 
-def guided_x0(denoiser: Denoiser, x: torch.Tensor, nu: torch.Tensor, cond_pos: C.Cond, cond_neg: C.Cond,
-              w: float) -> tuple[torch.Tensor, int]:
+def guided_x0(
+    denoiser: Denoiser, x: torch.Tensor, nu: torch.Tensor, cond_pos: C.Cond, cond_neg: C.Cond, w: float
+) -> tuple[torch.Tensor, int]:
     """x0_c + w·(x0_c − x0_u) and the number of rows evaluated. w = −1 → x0_u alone, w = 0 → x0_c alone."""
     if w == -1.0:
         return denoiser(x, nu, cond_neg), x.shape[0]
@@ -78,8 +81,9 @@ def guided_x0(denoiser: Denoiser, x: torch.Tensor, nu: torch.Tensor, cond_pos: C
     return x0_c + w * (x0_c - x0_u), 2 * x.shape[0]
 
 
-def sample_start(z0: torch.Tensor, schedule: DiscreteSchedule, cfg: TDFTConfig, gen: torch.Generator
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_start(
+    z0: torch.Tensor, schedule: DiscreteSchedule, cfg: TDFTConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid index k per sample and the noised start x = z0 + ν_{t_k}·ε (randomness from ``gen``, on CPU)."""
     b = z0.shape[0]
     k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
@@ -90,8 +94,15 @@ def sample_start(z0: torch.Tensor, schedule: DiscreteSchedule, cfg: TDFTConfig, 
 
 
 @torch.no_grad()
-def teacher_rollout(teacher: Denoiser, schedule: DiscreteSchedule, z0: torch.Tensor, cond_pos: C.Cond,
-                    cond_neg: C.Cond, cfg: TDFTConfig, gen: torch.Generator) -> Rollout:
+def teacher_rollout(
+    teacher: Denoiser,
+    schedule: DiscreteSchedule,
+    z0: torch.Tensor,
+    cond_pos: C.Cond,
+    cond_neg: C.Cond,
+    cfg: TDFTConfig,
+    gen: torch.Generator,
+) -> Rollout:
     """K guided DDIM steps from the noised start, then the target. Samples that reached t = 0 are
     frozen (as in the authors' code) and, unlike there, not evaluated again until the final target."""
     grid = ddim_grid(cfg.grid_points, cfg.grid_stride)
@@ -107,12 +118,20 @@ def teacher_rollout(teacher: Denoiser, schedule: DiscreteSchedule, z0: torch.Ten
             break
         ta = t[idx]
         xa = x[idx.to(dev)]
-        x0_g, n = guided_x0(teacher, xa, schedule.nu(ta).to(dev, dt), C.index(cond_pos, idx), C.index(cond_neg, idx),
-                            cfg.teacher_guidance)
+        x0_g, n = guided_x0(
+            teacher,
+            xa,
+            schedule.nu(ta).to(dev, dt),
+            C.index(cond_pos, idx),
+            C.index(cond_neg, idx),
+            cfg.teacher_guidance,
+        )
         calls, rows = calls + 1, rows + n
         ka = k[idx]
         t_prev = torch.where(ka >= 1, grid[(ka - 1).clamp_min(0)], torch.zeros_like(ta))
-        x = x.index_copy(0, idx.to(dev), ddim_step(xa, x0_g, schedule.nu(ta).to(dev, dt), schedule.nu(t_prev).to(dev, dt)))
+        x = x.index_copy(
+            0, idx.to(dev), ddim_step(xa, x0_g, schedule.nu(ta).to(dev, dt), schedule.nu(t_prev).to(dev, dt))
+        )
         t = t.index_copy(0, idx, t_prev)
         k = k.index_copy(0, idx, ka - 1)
     target, n = guided_x0(teacher, x, schedule.nu(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
@@ -143,8 +162,9 @@ def student_cond(cond_pos: C.Cond, cond_neg: C.Cond, cfg: TDFTConfig, batch: int
     return C.where(mask, cond_pos, cond_neg)
 
 
-def student_loss(student: Denoiser, schedule: DiscreteSchedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def student_loss(
+    student: Denoiser, schedule: DiscreteSchedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of the student on the re-noised truncated state; returns (loss, s)."""
     x_t = roll.x_t
     dev, dt = x_t.device, x_t.dtype

@@ -58,9 +58,17 @@ class TrainResult:
     last_checkpoint: Path | None
 
 
-def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], ema: EMATeacher,
-                    opt: torch.optim.Optimizer, gen: torch.Generator, losses: list[float], cfg: TrainConfig,
-                    signature: str) -> Path:
+def save_checkpoint(
+    path: Path,
+    step: int,
+    params: dict[str, nn.Parameter],
+    ema: EMATeacher,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    losses: list[float],
+    cfg: TrainConfig,
+    signature: str,
+) -> Path:
     """Atomic write (temporary name, then rename): a crash leaves the old file or the new one."""
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -93,15 +101,25 @@ def load_checkpoint(path: str | os.PathLike, signature: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"resume_from: '{Path(path).name}' is not a Self-NPO training checkpoint of this pack.")
     if state.get("signature") != signature:
-        raise TrainingError(f"resume_from: '{Path(path).name}' was made for another model or training setup "
-                            f"({state.get('signature')!r}, this run is {signature!r}); resume with the same model, "
-                            "mode, rank and layers, or start fresh.")
+        raise TrainingError(
+            f"resume_from: '{Path(path).name}' was made for another model or training setup "
+            f"({state.get('signature')!r}, this run is {signature!r}); resume with the same model, "
+            "mode, rank and layers, or start fresh."
+        )
     return state
 
 
-def train(denoiser: Denoiser, schedule: DiscreteSchedule, params: dict[str, nn.Parameter], data: StartData,
-          cfg: TrainConfig, callbacks: Callbacks | None = None, checkpoint_path: Path | None = None,
-          resume_from: str | os.PathLike | None = None, signature: str = "") -> TrainResult:
+def train(
+    denoiser: Denoiser,
+    schedule: DiscreteSchedule,
+    params: dict[str, nn.Parameter],
+    data: StartData,
+    cfg: TrainConfig,
+    callbacks: Callbacks | None = None,
+    checkpoint_path: Path | None = None,
+    resume_from: str | os.PathLike | None = None,
+    signature: str = "",
+) -> TrainResult:
     """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``."""
     cb = callbacks or Callbacks()
     cfg.tdft.validate(schedule.num_timesteps)
@@ -119,8 +137,10 @@ def train(denoiser: Denoiser, schedule: DiscreteSchedule, params: dict[str, nn.P
         state = load_checkpoint(resume_from, signature)
         start = int(state["step"])
         if start > cfg.steps:
-            raise TrainingError(f"steps ({cfg.steps}) is smaller than the {start} steps already done in resume_from; "
-                                f"set steps > {start}.")
+            raise TrainingError(
+                f"steps ({cfg.steps}) is smaller than the {start} steps already done in resume_from; "
+                f"set steps > {start}."
+            )
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["params"][n])
@@ -145,8 +165,10 @@ def train(denoiser: Denoiser, schedule: DiscreteSchedule, params: dict[str, nn.P
         value = float(loss.detach())
         if not math.isfinite(value):
             where = f"; the last good checkpoint is {last_ckpt.name}" if last_ckpt else ""
-            raise TrainingError(f"the loss became {value} at step {step + 1}{where}. Lower learning_rate, use "
-                                "training_dtype fp32, or resume from the last checkpoint.")
+            raise TrainingError(
+                f"the loss became {value} at step {step + 1}{where}. Lower learning_rate, use "
+                "training_dtype fp32, or resume from the last checkpoint."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

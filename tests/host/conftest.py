@@ -50,6 +50,8 @@ else:
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import torch
 
+    import nodes  # noqa: F401  (ComfyUI's nodes.py, loaded before anything can shadow it with the pack's nodes/)
+
     _shared.register_pack()
 
     import npo_hostkit as kit

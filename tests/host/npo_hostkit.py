@@ -23,26 +23,74 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------------------------------------
 # model configurations
 # ---------------------------------------------------------------------------------------------
-_COMMON = {"image_size": 32, "use_checkpoint": False, "use_spatial_transformer": True, "legacy": False,
-           "in_channels": 4, "out_channels": 4, "use_temporal_resblock": False, "use_temporal_attention": False}
+_COMMON = {
+    "image_size": 32,
+    "use_checkpoint": False,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
 
 UNET_CONFIGS = {
     # tiny, for sampling on the CPU
-    "sd15": dict(_COMMON, adm_in_channels=None, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
-                 transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
-                 context_dim=64, use_linear_in_transformer=False, num_head_channels=8),
-    "sdxl": dict(_COMMON, adm_in_channels=2816, num_classes="sequential", model_channels=32, num_res_blocks=[1, 1],
-                 channel_mult=[1, 2], transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
-                 transformer_depth_middle=1, context_dim=64, use_linear_in_transformer=True, num_head_channels=8),
+    "sd15": dict(
+        _COMMON,
+        adm_in_channels=None,
+        model_channels=32,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth=[1, 1],
+        transformer_depth_output=[1, 1, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=64,
+        use_linear_in_transformer=False,
+        num_head_channels=8,
+    ),
+    "sdxl": dict(
+        _COMMON,
+        adm_in_channels=2816,
+        num_classes="sequential",
+        model_channels=32,
+        num_res_blocks=[1, 1],
+        channel_mult=[1, 2],
+        transformer_depth=[0, 1],
+        transformer_depth_output=[0, 0, 1, 1],
+        transformer_depth_middle=1,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        num_head_channels=8,
+    ),
     # full size, built on the meta device (key landing only)
-    "sd15_full": dict(_COMMON, adm_in_channels=None, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-                      channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-                      context_dim=768, num_heads=8, use_linear_in_transformer=False),
-    "sdxl_full": dict(_COMMON, adm_in_channels=2816, num_classes="sequential", model_channels=320,
-                      num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
-                      transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
-                      context_dim=2048, num_head_channels=64, use_linear_in_transformer=True),
+    "sd15_full": dict(
+        _COMMON,
+        adm_in_channels=None,
+        model_channels=320,
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1,
+        context_dim=768,
+        num_heads=8,
+        use_linear_in_transformer=False,
+    ),
+    "sdxl_full": dict(
+        _COMMON,
+        adm_in_channels=2816,
+        num_classes="sequential",
+        model_channels=320,
+        num_res_blocks=[2, 2, 2],
+        channel_mult=[1, 2, 4],
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10,
+        context_dim=2048,
+        num_head_channels=64,
+        use_linear_in_transformer=True,
+    ),
 }
 UNET_CONFIGS["sdxl_v"] = UNET_CONFIGS["sdxl"]
 
@@ -141,8 +189,9 @@ def attention_blocks(kind: str) -> list[tuple[str, str, int, int]]:
         level = levels - 1 - i
         if depth[level]:
             for j in range(nrb + 1):
-                out.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * (nrb + 1) + j}.1", ch[level],
-                            depth[level]))
+                out.append(
+                    (f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * (nrb + 1) + j}.1", ch[level], depth[level])
+                )
     return out
 
 
@@ -165,8 +214,16 @@ def attention_linears(kind: str, which: tuple[str, ...] = ("attn1", "attn2")) ->
 LORA_FORMATS = ("peft", "peft_ab", "kohya_diffusers", "kohya_ldm", "comfy")
 
 
-def make_lora(kind: str, fmt: str = "peft", rank: int = 8, seed: int = 0, magnitude: float = 0.3,
-              alpha: float | None = None, extras: bool = False, values: str = "randn"):
+def make_lora(
+    kind: str,
+    fmt: str = "peft",
+    rank: int = 8,
+    seed: int = 0,
+    magnitude: float = 0.3,
+    alpha: float | None = None,
+    extras: bool = False,
+    values: str = "randn",
+):
     """A LoRA on every attention projection (attn1+attn2, to_q/k/v/out.0), as the authors' release.
 
     Returns (state dict in format ``fmt``, truth). ``alpha`` is written for the kohya and comfy formats
@@ -187,8 +244,8 @@ def make_lora(kind: str, fmt: str = "peft", rank: int = 8, seed: int = 0, magnit
             down, up = torch.full((rank, in_f), float(tag)), torch.full((out_f, rank), -float(tag))
             truth[f"{lmod}.weight"] = tag
         else:
-            down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
-            up = torch.randn(out_f, rank, generator=g) * (magnitude / rank ** 0.5)
+            down = torch.randn(rank, in_f, generator=g) / in_f**0.5
+            up = torch.randn(out_f, rank, generator=g) * (magnitude / rank**0.5)
             truth[f"{lmod}.weight"] = scale * (up @ down)
         if fmt == "peft":  # the released files: diffusers save_lora_weights of a PEFT model
             sd[f"unet.{dmod}.lora.down.weight"], sd[f"unet.{dmod}.lora.up.weight"] = down, up
@@ -214,7 +271,7 @@ def _add_extras(kind, fmt, sd, truth, g, rank, magnitude, alpha):
     if fmt == "kohya_ldm":
         a = float(alpha if alpha is not None else rank)
         down = torch.randn(rank, ch0, 3, 3, generator=g) / (9 * ch0) ** 0.5
-        up = torch.randn(ch0, rank, 1, 1, generator=g) * (magnitude / rank ** 0.5)
+        up = torch.randn(ch0, rank, 1, 1, generator=g) * (magnitude / rank**0.5)
         name = conv.replace(".", "_")
         sd[f"lora_unet_{name}.lora_down.weight"], sd[f"lora_unet_{name}.lora_up.weight"] = down, up
         sd[f"lora_unet_{name}.alpha"] = torch.tensor(a)
@@ -223,7 +280,7 @@ def _add_extras(kind, fmt, sd, truth, g, rank, magnitude, alpha):
         dense = {
             f"{conv}.weight": torch.randn(ch0, ch0, 3, 3, generator=g) * magnitude / (9 * ch0) ** 0.5,
             f"{conv}.bias": 0.05 * torch.randn(ch0, generator=g),
-            "time_embed.0.weight": torch.randn(4 * ch0, ch0, generator=g) * magnitude / ch0 ** 0.5,
+            "time_embed.0.weight": torch.randn(4 * ch0, ch0, generator=g) * magnitude / ch0**0.5,
         }
         # norms: a GroupNorm (ResBlock in_layers.0) and a LayerNorm inside a transformer block
         blk = attention_blocks(kind)[0]
@@ -299,13 +356,15 @@ def make_conds(kind: str, variant: str = "plain", seed: int = 1, tokens: int = 1
     neg = [[torch.zeros(1, tokens, ctx) if xl else torch.randn(1, tokens, ctx, generator=g), extra(zero=xl)]]
     if variant == "regional":
         area = [[torch.randn(1, tokens, ctx, generator=g), extra()]]
-        pos = pos + node_helpers.conditioning_set_values(area, {"area": (4, 4, 2, 4), "strength": 0.8,
-                                                                "set_area_to_bounds": False})
+        pos = pos + node_helpers.conditioning_set_values(
+            area, {"area": (4, 4, 2, 4), "strength": 0.8, "set_area_to_bounds": False}
+        )
         mask = torch.zeros(1, LATENT, LATENT)
         mask[:, 1:6, 0:5] = 1.0
         masked = [[torch.randn(1, tokens, ctx, generator=g), extra()]]
-        neg = neg + node_helpers.conditioning_set_values(masked, {"mask": mask, "mask_strength": 0.7,
-                                                                  "set_area_to_bounds": False})
+        neg = neg + node_helpers.conditioning_set_values(
+            masked, {"mask": mask, "mask_strength": 0.7, "set_area_to_bounds": False}
+        )
     elif variant != "plain":
         raise ValueError(variant)
     return pos, neg
@@ -316,27 +375,39 @@ def latents(batch: int, seed: int = 7):
     return torch.zeros(batch, 4, LATENT, LATENT), torch.randn(batch, 4, LATENT, LATENT, generator=g)
 
 
-def ksample(model, pos, neg, cfg: float, batch: int = 1, steps: int = 4, sampler: str = "euler",
-            scheduler: str = "normal", callback=None):
+def ksample(
+    model,
+    pos,
+    neg,
+    cfg: float,
+    batch: int = 1,
+    steps: int = 4,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    callback=None,
+):
     """comfy.sample.sample, the function behind the KSampler node, under inference_mode as in ComfyUI."""
     latent, noise = latents(batch)
     with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=0,
-                                   disable_pbar=True, callback=callback)
+        return comfy.sample.sample(
+            model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, seed=0, disable_pbar=True, callback=callback
+        )
 
 
 def sigmas_for(model, steps: int = 4, scheduler: str = "normal"):
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
 
 
-def guider_sample(guider, batch: int = 1, steps: int = 4, sampler: str = "euler", scheduler: str = "normal",
-                  callback=None):
+def guider_sample(
+    guider, batch: int = 1, steps: int = 4, sampler: str = "euler", scheduler: str = "normal", callback=None
+):
     """What SamplerCustomAdvanced does with a GUIDER (same noise/sigmas as ``ksample``)."""
     latent, noise = latents(batch)
     with torch.inference_mode():
         sig = sigmas_for(guider.model_patcher, steps, scheduler)
-        return guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sig, callback=callback,
-                             disable_pbar=True, seed=0)
+        return guider.sample(
+            noise, latent, comfy.samplers.sampler_object(sampler), sig, callback=callback, disable_pbar=True, seed=0
+        )
 
 
 def cfg_guider(model, pos, neg, cfg: float):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import comfy.supported_models
 import npo_hostkit as kit
 import pytest
 import torch
+from comfy.ldm.flux.model import FluxParams
 
 from comfyui_npo.nodes import host
 from comfyui_npo.nodes.guider import NPOCFGGuider
@@ -20,14 +23,18 @@ def _apply(model, offset, **kw):
         return NPOApply.execute(model=model, npo_offset=offset, **kw).result[0]
 
 
-@pytest.mark.parametrize("offset_kind,model_kind,want", [("sdxl_full", "sd15_full", r"SDXL.*SD15"),
-                                                         ("sd15_full", "sdxl_full", r"SD15.*SDXL")])
+@pytest.mark.parametrize(
+    "offset_kind,model_kind,want",
+    [("sdxl_full", "sd15_full", r"SDXL.*SD15"), ("sd15_full", "sdxl_full", r"SD15.*SDXL")],
+)
 def test_offset_for_another_architecture(full_models, offset_kind, model_kind, want):
     sd, _ = kit.make_lora(offset_kind, "peft", rank=8, values="tag")
     offset = formats.parse_state_dict(sd, {}, f"{offset_kind}.safetensors")
     model = full_models[model_kind]
-    for call in (lambda: _apply(model, offset),
-                 lambda: NPONegativeModel.execute(model=model, npo_offset=offset, strength=1.0)):
+    for call in (
+        lambda: _apply(model, offset),
+        lambda: NPONegativeModel.execute(model=model, npo_offset=offset, strength=1.0),
+    ):
         with pytest.raises(NPOError, match=want) as info:
             call()
         assert f"{offset_kind}.safetensors" in str(info.value)
@@ -42,12 +49,23 @@ def test_offset_keys_that_do_not_land(tiny, load_offset):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" in str(info.value)
 
 
-@pytest.mark.parametrize("sd,want", [
-    ({"foo.bar.lora_up.weight": torch.ones(4, 2), "foo.bar.lora_down.weight": torch.ones(2, 4)}, "unknown key format"),
-    ({"some_model.layer.weight": torch.ones(4, 4)}, "unknown key format"),
-    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.ones(32, 4),
-      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(4, 4)}, "not supported"),
-])
+@pytest.mark.parametrize(
+    "sd,want",
+    [
+        (
+            {"foo.bar.lora_up.weight": torch.ones(4, 2), "foo.bar.lora_down.weight": torch.ones(2, 4)},
+            "unknown key format",
+        ),
+        ({"some_model.layer.weight": torch.ones(4, 4)}, "unknown key format"),
+        (
+            {
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.ones(32, 4),
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(4, 4),
+            },
+            "not supported",
+        ),
+    ],
+)
 def test_unknown_key_format(load_offset, sd, want):
     with pytest.raises(NPOError, match=want) as info:
         load_offset(sd, "weird.safetensors")
@@ -67,7 +85,7 @@ def test_nan_tensor_file(load_offset):
 def test_corrupt_and_missing_files(npo_dir, load_offset):
     from comfyui_npo.nodes.offsets import NPOLoadOffset
 
-    (npo_dir / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (npo_dir / "truncated.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(NPOError, match="truncated.safetensors"):
         NPOLoadOffset.execute(offset_name="truncated.safetensors")
     with pytest.raises(NPOError, match="offset_name"):
@@ -82,8 +100,9 @@ def test_strength_out_of_range(tiny, load_offset, strength):
     calls = [
         lambda: _apply(model, offset, strength=strength),
         lambda: NPONegativeModel.execute(model=model, npo_offset=offset, strength=strength),
-        lambda: NPOCFGGuider.execute(model=model, positive=pos, negative=neg, cfg=5.0, strength=strength,
-                                     npo_offset=offset),
+        lambda: NPOCFGGuider.execute(
+            model=model, positive=pos, negative=neg, cfg=5.0, strength=strength, npo_offset=offset
+        ),
     ]
     for call in calls:
         with pytest.raises(NPOError, match="strength"):
@@ -98,22 +117,40 @@ def test_other_knobs_out_of_range(tiny, load_offset):
     with pytest.raises(NPOError, match="end_percent"):
         _apply(model, offset, end_percent=1.5)
     with pytest.raises(NPOError, match="merge_weight"):
-        NPONegativeModel.execute(model=model, npo_offset=offset, strength=1.0, base_model=tiny("sd15"),
-                                 merge_weight=2.0)
+        NPONegativeModel.execute(
+            model=model, npo_offset=offset, strength=1.0, base_model=tiny("sd15"), merge_weight=2.0
+        )
     with pytest.raises(NPOError, match="base_model"):
         NPONegativeModel.execute(model=model, npo_offset=offset, strength=1.0, merge_weight=0.5)
     for m in (0.5, 0.0):  # a base of another architecture is refused, not an AttributeError deep inside
         with pytest.raises(NPOError, match="base_model is SDXL"):
-            NPONegativeModel.execute(model=model, npo_offset=offset, strength=1.0, base_model=tiny("sdxl"),
-                                     merge_weight=m)
+            NPONegativeModel.execute(
+                model=model, npo_offset=offset, strength=1.0, base_model=tiny("sdxl"), merge_weight=m
+            )
 
 
 def _tiny_flux_on_meta():
-    cfg = comfy.supported_models.Flux({
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
-        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-        "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": False,
-        "txt_ids_dims": []})
+    fields = {f.name for f in dataclasses.fields(FluxParams)}
+    config = {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "vec_in_dim": 32,
+        "context_in_dim": 32,
+        "hidden_size": 64,
+        "mlp_ratio": 2.0,
+        "num_heads": 2,
+        "depth": 1,
+        "depth_single_blocks": 1,
+        "axes_dim": [8, 12, 12],
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": False,
+        "txt_ids_dims": [],
+    }
+    # keep only what this ComfyUI's FluxParams knows (v0.3.64 has no txt_ids_dims)
+    cfg = comfy.supported_models.Flux({k: v for k, v in config.items() if k in fields or k == "image_model"})
     with torch.device("meta"):
         return kit.patcher(cfg.get_model({}))
 

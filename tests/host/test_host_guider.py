@@ -67,8 +67,9 @@ def test_negative_model_with_merge_weight_on_lora_finetune(tiny, load_offset, m)
     pos_model = comfy.sd.load_lora_for_models(base, None, lora_sd, 0.8, 0.0)[0]
     sd, delta = kit.make_lora(kind, "peft", rank=4, seed=3)
     with torch.inference_mode():
-        neg_model = NPONegativeModel.execute(model=pos_model, npo_offset=load_offset(sd), strength=1.0,
-                                             base_model=base, merge_weight=m).result[0]
+        neg_model = NPONegativeModel.execute(
+            model=pos_model, npo_offset=load_offset(sd), strength=1.0, base_model=base, merge_weight=m
+        ).result[0]
     pos, neg = kit.make_conds(kind)
     neg_weights = kit.merged(tiny.weights(kind), (1.0, delta), ((1 - m) * 0.8, lora_delta))
     ref_out = _reference(tiny, kind, pos_model, neg_weights, pos, neg, batch)
@@ -126,8 +127,13 @@ def test_exactly_one_of_offset_or_negative_model(tiny, load_offset):
 
 def test_negative_model_of_another_architecture(tiny):
     with pytest.raises(NPOError, match="SDXL.*SD15|SD15.*SDXL"):
-        _guider(model=tiny("sd15"), positive=kit.make_conds("sd15")[0], negative=kit.make_conds("sd15")[1], cfg=CFG,
-                negative_model=tiny("sdxl"))
+        _guider(
+            model=tiny("sd15"),
+            positive=kit.make_conds("sd15")[0],
+            negative=kit.make_conds("sd15")[1],
+            cfg=CFG,
+            negative_model=tiny("sdxl"),
+        )
 
 
 def test_negative_clone_of_the_base_with_lora_positive(tiny, load_offset):

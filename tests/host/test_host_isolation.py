@@ -26,11 +26,13 @@ def _raise_at(step):
     def cb(i, x0, x, n):
         if i == step:
             raise Boom(f"interrupted at step {i}")
+
     return cb
 
 
 def _runs(base, offset, lora_sd, pos, neg, tiny):
     """Every way the pack runs NPO weights, as (name, run(callback))."""
+
     def apply_npo(cb):
         with torch.inference_mode():
             m = NPOApply.execute(model=base, npo_offset=offset, strength=1.0, start_percent=0.2).result[0]
@@ -38,8 +40,9 @@ def _runs(base, offset, lora_sd, pos, neg, tiny):
 
     def guider_offset(cb):
         with torch.inference_mode():
-            g = NPOCFGGuider.execute(model=base, positive=pos, negative=neg, cfg=CFG, strength=1.0,
-                                     npo_offset=offset).result[0]
+            g = NPOCFGGuider.execute(
+                model=base, positive=pos, negative=neg, cfg=CFG, strength=1.0, npo_offset=offset
+            ).result[0]
         return kit.guider_sample(g, BATCH, callback=cb)
 
     def guider_negative_clone(cb):
@@ -59,8 +62,10 @@ def _runs(base, offset, lora_sd, pos, neg, tiny):
             nm = NPONegativeModel.execute(model=base, npo_offset=offset, strength=1.0).result[0]
         return kit.ksample(nm, pos, neg, CFG, BATCH, callback=cb)
 
-    return {f.__name__: f for f in (apply_npo, guider_offset, guider_negative_clone, guider_independent,
-                                    negative_model_alone)}
+    return {
+        f.__name__: f
+        for f in (apply_npo, guider_offset, guider_negative_clone, guider_independent, negative_model_alone)
+    }
 
 
 RUNS = ["apply_npo", "guider_offset", "guider_negative_clone", "guider_independent", "negative_model_alone"]

@@ -40,8 +40,11 @@ def test_released_file_sizes_match_the_published_layout():
 def test_layout_matches_the_built_unet(full_models, kind):
     """The hand-written layer list is exactly the set of attention Linear layers of the real UNet."""
     unet = full_models[kind].model.diffusion_model
-    actual = {n: tuple(m.weight.shape) for n, m in unet.named_modules()
-              if ATTN_RE.search(n) and isinstance(m, torch.nn.Linear)}
+    actual = {
+        n: tuple(m.weight.shape)
+        for n, m in unet.named_modules()
+        if ATTN_RE.search(n) and isinstance(m, torch.nn.Linear)
+    }
     expected = {lmod: (o, i) for _, lmod, o, i in kit.attention_linears(kind)}
     assert actual == expected
 
@@ -53,16 +56,24 @@ def test_every_key_lands(full_models, kind, fmt):
     alpha = 4.0 if fmt in ("kohya_diffusers", "kohya_ldm", "comfy") else None
     sd, tags = kit.make_lora(kind, fmt, rank=8, values="tag", alpha=alpha)
     if fmt == "peft":  # the released format: nothing but lora.down/lora.up, fp32, no alpha
-        assert all(re.fullmatch(r"unet\.(down_blocks|mid_block|up_blocks)\..+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-                                r"\.lora\.(down|up)\.weight", k) for k in sd)
+        assert all(
+            re.fullmatch(
+                r"unet\.(down_blocks|mid_block|up_blocks)\..+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+                r"\.lora\.(down|up)\.weight",
+                k,
+            )
+            for k in sd
+        )
         assert all(v.dtype == torch.float32 for v in sd.values())
         assert sum(v.numel() for v in sd.values()) == kit.lora_param_count(kind, 8)
     dense = {}
     if fmt == "comfy":  # ComfyUI full offsets: .diff / .diff_b on a ResBlock conv and its GroupNorm
         c = kit.LAYOUT[kind]["ch"][0]
-        dense = {"input_blocks.1.0.in_layers.2.weight": torch.full((c, c, 3, 3), 0.5),
-                 "input_blocks.1.0.in_layers.2.bias": torch.full((c,), 0.25),
-                 "input_blocks.1.0.in_layers.0.weight": torch.full((c,), 0.125)}
+        dense = {
+            "input_blocks.1.0.in_layers.2.weight": torch.full((c, c, 3, 3), 0.5),
+            "input_blocks.1.0.in_layers.2.bias": torch.full((c,), 0.25),
+            "input_blocks.1.0.in_layers.0.weight": torch.full((c,), 0.125),
+        }
         for k, v in dense.items():
             module, leaf = k.rsplit(".", 1)
             sd[f"diffusion_model.{module}.{'diff' if leaf == 'weight' else 'diff_b'}"] = v
@@ -90,14 +101,20 @@ def test_known_diffusers_to_ldm_landmarks(full_models, kind):
     sd, tags = kit.make_lora(kind, "peft", rank=8, values="tag")
     resolved = host.resolve_for_model(formats.parse_state_dict(sd, {}, "f"), full_models[kind])
     landmarks = {
-        "sd15_full": {"down_blocks.0.attentions.0": "input_blocks.1.1",
-                      "down_blocks.2.attentions.1": "input_blocks.8.1",
-                      "mid_block.attentions.0": "middle_block.1", "up_blocks.1.attentions.0": "output_blocks.3.1",
-                      "up_blocks.3.attentions.2": "output_blocks.11.1"},
-        "sdxl_full": {"down_blocks.1.attentions.0": "input_blocks.4.1",
-                      "down_blocks.2.attentions.1": "input_blocks.8.1",
-                      "mid_block.attentions.0": "middle_block.1", "up_blocks.0.attentions.2": "output_blocks.2.1",
-                      "up_blocks.1.attentions.0": "output_blocks.3.1"},
+        "sd15_full": {
+            "down_blocks.0.attentions.0": "input_blocks.1.1",
+            "down_blocks.2.attentions.1": "input_blocks.8.1",
+            "mid_block.attentions.0": "middle_block.1",
+            "up_blocks.1.attentions.0": "output_blocks.3.1",
+            "up_blocks.3.attentions.2": "output_blocks.11.1",
+        },
+        "sdxl_full": {
+            "down_blocks.1.attentions.0": "input_blocks.4.1",
+            "down_blocks.2.attentions.1": "input_blocks.8.1",
+            "mid_block.attentions.0": "middle_block.1",
+            "up_blocks.0.attentions.2": "output_blocks.2.1",
+            "up_blocks.1.attentions.0": "output_blocks.3.1",
+        },
     }[kind]
     for dblock, lblock in landmarks.items():
         key = f"unet.{dblock}.transformer_blocks.0.attn2.to_k.lora.down.weight"

@@ -1,6 +1,6 @@
 """NPO Negative Model: the weights ComfyUI materialises (load → patch) equal θ_neg computed by hand,
 
-    θ_neg = θ_base + s·δ + (1 − m)·(θ_pos − θ_base)     (METHOD.md §1.2; m = 0 → θ_pos + s·δ)
+θ_neg = θ_base + s·δ + (1 − m)·(θ_pos − θ_base)     (METHOD.md §1.2; m = 0 → θ_pos + s·δ)
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def _loaded(mp):
 
 @pytest.mark.parametrize("fmt,strength", [("peft", 1.0), ("comfy", 0.6), ("kohya_ldm", 2.0)])
 def test_weights_equal_hand_merge(tiny, load_offset, fmt, strength):
-    sd, delta = kit.make_lora(KIND, fmt, rank=4, seed=3, alpha=None if fmt == "peft" else 2.0,
-                              extras=fmt != "peft")
+    sd, delta = kit.make_lora(KIND, fmt, rank=4, seed=3, alpha=None if fmt == "peft" else 2.0, extras=fmt != "peft")
     base = tiny(KIND)
     before = kit.state_hash(base.model)
     neg = _negative(model=base, npo_offset=load_offset(sd), strength=strength)
@@ -81,8 +80,10 @@ def test_full_weight_offset_against_base(tiny, load_offset):
     applied to a fine-tune: θ_neg = θ_pos + s·(file − θ_base)."""
     wb = tiny.weights(KIND, 0)
     g = torch.Generator().manual_seed(9)
-    npo_full = {k: v + 0.02 * torch.randn(v.shape, generator=g) if i % 3 == 0 else v.clone()
-                for i, (k, v) in enumerate(sorted(wb.items()))}
+    npo_full = {
+        k: v + 0.02 * torch.randn(v.shape, generator=g) if i % 3 == 0 else v.clone()
+        for i, (k, v) in enumerate(sorted(wb.items()))
+    }
     offset = load_offset({f"model.diffusion_model.{k}": v for k, v in npo_full.items()}, "unet_full.safetensors")
     base = tiny(KIND, seed=0)
     pos = tiny(KIND, seed=5)

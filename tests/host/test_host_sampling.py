@@ -41,12 +41,17 @@ def _assert_matches(out, ref_out, plain_out, what):
     assert kit.close(out, ref_out, RTOL, ATOL), f"{what}: max |NPO − reference| = {err:.3g} (NPO effect {effect:.3g})"
 
 
-MATRIX = [(*c, b, v) for c in CASES for b, v in ((1, "plain"), (2, "plain"), (2, "regional"))
-          if not (b == 2 and v == "plain" and c[0] != "sd15")]
+MATRIX = [
+    (*c, b, v)
+    for c in CASES
+    for b, v in ((1, "plain"), (2, "plain"), (2, "regional"))
+    if not (b == 2 and v == "plain" and c[0] != "sd15")
+]
 
 
-@pytest.mark.parametrize("kind,fmt,strength,cfg,batch,variant", MATRIX,
-                         ids=[f"{m[0]}-batch{m[4]}-{m[5]}" for m in MATRIX])
+@pytest.mark.parametrize(
+    "kind,fmt,strength,cfg,batch,variant", MATRIX, ids=[f"{m[0]}-batch{m[4]}-{m[5]}" for m in MATRIX]
+)
 def test_npo_equals_two_network_reference(tiny, load_offset, kind, fmt, strength, cfg, batch, variant):
     alpha = 2.0 if fmt.startswith("kohya") else None
     base, ref, offset = _setup(tiny, load_offset, kind, fmt, strength, alpha=alpha)
@@ -60,12 +65,14 @@ def test_npo_equals_two_network_reference(tiny, load_offset, kind, fmt, strength
     # KSampler path (comfy.sample.sample)
     _assert_matches(kit.ksample(npo_model, pos, neg, cfg, batch), ref_out, plain_out, "Apply NPO + KSampler")
     # stock CFGGuider (SamplerCustomAdvanced + CFGGuider)
-    _assert_matches(kit.guider_sample(kit.cfg_guider(npo_model, pos, neg, cfg), batch), ref_out, plain_out,
-                    "Apply NPO + CFGGuider")
+    _assert_matches(
+        kit.guider_sample(kit.cfg_guider(npo_model, pos, neg, cfg), batch), ref_out, plain_out, "Apply NPO + CFGGuider"
+    )
     # our guider node, offset input
     with torch.inference_mode():
-        guider = NPOCFGGuider.execute(model=base, positive=pos, negative=neg, cfg=cfg, strength=strength,
-                                      npo_offset=offset).result[0]
+        guider = NPOCFGGuider.execute(
+            model=base, positive=pos, negative=neg, cfg=cfg, strength=strength, npo_offset=offset
+        ).result[0]
     _assert_matches(kit.guider_sample(guider, batch), ref_out, plain_out, "NPO CFG Guider")
 
 
@@ -99,8 +106,9 @@ def test_strength_zero_is_plain_cfg(tiny, load_offset):
     plain = kit.ksample(base, pos, neg, 5.0, 2)
     with torch.inference_mode():
         m0 = NPOApply.execute(model=base, npo_offset=offset, strength=0.0).result[0]
-        g0 = NPOCFGGuider.execute(model=base, positive=pos, negative=neg, cfg=5.0, strength=0.0,
-                                  npo_offset=offset).result[0]
+        g0 = NPOCFGGuider.execute(
+            model=base, positive=pos, negative=neg, cfg=5.0, strength=0.0, npo_offset=offset
+        ).result[0]
     assert torch.equal(kit.ksample(m0, pos, neg, 5.0, 2), plain)
     assert torch.equal(kit.guider_sample(g0, 2), plain)
 
@@ -115,8 +123,9 @@ def test_cfg_one_is_positive_only(tiny, load_offset, kind):
     positive_only = kit.guider_sample(basic, 2)
     with torch.inference_mode():
         npo_model = NPOApply.execute(model=base, npo_offset=offset, strength=1.0).result[0]
-        guider = NPOCFGGuider.execute(model=base, positive=pos, negative=neg, cfg=1.0, strength=1.0,
-                                      npo_offset=offset).result[0]
+        guider = NPOCFGGuider.execute(
+            model=base, positive=pos, negative=neg, cfg=1.0, strength=1.0, npo_offset=offset
+        ).result[0]
     assert kit.close(kit.ksample(npo_model, pos, neg, 1.0, 2), positive_only, 1e-6, 1e-6)
     assert kit.close(kit.guider_sample(guider, 2), positive_only, 1e-6, 1e-6)
 
@@ -139,8 +148,9 @@ def test_start_end_percent_restricts_npo(tiny, load_offset, start, end):
     plain_out, plain_x0 = run(base)
     ref_out, ref_x0 = run(kit.with_reference_cfg(base, ref, active=lambda s: lo <= s <= hi))
     with torch.inference_mode():
-        npo_model = NPOApply.execute(model=base, npo_offset=offset, strength=1.0, start_percent=start,
-                                     end_percent=end).result[0]
+        npo_model = NPOApply.execute(
+            model=base, npo_offset=offset, strength=1.0, start_percent=start, end_percent=end
+        ).result[0]
     npo_out, npo_x0 = run(npo_model)
     first = active_steps.index(True)
     for i in range(first):  # before the window: bit-identical to plain CFG

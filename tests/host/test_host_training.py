@@ -30,10 +30,27 @@ def out_dir(tmp_path, monkeypatch):
 
 
 def train(model, pos, neg, **kw):
-    args = dict(steps=3, batch_size=2, learning_rate=0.0, mode="lora", rank=4, truncation_steps=5,
-                teacher_guidance=-1.0, ema_decay=0.999, loss="pseudo_huber", seed=0, gradient_checkpointing=True,
-                training_dtype="fp32", save_every=0, filename_prefix="t", pool_size=2, width=64, height=64,
-                pool_steps=2, pool_cfg=5.0)
+    args = dict(
+        steps=3,
+        batch_size=2,
+        learning_rate=0.0,
+        mode="lora",
+        rank=4,
+        truncation_steps=5,
+        teacher_guidance=-1.0,
+        ema_decay=0.999,
+        loss="pseudo_huber",
+        seed=0,
+        gradient_checkpointing=True,
+        training_dtype="fp32",
+        save_every=0,
+        filename_prefix="t",
+        pool_size=2,
+        width=64,
+        height=64,
+        pool_steps=2,
+        pool_cfg=5.0,
+    )
     args.update(kw)
     with torch.inference_mode():
         return SelfNPOTrain.execute(model=model, positive=pos, negative=neg, **args)
@@ -148,13 +165,16 @@ def test_sdxl_v_prediction_trains(tiny, out_dir):
     assert out.result[2] == 2 and all(torch.isfinite(e.up).all() for e in out.result[0].entries.values())
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"latents": {"samples": torch.zeros(2, 3, 8, 8)}}, "latents"),
-    ({"width": 100}, "divisible"),
-    ({"lora_layers": "attention", "rank": 0}, "rank"),
-    ({"filename_prefix": "../escape", "save_every": 1}, "filename_prefix"),
-    ({"resume_from": "missing.pt"}, "resume_from"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"latents": {"samples": torch.zeros(2, 3, 8, 8)}}, "latents"),
+        ({"width": 100}, "divisible"),
+        ({"lora_layers": "attention", "rank": 0}, "rank"),
+        ({"filename_prefix": "../escape", "save_every": 1}, "filename_prefix"),
+        ({"resume_from": "missing.pt"}, "resume_from"),
+    ],
+)
 def test_bad_inputs_name_the_input(kw, match, tiny, out_dir):
     model = tiny("sd15")
     pos, neg = kit.make_conds("sd15")

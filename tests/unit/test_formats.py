@@ -21,10 +21,10 @@ TARGETS = {
     "input_blocks.1.0.in_layers.2.weight": (8, 4, 3, 3),
 }
 D2L = {
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",
-    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",  # noqa: E501
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # noqa: E501
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight",  # noqa: E501
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.bias": "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",  # noqa: E501
     "down_blocks.0.attentions.0.proj_in.weight": "input_blocks.1.1.proj_in.weight",
     "down_blocks.0.resnets.0.conv1.weight": "input_blocks.1.0.in_layers.2.weight",
 }
@@ -43,11 +43,17 @@ def resolve(off):
 
 
 @pytest.mark.parametrize("prefix", ["unet.", "", "base_model.model."])
-@pytest.mark.parametrize("style", [("lora.up", "lora.down"), ("lora_B", "lora_A"), ("lora_linear_layer.up", "lora_linear_layer.down")])
+@pytest.mark.parametrize(
+    "style", [("lora.up", "lora.down"), ("lora_B", "lora_A"), ("lora_linear_layer.up", "lora_linear_layer.down")]
+)
 def test_diffusers_and_peft_keys_land(prefix, style):
     (uq, dq), (uk, dk) = lora(8, 8), lora(8, 768)
-    sd = {f"{prefix}{DIFF_Q}.{style[0]}.weight": uq, f"{prefix}{DIFF_Q}.{style[1]}.weight": dq,
-          f"{prefix}{DIFF_K}.{style[0]}.weight": uk, f"{prefix}{DIFF_K}.{style[1]}.weight": dk}
+    sd = {
+        f"{prefix}{DIFF_Q}.{style[0]}.weight": uq,
+        f"{prefix}{DIFF_Q}.{style[1]}.weight": dq,
+        f"{prefix}{DIFF_K}.{style[0]}.weight": uk,
+        f"{prefix}{DIFF_K}.{style[1]}.weight": dk,
+    }
     off = formats.parse_state_dict(sd, {}, "x.safetensors")
     assert off.naming == "diffusers" and off.base_arch == "SD15"
     res = resolve(off)
@@ -83,10 +89,13 @@ def test_kohya_keys_with_alpha(path):
 
 def test_comfy_keys_with_diff_and_diff_b():
     u, d = lora(8, 8)
-    sd = {f"diffusion_model.{LDM_Q}.lora_up.weight": u, f"diffusion_model.{LDM_Q}.lora_down.weight": d,
-          f"diffusion_model.{LDM_Q}.alpha": torch.tensor(2.0),
-          "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff": torch.randn(8, 8),
-          "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b": torch.randn(8)}
+    sd = {
+        f"diffusion_model.{LDM_Q}.lora_up.weight": u,
+        f"diffusion_model.{LDM_Q}.lora_down.weight": d,
+        f"diffusion_model.{LDM_Q}.alpha": torch.tensor(2.0),
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff": torch.randn(8, 8),
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b": torch.randn(8),
+    }
     res = resolve(formats.parse_state_dict(sd, {}, "c"))
     assert isinstance(res.entries["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"], Dense)
     assert isinstance(res.entries["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias"], Dense)
@@ -94,7 +103,10 @@ def test_comfy_keys_with_diff_and_diff_b():
 
 def test_linear_lora_on_1x1_conv_is_reshaped():
     u, d = lora(8, 8)
-    sd = {"unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": u, "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": d}
+    sd = {
+        "unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": u,
+        "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": d,
+    }
     e = resolve(formats.parse_state_dict(sd, {}, "p")).entries["input_blocks.1.1.proj_in.weight"]
     assert e.weight_shape == (8, 8, 1, 1)
     assert torch.allclose(e.delta().flatten(1), u @ d)
@@ -114,9 +126,12 @@ def test_full_state_dict_becomes_full_weights(prefix, names):
 
 def test_unmatched_keys_are_an_error_listing_them():
     u, d = lora(8, 8)
-    sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d,
-          "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.up.weight": u,
-          "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.down.weight": d}
+    sd = {
+        f"unet.{DIFF_Q}.lora.up.weight": u,
+        f"unet.{DIFF_Q}.lora.down.weight": d,
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.up.weight": u,
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_v.lora.down.weight": d,
+    }
     with pytest.raises(NPOError, match=r"1 of 2 keys do not land(.|\n)*up_blocks\.3\.attentions\.2"):
         resolve(formats.parse_state_dict(sd, {}, "x.safetensors"))
 
@@ -137,17 +152,44 @@ def test_shape_mismatch_is_an_error():
         resolve(formats.parse_state_dict(sd, {}, "x"))
 
 
-@pytest.mark.parametrize("sd,match", [
-    ({}, "no tensors"),
-    ({"foo.bar": torch.zeros(2)}, "unknown key format"),
-    ({"something.lora_up.weight": torch.zeros(2, 1), "something.lora_down.weight": torch.zeros(1, 2)}, "unknown key format"),
-    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2)}, "only one of up/down"),
-    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(3, 8)}, "mismatched"),
-    ({f"unet.{DIFF_Q}.hada_w1_a": torch.zeros(2, 2)}, "not supported"),
-    ({f"unet.{DIFF_Q}.lora.up.weight": torch.full((8, 2), float("nan")), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8)}, "NaN"),
-    ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2, dtype=torch.int32), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8)}, "floating"),
-    ({"lora_te_text_model_x.lora_up.weight": torch.zeros(2, 1), "lora_te_text_model_x.lora_down.weight": torch.zeros(1, 2)}, "only the UNet"),
-])
+@pytest.mark.parametrize(
+    "sd,match",
+    [
+        ({}, "no tensors"),
+        ({"foo.bar": torch.zeros(2)}, "unknown key format"),
+        (
+            {"something.lora_up.weight": torch.zeros(2, 1), "something.lora_down.weight": torch.zeros(1, 2)},
+            "unknown key format",
+        ),
+        ({f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2)}, "only one of up/down"),
+        (
+            {f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(3, 8)},
+            "mismatched",
+        ),
+        ({f"unet.{DIFF_Q}.hada_w1_a": torch.zeros(2, 2)}, "not supported"),
+        (
+            {
+                f"unet.{DIFF_Q}.lora.up.weight": torch.full((8, 2), float("nan")),
+                f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8),
+            },
+            "NaN",
+        ),
+        (
+            {
+                f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2, dtype=torch.int32),
+                f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(2, 8),
+            },
+            "floating",
+        ),
+        (
+            {
+                "lora_te_text_model_x.lora_up.weight": torch.zeros(2, 1),
+                "lora_te_text_model_x.lora_down.weight": torch.zeros(1, 2),
+            },
+            "only the UNet",
+        ),
+    ],
+)
 def test_bad_state_dicts_are_refused_with_the_file_name(sd, match):
     with pytest.raises(NPOError, match=match) as err:
         formats.parse_state_dict(sd, {}, "bad.safetensors")
@@ -156,15 +198,22 @@ def test_bad_state_dicts_are_refused_with_the_file_name(sd, match):
 
 def test_text_encoder_keys_are_ignored_and_reported():
     u, d = lora(8, 8)
-    sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d,
-          "text_encoder.text_model.x.lora.up.weight": u, "text_encoder.text_model.x.lora.down.weight": d}
+    sd = {
+        f"unet.{DIFF_Q}.lora.up.weight": u,
+        f"unet.{DIFF_Q}.lora.down.weight": d,
+        "text_encoder.text_model.x.lora.up.weight": u,
+        "text_encoder.text_model.x.lora.down.weight": d,
+    }
     off = formats.parse_state_dict(sd, {}, "x")
     assert len(off.ignored) == 2 and len(off.entries) == 1
 
 
 def test_files_truncated_empty_unknown_and_pickles(tmp_path):
     good = tmp_path / "good.safetensors"
-    save_file({f"unet.{DIFF_Q}.lora.up.weight": torch.randn(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.randn(2, 8)}, str(good))
+    save_file(
+        {f"unet.{DIFF_Q}.lora.up.weight": torch.randn(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.randn(2, 8)},
+        str(good),
+    )
     assert len(formats.load_offset(good).entries) == 1
     data = good.read_bytes()
     trunc = tmp_path / "trunc.safetensors"
@@ -199,13 +248,23 @@ class _Boom:
 
 def test_save_roundtrip_in_comfy_keys_atomically(tmp_path):
     u, d = lora(8, 8, r=3)
-    off = NPOOffset({f"{LDM_Q}.weight": LowRank(u, d, 1.5), "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": Dense(torch.ones(8))},
-                    base_arch="SD15", metadata={"npo.recipe": "test"})
+    off = NPOOffset(
+        {
+            f"{LDM_Q}.weight": LowRank(u, d, 1.5),
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": Dense(torch.ones(8)),
+        },
+        base_arch="SD15",
+        metadata={"npo.recipe": "test"},
+    )
     path = formats.save_offset(off, tmp_path / "out" / "o.safetensors", {"npo.steps": 3})
     assert sorted(os.listdir(path.parent)) == ["o.safetensors"]  # no temporary left behind
     sd, meta = formats.read_state_dict(path)
-    assert set(sd) == {f"diffusion_model.{LDM_Q}.lora_up.weight", f"diffusion_model.{LDM_Q}.lora_down.weight",
-                       f"diffusion_model.{LDM_Q}.alpha", "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b"}
+    assert set(sd) == {
+        f"diffusion_model.{LDM_Q}.lora_up.weight",
+        f"diffusion_model.{LDM_Q}.lora_down.weight",
+        f"diffusion_model.{LDM_Q}.alpha",
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b",
+    }
     assert meta["npo.format_version"] == "1" and meta["npo.recipe"] == "test" and meta["npo.steps"] == "3"
     back = formats.load_offset(path)
     assert back.source_format == "npo-pack" and back.base_arch == "SD15"
@@ -220,6 +279,7 @@ def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr("safetensors.torch.save_file", boom)
     with pytest.raises(OSError):
         formats.save_offset(off, path)

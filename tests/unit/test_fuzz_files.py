@@ -58,12 +58,17 @@ def _with_header(header: dict, payload: bytes = b"") -> bytes:
 
 
 @SETTINGS
-@given(dtype=st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "XX"]),
-       shape=st.lists(st.integers(0, 1 << 40), min_size=0, max_size=4),
-       start=st.integers(0, 1 << 62), length=st.integers(0, 1 << 62))
+@given(
+    dtype=st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "XX"]),
+    shape=st.lists(st.integers(0, 1 << 40), min_size=0, max_size=4),
+    start=st.integers(0, 1 << 62),
+    length=st.integers(0, 1 << 62),
+)
 def test_forged_headers_claiming_huge_tensors(tmp_path, dtype, shape, start, length):
-    data = _with_header({f"{KEY}.lora.down.weight": {"dtype": dtype, "shape": shape, "data_offsets": [start, start + length]}},
-                        b"\0" * 64)
+    data = _with_header(
+        {f"{KEY}.lora.down.weight": {"dtype": dtype, "shape": shape, "data_offsets": [start, start + length]}},
+        b"\0" * 64,
+    )
     expect_npo_error(tmp_path, data)
 
 
@@ -73,8 +78,9 @@ def test_forged_header_lengths(tmp_path, prefix):
         load_bytes(tmp_path, prefix + b'{"a": 1}')
 
 
-@pytest.mark.parametrize("values,match", [
-    (float("nan"), "NaN"), (float("inf"), "NaN or Inf"), (-float("inf"), "NaN or Inf")])
+@pytest.mark.parametrize(
+    "values,match", [(float("nan"), "NaN"), (float("inf"), "NaN or Inf"), (-float("inf"), "NaN or Inf")]
+)
 def test_non_finite_values(tmp_path, values, match):
     data = save({f"{KEY}.lora.down.weight": torch.full((2, 8), values), f"{KEY}.lora.up.weight": torch.randn(8, 2)})
     with pytest.raises(NPOError, match=match):
@@ -88,8 +94,9 @@ def test_wrong_dtypes(tmp_path, dtype):
         load_bytes(tmp_path, data)
 
 
-@pytest.mark.parametrize("obj", [
-    {"a": "not a tensor"}, [torch.zeros(2)], 42, {"state_dict": {"x": [1, 2]}}, {}, "text"])
+@pytest.mark.parametrize(
+    "obj", [{"a": "not a tensor"}, [torch.zeros(2)], 42, {"state_dict": {"x": [1, 2]}}, {}, "text"]
+)
 def test_pickles_that_are_not_plain_state_dicts(tmp_path, obj):
     p = tmp_path / "bad.pt"
     torch.save(obj, p)
@@ -101,6 +108,7 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     class Evil:
         def __reduce__(self):
             return (exec, ("open('PWNED','w').write('x')",))
+
     p = tmp_path / "evil.ckpt"
     p.write_bytes(pickle.dumps({"x": Evil()}))
     with pytest.raises(NPOError, match="evil.ckpt: refused"):

@@ -28,16 +28,18 @@ class Net(nn.Module):
 def make_offset():
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    return NPOOffset({
-        "conv.weight": LowRank(r(8, 2, 1, 1), r(2, 4, 3, 3), 1.0),
-        "conv.bias": Dense(r(8)),
-        "norm.weight": Dense(r(8)),
-        "norm.bias": Dense(r(8)),
-        "proj.weight": Dense(r(8, 8, 1, 1)),
-        "lin.weight": LowRank(r(6, 3), r(3, 8)),
-        "ln.weight": Dense(r(6)),
-        "ln.bias": Dense(r(6)),
-    })
+    return NPOOffset(
+        {
+            "conv.weight": LowRank(r(8, 2, 1, 1), r(2, 4, 3, 3), 1.0),
+            "conv.bias": Dense(r(8)),
+            "norm.weight": Dense(r(8)),
+            "norm.bias": Dense(r(8)),
+            "proj.weight": Dense(r(8, 8, 1, 1)),
+            "lin.weight": LowRank(r(6, 3), r(3, 8)),
+            "ln.weight": Dense(r(6)),
+            "ln.bias": Dense(r(6)),
+        }
+    )
 
 
 def merged(net, off, s):

@@ -106,8 +106,12 @@ def test_full_weights_resolve_to_difference_and_block_arithmetic():
 
 
 def test_summary_names_format_rank_layers_arch():
-    off = NPOOffset({"x.to_q.weight": LowRank(torch.randn(4, 8), torch.randn(8, 4))}, source_format="peft",
-                    base_arch="SD15", source="f.safetensors")
+    off = NPOOffset(
+        {"x.to_q.weight": LowRank(torch.randn(4, 8), torch.randn(8, 4))},
+        source_format="peft",
+        base_arch="SD15",
+        source="f.safetensors",
+    )
     text = off.summary()
     for part in ("peft", "SD15", "rank: 8", "1 modules", "f.safetensors"):
         assert part in text

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_denoiser import TinyEps, denoiser_of
 
 from comfyui_npo.npo_core.schedule import DiscreteSchedule, ddim_grid, ddim_step, renoise
 from comfyui_npo.training import tdft
@@ -12,8 +13,6 @@ from comfyui_npo.training.data import StartData
 from comfyui_npo.training.ema import EMATeacher
 from comfyui_npo.training.lora import LoRASet, select_modules
 from comfyui_npo.training.trainer import Callbacks, TrainConfig, TrainingError, train
-
-from tiny_denoiser import TinyEps, denoiser_of
 
 SCHED = DiscreteSchedule.scaled_linear()
 
@@ -170,8 +169,9 @@ def test_ema_update_and_swap_by_hand():
 
 def _data(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return StartData(torch.randn(n, 2, 4, 4, generator=g), [torch.randn(1, 3, generator=g) for _ in range(3)],
-                     torch.zeros(1, 3))
+    return StartData(
+        torch.randn(n, 2, 4, 4, generator=g), [torch.randn(1, 3, generator=g) for _ in range(3)], torch.zeros(1, 3)
+    )
 
 
 def test_data_cycles_prompts_and_covers_latents_each_epoch():
@@ -198,8 +198,15 @@ def test_short_run_lowers_the_loss(mode):
         params = dict(net.named_parameters())
         lr = 3e-3
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    cfg = TrainConfig(steps=60, batch_size=8, learning_rate=lr, weight_decay=0.0, ema_decay=0.9, seed=1,
-                      tdft=tdft.TDFTConfig(loss="mse"))
+    cfg = TrainConfig(
+        steps=60,
+        batch_size=8,
+        learning_rate=lr,
+        weight_decay=0.0,
+        ema_decay=0.9,
+        seed=1,
+        tdft=tdft.TDFTConfig(loss="mse"),
+    )
     res = train(denoiser_of(net), SCHED, params, _data(16), cfg)
     assert res.steps_done == 60 and len(res.losses) == 60
     first, last = np.mean(res.losses[:10]), np.mean(res.losses[-10:])
@@ -218,7 +225,9 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path)
         params = dict(net.named_parameters())
         cfg = TrainConfig(steps=steps, batch_size=4, learning_rate=1e-3, seed=5, save_every=save_every)
         done = []
-        cb = Callbacks(on_step=lambda s, t, loss: done.append(s), should_stop=lambda: stop_at is not None and len(done) >= stop_at)
+        cb = Callbacks(
+            on_step=lambda s, t, loss: done.append(s), should_stop=lambda: stop_at is not None and len(done) >= stop_at
+        )
         return train(denoiser_of(net), SCHED, params, _data(), cfg, cb, tmp_path / "ck.pt", resume, "tiny"), net
 
     full, net_full = run(10)
@@ -227,15 +236,24 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path)
     resumed, net_res = run(10, resume=tmp_path / "ck.pt")
     assert resumed.steps_done == 10
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-7)  # resumed from step 6
-    for (n, a), b in zip(net_full.named_parameters(), net_res.parameters()):
+    for (_n, a), b in zip(net_full.named_parameters(), net_res.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(TrainingError, match="steps"):
         run(5, resume=tmp_path / "ck.pt")
     torch.manual_seed(0)
     other = TinyEps()
     with pytest.raises(TrainingError, match="another model"):
-        train(denoiser_of(other), SCHED, dict(other.named_parameters()), _data(), TrainConfig(steps=10), None, None,
-              tmp_path / "ck.pt", "other")
+        train(
+            denoiser_of(other),
+            SCHED,
+            dict(other.named_parameters()),
+            _data(),
+            TrainConfig(steps=10),
+            None,
+            None,
+            tmp_path / "ck.pt",
+            "other",
+        )
 
 
 def test_nan_loss_stops_with_the_step():
@@ -243,5 +261,6 @@ def test_nan_loss_stops_with_the_step():
 
     def bad(x, nu, cond):
         return denoiser_of(net)(x, nu, cond) * float("nan")
+
     with pytest.raises(TrainingError, match="step 1"):
         train(bad, SCHED, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))

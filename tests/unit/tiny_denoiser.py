@@ -23,4 +23,5 @@ def denoiser_of(net: TinyEps):
         x_in = x_ve / torch.sqrt(nu**2 + 1).view(shape)  # ComfyUI's calculate_input for eps models
         eps = net(x_in, torch.log(nu), cond)
         return x_ve - nu.view(shape) * eps  # calculate_denoised (eps)
+
     return denoise
