@@ -453,7 +453,7 @@ class SelfNPOTrain(io.ComfyNode):
         curve = loss_curve_image(result.losses)
         last = result.losses[-1] if result.losses else float("nan")
         text = f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}" + (
-            f"\ncheckpoint: {os.path.basename(ckpt_path)}" if save_every > 0 else ""
+            f"\ncheckpoint: {result.last_checkpoint.name}" if result.last_checkpoint else ""
         )
         return io.NodeOutput(offset, curve, result.steps_done, ui=ui.PreviewText(text))
 

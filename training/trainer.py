@@ -183,6 +183,9 @@ def train(
     else:
         step = cfg.steps
     done = step if stopped else cfg.steps
+    if checkpoint_path is not None and cfg.save_every > 0 and not stopped and done > start and done % cfg.save_every:
+        last_ckpt = save_checkpoint(checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature)
+        cb.on_checkpoint(last_ckpt, done)  # the final state too, so `steps` can be raised and training resumed
     for p in plist:
         p.requires_grad_(False)
     return TrainResult(done, losses, stopped, ema, last_ckpt)

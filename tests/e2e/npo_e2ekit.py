@@ -123,10 +123,15 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """``python main.py --cpu --listen 127.0.0.1 --port N --base-directory B`` with its log in a file."""
+    """``python main.py --cpu --listen 127.0.0.1 --port N --base-directory B`` with its log in a file.
 
-    def __init__(self, comfy_root: Path, python: str, base: Path, log_path: Path, port: int | None = None):
+    ``cpu=False`` leaves out ``--cpu`` (ComfyUI then uses a GPU when it finds one); ``threads`` sets
+    OMP/MKL_NUM_THREADS (``$NPO_E2E_THREADS`` overrides it; None leaves them as they are)."""
+
+    def __init__(self, comfy_root: Path, python: str, base: Path, log_path: Path, port: int | None = None,
+                 cpu: bool = True, threads: str | None = "1"):
         self.comfy_root, self.python, self.base, self.log_path = comfy_root, python, base, log_path
+        self.cpu, self.threads = cpu, threads
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -146,14 +151,16 @@ class ComfyServer:
         raise RuntimeError(f"ComfyUI could not bind a free port in {attempts} attempts.\n{self.log_tail()}")
 
     def _start_once(self, timeout: float) -> bool:
-        cmd = [self.python, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'comfyui-e2e.db'}",
-               "--disable-auto-launch", "--disable-assets-autoscan"]
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", HOST, "--port", str(self.port),
+               "--base-directory", str(self.base), "--disable-auto-launch",
+               *self._optional_flags("--database-url", f"sqlite:///{self.base / 'comfyui-e2e.db'}"),
+               *self._optional_flags("--disable-assets-autoscan")]
         env = dict(os.environ)
         # One intra-op thread: the tiny model's ops are small, and on a busy 2-core machine several
         # OpenMP threads spin against each other (measured: 0.35 s vs 6.5 s per UNet call).
-        threads = os.environ.get("NPO_E2E_THREADS", "1")
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+        threads = os.environ.get("NPO_E2E_THREADS", self.threads)
+        if threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
         env["PYTHONUNBUFFERED"] = "1"
         env.pop("COMFYUI_PATH", None)
         if self._log is not None:
@@ -180,6 +187,15 @@ class ComfyServer:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer /object_info within {timeout:.0f} s.\n{self.log_tail()}")
+
+    def _optional_flags(self, flag: str, *values: str) -> list[str]:
+        """``[flag, *values]`` when this ComfyUI's ``comfy/cli_args.py`` knows the flag, else [] (older or
+        newer versions may lack it, and an unknown flag stops main.py)."""
+        try:
+            known = flag in (self.comfy_root / "comfy" / "cli_args.py").read_text(errors="replace")
+        except OSError:
+            known = True
+        return [flag, *values] if known else []
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -332,9 +348,11 @@ def input_order(info: Mapping) -> list[str]:
 
 
 def has_control_after_generate(name: str, typ: Any, opts: Mapping) -> bool:
-    """Frontends add a hidden 'control_after_generate' value after seed-like INT widgets."""
-    if opts.get("control_after_generate"):
-        return True
+    """Frontends add a hidden 'control_after_generate' value after seed-like INT widgets: when the input
+    says so, or (no explicit setting) for INT inputs named seed/noise_seed. An explicit
+    ``control_after_generate: false`` (e.g. Self-NPO Train's seed) means no control value."""
+    if "control_after_generate" in opts:
+        return bool(opts["control_after_generate"])
     return typ == "INT" and name in ("seed", "noise_seed")
 
 

@@ -40,7 +40,8 @@ if cdp is None or not Path(os.environ.get("NPO_E2E_CHROMIUM", "/usr/bin/chromium
     pytest.skip(_REASON, allow_module_level=True)
 
 EXAMPLES = kit.example_names()
-PACK_NODES = ["NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset"]
+PACK_NODES = ["NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset", "SelfNPOTrain",
+              "NPOSaveOffset"]
 TEST_VALUES = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET, "width": 64, "height": 64, "steps": 3}
 
 

@@ -18,7 +18,11 @@ EXAMPLES = kit.example_names()
 SUBSTITUTIONS = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET}
 SIZE, STEPS = 64, 3
 FAST = {("EmptyLatentImage", "width"): SIZE, ("EmptyLatentImage", "height"): SIZE,
-        ("KSampler", "steps"): STEPS, ("BasicScheduler", "steps"): STEPS}
+        ("KSampler", "steps"): STEPS, ("BasicScheduler", "steps"): STEPS,
+        # Self-NPO Train (self_npo_train_and_compare): 2 optimizer steps on a 2-latent 64×64 pool
+        ("SelfNPOTrain", "steps"): 2, ("SelfNPOTrain", "batch_size"): 1, ("SelfNPOTrain", "pool_size"): 2,
+        ("SelfNPOTrain", "width"): SIZE, ("SelfNPOTrain", "height"): SIZE, ("SelfNPOTrain", "pool_steps"): 2,
+        ("SelfNPOTrain", "save_every"): 0}
 USER_FILE_INPUTS = ("ckpt_name", "offset_name")
 PROMPT_TIMEOUT = 300.0
 
@@ -97,7 +101,7 @@ def test_example_runs_and_saves_images(name, server, object_info):
     with kit.step(f"{name} (64x64, {STEPS} steps)"):
         entry = run_prompt(server, fast_prompt(object_info, name), wf)
     assert entry["status"]["status_str"] == "success", kit.execution_error(entry)
-    images = kit.output_images(entry)
+    images = [r for r in kit.output_images(entry) if r.get("type", "output") == "output"]  # not Preview Image
     prefixes = save_prefixes(wf)
     assert prefixes and len(images) == len(prefixes), images
     by_prefix = {}
@@ -106,11 +110,13 @@ def test_example_runs_and_saves_images(name, server, object_info):
         im = open_image(server, rec)
         assert im.size == (SIZE, SIZE)
         by_prefix[prefix] = im
-    if {"npo_on", "npo_off"} <= set(by_prefix):
-        from PIL import ImageChops
+    for on in [p for p in by_prefix if p.endswith("npo_on")]:  # npo_on/npo_off, self_npo_on/self_npo_off
+        off = on[: -len("on")] + "off"
+        if off in by_prefix:
+            from PIL import ImageChops
 
-        diff = ImageChops.difference(by_prefix["npo_on"], by_prefix["npo_off"])
-        assert diff.getbbox() is not None, "NPO on and NPO off gave identical images: the offset had no effect"
+            diff = ImageChops.difference(by_prefix[on], by_prefix[off])
+            assert diff.getbbox() is not None, f"{on} and {off} are identical images: the offset had no effect"
 
 
 def test_every_pack_node_executes_over_http(server, object_info):

@@ -264,3 +264,13 @@ def test_nan_loss_stops_with_the_step():
 
     with pytest.raises(TrainingError, match="step 1"):
         train(bad, SCHED, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))
+
+
+def test_final_state_is_checkpointed_even_off_the_save_grid(tmp_path):
+    net = TinyEps()
+    cfg = TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, save_every=3)
+    saved = []
+    cb = Callbacks(on_checkpoint=lambda path, step: saved.append(step))
+    res = train(denoiser_of(net), SCHED, dict(net.named_parameters()), _data(), cfg, cb, tmp_path / "c.pt", None, "s")
+    assert saved == [3, 5] and res.last_checkpoint == tmp_path / "c.pt"
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 5

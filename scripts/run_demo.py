@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""Self-NPO demo, headless: train an NPO offset for a checkpoint and compare same-seed images with and without it.
+
+Runs example_workflows/self_npo_train_and_compare.json on a private ComfyUI server (started here, on
+127.0.0.1, with a temporary base directory: this pack in custom_nodes/, your checkpoint linked into
+models/checkpoints/), shows progress, and copies the results into an output folder:
+
+    self_npo_offset.safetensors   the trained offset (load it with Load NPO Offset from models/npo)
+    self_npo_on.png / self_npo_off.png / comparison.png   same seed, with / without the offset
+    loss_curve.png, training.txt, prompt_api.json, comfyui.log
+
+Run it with a Python that has ComfyUI's requirements (the test venv has them):
+
+    ~/.cache/comfyui-npo/venv/bin/python scripts/run_demo.py --checkpoint ~/models/v1-5-pruned-emaonly.safetensors
+
+Without --checkpoint it uses a tiny random SD1.5 checkpoint generated on the spot (the one the e2e tests
+use): a quick smoke run of the whole pipeline on any CPU; its images are noise.
+
+ComfyUI is found at --comfyui, $COMFYUI_PATH or ~/comfy/ComfyUI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+E2E = REPO / "tests" / "e2e"
+WORKFLOW = REPO / "example_workflows" / "self_npo_train_and_compare.json"
+VENV_PYTHON = "~/.cache/comfyui-npo/venv/bin/python"
+CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
+REQUIRED_MODULES = ("torch", "torchvision", "aiohttp", "safetensors", "yaml", "PIL", "einops", "transformers")
+
+INSTALL_HELP = f"""\
+ComfyUI was not found (looked at --comfyui, $COMFYUI_PATH and ~/comfy/ComfyUI).
+
+Install it, then run this script again with a Python that has ComfyUI's requirements:
+
+    mkdir -p ~/comfy && git clone https://github.com/Comfy-Org/ComfyUI ~/comfy/ComfyUI
+    python3 -m venv ~/comfy/venv
+    ~/comfy/venv/bin/pip install -r ~/comfy/ComfyUI/requirements.txt   # GPU: see ComfyUI's README for torch
+    ~/comfy/venv/bin/python scripts/run_demo.py
+
+(`bash scripts/test.sh` also builds such a Python, {VENV_PYTHON}, and runs the tests.)
+Or point COMFYUI_PATH (or --comfyui) at an existing ComfyUI checkout."""
+
+# Quick settings for the built-in tiny random checkpoint (a smoke run, not a real training).
+TINY_DEFAULTS = {"steps": 10, "batch_size": 2, "pool_size": 4, "pool_steps": 4, "size": 64, "sample_steps": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
+    """--comfyui, else $COMFYUI_PATH, else ~/comfy/ComfyUI: the first folder with main.py and comfy/."""
+    candidates = [explicit] if explicit else [os.environ.get("COMFYUI_PATH"), Path.home() / "comfy" / "ComfyUI"]
+    for cand in candidates:
+        if cand and (Path(cand).expanduser() / "main.py").is_file() and (Path(cand).expanduser() / "comfy").is_dir():
+            return Path(cand).expanduser().resolve()
+    return None
+
+
+def missing_modules() -> list[str]:
+    return [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+
+
+def has_accelerator() -> str | None:
+    """'cuda' / 'mps' when this Python's torch sees one (ComfyUI then runs on it), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return None
+
+
+def load_kit():
+    """tests/e2e/npo_e2ekit.py: the server process, HTTP helpers, the UI→API converter and the tiny assets."""
+    if not (E2E / "npo_e2ekit.py").is_file():
+        sys.exit(f"error: {E2E / 'npo_e2ekit.py'} is missing (it ships with the repository's tests/ folder).")
+    if str(E2E) not in sys.path:
+        sys.path.insert(0, str(E2E))
+    import npo_e2ekit
+
+    return npo_e2ekit
+
+
+# ---------------------------------------------------------------------------------------------
+# the API prompt: find the workflow's nodes by structure and set the user's knobs
+# ---------------------------------------------------------------------------------------------
+class Graph:
+    def __init__(self, prompt: dict[str, dict], object_info: dict):
+        self.p, self.info = prompt, object_info
+
+    def of_type(self, cls: str) -> list[str]:
+        return sorted((nid for nid, e in self.p.items() if e["class_type"] == cls), key=int)
+
+    def one(self, cls: str) -> str:
+        ids = self.of_type(cls)
+        if len(ids) != 1:
+            raise SystemExit(f"error: the workflow should have exactly one {cls} node, it has {len(ids)}")
+        return ids[0]
+
+    def src(self, nid: str, name: str) -> str:
+        value = self.p[nid]["inputs"][name]
+        assert isinstance(value, list), f"{nid}.{name} is not a link"
+        return str(value[0])
+
+    def set(self, nid: str, **values: Any) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.p[nid]["inputs"][k] = v
+
+    def new_id(self) -> str:
+        return str(max(int(k) for k in self.p) + 1)
+
+    def add(self, cls: str, title: str, **inputs: Any) -> str:
+        nid = self.new_id()
+        self.p[nid] = {"class_type": cls, "inputs": inputs, "_meta": {"title": title}}
+        return nid
+
+    def prune(self) -> None:
+        """Drop nodes no output node depends on (e.g. prompt encoders that were replaced)."""
+        keep: set[str] = set()
+        todo = [nid for nid, e in self.p.items() if self.info.get(e["class_type"], {}).get("output_node")]
+        while todo:
+            nid = todo.pop()
+            if nid in keep:
+                continue
+            keep.add(nid)
+            todo.extend(str(v[0]) for v in self.p[nid]["inputs"].values() if isinstance(v, list))
+        for nid in set(self.p) - keep:
+            del self.p[nid]
+
+    def titles(self) -> dict[str, str]:
+        return {nid: (e.get("_meta") or {}).get("title") or e["class_type"] for nid, e in self.p.items()}
+
+
+def customize(prompt: dict, object_info: dict, ckpt_name: str, o: argparse.Namespace) -> dict:
+    g = Graph(prompt, object_info)
+    train = g.one("SelfNPOTrain")
+    g.set(g.one("CheckpointLoaderSimple"), ckpt_name=ckpt_name)
+    g.set(train, steps=o.steps, batch_size=o.batch_size, pool_size=o.pool_size, pool_steps=o.pool_steps,
+          width=o.size, height=o.size, seed=o.seed, mode=o.mode, rank=o.rank, learning_rate=o.learning_rate,
+          teacher_guidance=o.teacher_guidance, save_every=o.save_every)
+    samplers = g.of_type("KSampler")
+    for ks in samplers:
+        g.set(ks, steps=o.sample_steps, cfg=o.cfg, seed=o.sample_seed)
+        g.set(g.src(ks, "latent_image"), width=o.size, height=o.size)
+    g.set(g.one("NPOApply"), strength=o.strength)
+    clip = g.p[g.src(train, "negative")]["inputs"]["clip"]
+    if o.prompt:  # replace the training prompts: CLIPTextEncode per prompt, chained with ConditioningCombine
+        cond = None
+        for i, text in enumerate(o.prompt):
+            enc = g.add("CLIPTextEncode", f"Training prompt {i + 1}", text=text, clip=clip)
+            cond = [enc, 0] if cond is None else [g.add("ConditioningCombine", "Conditioning (Combine)",
+                                                        conditioning_1=cond, conditioning_2=[enc, 0]), 0]
+        g.set(train, positive=cond)
+    if o.test_prompt is not None:
+        for ks in samplers:
+            g.set(g.src(ks, "positive"), text=o.test_prompt)
+    if o.zero_negative:  # SDXL, as the authors: the negative/unconditional branch gets an all-zero conditioning
+        zero = g.add("ConditioningZeroOut", "ConditioningZeroOut (negative)",
+                     conditioning=g.p[train]["inputs"]["negative"])
+        for nid in [train, *samplers]:
+            g.set(nid, negative=[zero, 0])
+    g.prune()
+    return g.p
+
+
+def training_prompts(prompt: dict, train: str) -> list[str]:
+    """The texts feeding Self-NPO Train's positive input, in order."""
+    out: list[str] = []
+
+    def walk(link):
+        e = prompt[str(link[0])]
+        if e["class_type"] == "ConditioningCombine":
+            walk(e["inputs"]["conditioning_1"])
+            walk(e["inputs"]["conditioning_2"])
+        elif "text" in e["inputs"]:
+            out.append(e["inputs"]["text"])
+
+    walk(prompt[train]["inputs"]["positive"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return (f"{h}:" if h else "") + f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Progress:
+    """One text line per node; a live counter for nodes that report progress (\\r on a terminal, else a line
+    every 10% or 30 s)."""
+
+    def __init__(self, titles: dict[str, str], stream=sys.stdout):
+        self.titles, self.stream = titles, stream
+        self.tty = stream.isatty()
+        self.t0 = time.time()
+        self.node: str | None = None
+        self.node_t0 = self.t0
+        self.first: tuple[float, int] | None = None
+        self.last_print = 0.0
+        self.last_bucket = -1
+        self.open_line = False
+
+    def _write(self, text: str, live: bool = False) -> None:
+        if self.open_line and not live:
+            self.stream.write("\n")
+        self.stream.write(("\r" + text + "\x1b[K") if live else text + "\n")
+        self.open_line = live
+        self.stream.flush()
+
+    def executing(self, nid: str | None) -> None:
+        if nid == self.node:
+            return
+        now = time.time()
+        if self.node is not None and self.first is not None:
+            self._write(f"[{fmt_time(now - self.t0)}]   {self.titles.get(self.node, self.node)} done in "
+                        f"{fmt_time(now - self.node_t0)}")
+        self.node, self.node_t0, self.first, self.last_bucket = nid, now, None, -1
+        if nid is not None:
+            self._write(f"[{fmt_time(now - self.t0)}] {self.titles.get(nid, nid)}")
+
+    def cached(self, nodes: list) -> None:
+        if nodes:
+            names = ", ".join(self.titles.get(str(n), str(n)) for n in nodes)
+            self._write(f"[{fmt_time(time.time() - self.t0)}] cached (not run again): {names}")
+
+    def progress(self, nid: str, value: int, total: int) -> None:
+        if nid != self.node:
+            self.executing(nid)
+        now = time.time()
+        if self.first is None:
+            self.first = (now, value)
+        t_first, v_first = self.first
+        eta = ""
+        if value > v_first and total:
+            rate = (now - t_first) / (value - v_first)
+            eta = f", {rate:.2f} s/it, ETA {fmt_time(rate * (total - value))}"
+        pct = 100 * value // max(total, 1)
+        line = f"    {self.titles.get(nid, nid)}: {value}/{total} ({pct}%){eta}"
+        if self.tty:
+            self._write(line, live=True)
+        elif pct // 10 != self.last_bucket or now - self.last_print > 30 or value == total:
+            self._write(line)
+            self.last_print, self.last_bucket = now, pct // 10
+
+    def done(self) -> None:
+        self.executing(None)
+        self._write(f"[{fmt_time(time.time() - self.t0)}] finished")
+
+
+async def _run_ws(kit, url: str, prompt: dict, progress: Progress, server) -> str:
+    import aiohttp
+
+    client_id = uuid.uuid4().hex
+    ws_url = url.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}"
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(ws_url, heartbeat=30, max_msg_size=0) as ws:
+            pid = kit.queue_prompt(url, prompt, client_id=client_id)
+            while True:
+                try:
+                    msg = await ws.receive(timeout=5)
+                except asyncio.TimeoutError:
+                    if not server.alive():
+                        raise RuntimeError("the ComfyUI server stopped") from None
+                    continue
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    continue  # latent previews
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    return pid  # the socket closed: wait_history() below takes over
+                data = json.loads(msg.data)
+                kind, body = data.get("type"), data.get("data") or {}
+                if body.get("prompt_id") not in (None, pid):
+                    continue
+                if kind == "executing":
+                    if body.get("node") is None and body.get("prompt_id") == pid:
+                        return pid
+                    progress.executing(str(body["node"]) if body.get("node") is not None else None)
+                elif kind == "execution_cached":
+                    progress.cached(body.get("nodes") or [])
+                elif kind == "progress" and body.get("node") is not None:
+                    progress.progress(str(body["node"]), int(body.get("value", 0)), int(body.get("max", 0)))
+                elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+                    return pid
+
+
+def run_prompt(kit, server, prompt: dict, titles: dict[str, str]) -> dict:
+    """Queue the prompt, show progress from the websocket, return its /history entry."""
+    progress = Progress(titles)
+    try:
+        pid = asyncio.run(_run_ws(kit, server.url, prompt, progress, server))
+    except ImportError:  # no aiohttp: poll /history without progress
+        pid = kit.queue_prompt(server.url, prompt)
+        print("(no aiohttp: polling /history, no progress display)")
+    entry = kit.wait_history(server.url, pid, timeout=10 ** 7, server=server)
+    progress.done()
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+def collect(entry: dict, prompt: dict, base: Path, out: Path) -> dict[str, Path]:
+    results: dict[str, Path] = {}
+    outputs = entry.get("outputs") or {}
+    for nid, node_out in outputs.items():
+        cls = prompt.get(nid, {}).get("class_type")
+        texts = node_out.get("text") or []
+        if cls == "NPOSaveOffset" and texts:
+            first = texts[0].splitlines()[0]  # "saved models/npo/<name>"
+            rel = first.split("models/npo/", 1)[1].strip()
+            src = base / "models" / "npo" / rel
+            results["offset"] = shutil.copy2(src, out / "self_npo_offset.safetensors")
+            results["offset_name"] = Path(rel)
+        if cls == "SelfNPOTrain" and texts:
+            (out / "training.txt").write_text("\n".join(texts) + "\n")
+            results["training.txt"] = out / "training.txt"
+        for i, rec in enumerate(node_out.get("images") or []):
+            folder = {"output": "output", "temp": "temp", "input": "input"}[rec.get("type", "output")]
+            src = base / folder / rec.get("subfolder", "") / rec["filename"]
+            if cls == "SaveImage":
+                name = prompt[nid]["inputs"].get("filename_prefix", f"image_{nid}")
+            else:
+                name = "loss_curve" if cls == "PreviewImage" else f"preview_{nid}"
+            name += f"_{i + 1}" if i else ""
+            results[name] = shutil.copy2(src, out / f"{name}{src.suffix}")
+    return results
+
+
+def comparison_image(off: Path, on: Path, dest: Path) -> Path | None:
+    """off | on side by side with a caption (PIL's built-in font)."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return None
+    a, b = Image.open(off).convert("RGB"), Image.open(on).convert("RGB")
+    scale = max(1, 256 // max(a.width, 1))  # tiny images (the smoke test's 64x64): enlarged, pixels kept sharp
+    if scale > 1:
+        a, b = (im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (a, b))
+    gap, cap = 8, 18
+    im = Image.new("RGB", (a.width + b.width + gap, max(a.height, b.height) + cap), "white")
+    im.paste(a, (0, cap))
+    im.paste(b, (a.width + gap, cap))
+    draw = ImageDraw.Draw(im)
+    draw.text((4, 3), "Self-NPO off", fill="black")
+    draw.text((a.width + gap + 4, 3), "Self-NPO on", fill="black")
+    im.save(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Train a Self-NPO offset for a checkpoint (headless ComfyUI) and compare same-seed images "
+                    "with and without it. Unset knobs keep the example workflow's values (500 LoRA steps, "
+                    "512x512, ...), or quick smoke-test values for the built-in tiny checkpoint.",
+        epilog="SDXL: --sdxl (1024x1024, teacher_guidance -5, zeroed negative, cfg 5), as the authors.")
+    ap.add_argument("--checkpoint", help="your checkpoint file (.safetensors); default: a tiny random SD1.5 "
+                                         "generated on the spot (smoke test, images are noise)")
+    ap.add_argument("--out", type=Path, help="output folder (default: ./self_npo_demo_output/<date-time>)")
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else ~/comfy/ComfyUI)")
+    t = ap.add_argument_group("training (Self-NPO Train)")
+    t.add_argument("--steps", type=int, help="optimizer steps (workflow: 500; the authors: 1000)")
+    t.add_argument("--batch-size", type=int, help="samples per step (workflow: 4)")
+    t.add_argument("--prompt", action="append", help="a training prompt; repeat for several (replaces the "
+                                                     "workflow's three)")
+    t.add_argument("--pool-size", type=int, help="start latents sampled from the model first (workflow: 16)")
+    t.add_argument("--pool-steps", type=int, help="sampling steps per pool latent (workflow: 20)")
+    t.add_argument("--size", type=int, help="image size (pool and comparison), a multiple of 8 (workflow: 512)")
+    t.add_argument("--mode", choices=["lora", "full"], help="lora (workflow) or full (all UNet weights)")
+    t.add_argument("--rank", type=int, help="LoRA rank (workflow: 16)")
+    t.add_argument("--learning-rate", type=float, help="0 = auto (lora: 1e-4 SD1.5, 2e-5 SDXL)")
+    t.add_argument("--teacher-guidance", type=float, help="workflow: -1 (SD1.5); the authors used -5 for SDXL")
+    t.add_argument("--seed", type=int, help="training seed (workflow: 0)")
+    t.add_argument("--save-every", type=int, default=0,
+                   help="resumable checkpoints every N steps (default 0: the temporary folder is deleted anyway)")
+    s = ap.add_argument_group("comparison (two KSamplers, same seed)")
+    s.add_argument("--test-prompt", help="the prompt of the comparison images")
+    s.add_argument("--sample-steps", type=int, help="KSampler steps (workflow: 25)")
+    s.add_argument("--cfg", type=float, help="CFG scale (workflow: 7.5; NPO does nothing at 1)")
+    s.add_argument("--sample-seed", type=int, help="KSampler seed (workflow: 42)")
+    s.add_argument("--strength", type=float, help="Apply NPO strength (workflow: 1.0)")
+    s.add_argument("--sdxl", action="store_true", help="SDXL settings: 1024x1024, teacher_guidance -5, zeroed "
+                                                       "negative (ConditioningZeroOut), cfg 5")
+    r = ap.add_argument_group("server")
+    r.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu even when a GPU is available")
+    r.add_argument("--threads", help="OMP/MKL threads for the server (CPU runs); default: torch's choice, 1 for "
+                                     "the tiny checkpoint")
+    r.add_argument("--port", type=int, help="server port on 127.0.0.1 (default: a free one)")
+    r.add_argument("--keep-base", action="store_true", help="keep the temporary ComfyUI base folder")
+    o = ap.parse_args(argv)
+    o.zero_negative = False
+    if o.sdxl:
+        o.size = o.size or 1024
+        o.teacher_guidance = -5.0 if o.teacher_guidance is None else o.teacher_guidance
+        o.cfg = 5.0 if o.cfg is None else o.cfg
+        o.zero_negative = True
+    if o.size is not None and (o.size < 64 or o.size % 8):
+        ap.error("--size must be a multiple of 8, at least 64")
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    o = parse_args(argv)
+    comfy = find_comfyui(o.comfyui)
+    if comfy is None:
+        print(INSTALL_HELP, file=sys.stderr)
+        return 2
+    missing = missing_modules()
+    if missing:
+        print(f"This Python ({sys.executable}) lacks ComfyUI's requirements ({', '.join(missing)}). Run the demo "
+              f"with the Python ComfyUI runs with, e.g.\n\n    {VENV_PYTHON} scripts/run_demo.py ...\n\n"
+              f"(bash scripts/test.sh creates that venv), or pip install -r {comfy / 'requirements.txt'}.",
+              file=sys.stderr)
+        return 2
+    ckpt: Path | None = None
+    if o.checkpoint:
+        ckpt = Path(o.checkpoint).expanduser()
+        if not ckpt.is_file() and (comfy / "models" / "checkpoints" / o.checkpoint).is_file():
+            ckpt = comfy / "models" / "checkpoints" / o.checkpoint
+        if not ckpt.is_file():
+            print(f"error: checkpoint {o.checkpoint} not found", file=sys.stderr)
+            return 2
+        if not ckpt.name.lower().endswith(CHECKPOINT_EXTS):
+            print(f"error: {ckpt.name}: ComfyUI lists only {', '.join(CHECKPOINT_EXTS)} files", file=sys.stderr)
+            return 2
+        ckpt = ckpt.resolve()
+    else:
+        for k, v in TINY_DEFAULTS.items():
+            if getattr(o, k) is None:
+                setattr(o, k, v)
+
+    kit = load_kit()
+    out = (o.out or Path("self_npo_demo_output") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    accel = None if o.cpu else has_accelerator()
+    base = Path(tempfile.mkdtemp(prefix="self-npo-demo-"))
+    t_start = time.time()
+    server = None
+    try:
+        # base directory: this pack + the checkpoint
+        (base / "custom_nodes").mkdir()
+        (base / "custom_nodes" / kit.PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+        (base / "models" / "checkpoints").mkdir(parents=True)
+        for d in ("input", "output", "temp", "user/default"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            print("No --checkpoint: using the built-in tiny random SD1.5 checkpoint (a smoke test of the whole "
+                  "pipeline; its images are noise).")
+            assets = kit.ensure_assets(comfy, sys.executable)
+            ckpt = assets / kit.TINY_CKPT
+        (base / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt)
+
+        # The tiny model's ops are small: on a CPU one thread is fastest (several spin against each other on a
+        # busy machine; measured 10x slower). A real checkpoint gets torch's default unless --threads.
+        threads = o.threads or ("1" if accel is None and not o.checkpoint else None)
+        print(f"ComfyUI: {comfy}  ({accel or 'CPU'}{', --cpu' if not accel else ''}"
+              f"{f', {threads} thread(s)' if threads and not accel else ''})")
+        server = kit.ComfyServer(comfy, sys.executable, base, base / "comfyui.log", port=o.port, cpu=accel is None,
+                                 threads=threads)
+        t0 = time.time()
+        server.start(timeout=300)
+        print(f"server up at {server.url} in {time.time() - t0:.0f} s (log: {server.log_path})")
+
+        object_info = kit.get_json(server.url + "/object_info", timeout=120)
+        if "SelfNPOTrain" not in object_info:
+            print("error: the pack's nodes did not load in ComfyUI:\n" + server.log_tail(60), file=sys.stderr)
+            return 1
+        workflow = json.loads(WORKFLOW.read_text())
+        prompt = customize(kit.ui_to_api(workflow, object_info), object_info, ckpt.name, o)
+        problems = kit.validate_against_object_info(prompt, object_info)
+        if problems:
+            print("error: the prompt does not validate:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 2
+        (out / "prompt_api.json").write_text(json.dumps(prompt, indent=1))
+
+        train = next(nid for nid, e in prompt.items() if e["class_type"] == "SelfNPOTrain")
+        ti = prompt[train]["inputs"]
+        ks = next(e["inputs"] for e in prompt.values() if e["class_type"] == "KSampler")
+        print(f"checkpoint: {ckpt.name}\n"
+              f"training:   {ti['mode']}, {ti['steps']} steps x batch {ti['batch_size']}, pool {ti['pool_size']} "
+              f"latents at {ti['width']}x{ti['height']} ({ti['pool_steps']} steps each), seed {ti['seed']}\n"
+              f"prompts:    " + "\n            ".join(training_prompts(prompt, train)) + "\n"
+              f"comparison: {ks['steps']} steps, cfg {ks['cfg']}, seed {ks['seed']}")
+        if accel is None and o.checkpoint:
+            print("note: running on the CPU; with a full-size checkpoint this takes hours.")
+
+        entry = run_prompt(kit, server, prompt, {nid: e.get("_meta", {}).get("title") or e["class_type"]
+                                                 for nid, e in prompt.items()})
+        status = (entry.get("status") or {}).get("status_str")
+        if status != "success":
+            err = kit.execution_error(entry) or entry.get("status")
+            msg = err.get("exception_message", err) if isinstance(err, dict) else err
+            node = err.get("node_type", "?") if isinstance(err, dict) else "?"
+            print(f"error: the workflow failed in {node}: {msg}", file=sys.stderr)
+            return 1
+
+        results = collect(entry, prompt, base, out)
+        if "self_npo_on" in results and "self_npo_off" in results:
+            results["comparison"] = comparison_image(results["self_npo_off"], results["self_npo_on"],
+                                                     out / "comparison.png")
+        summary = (out / "training.txt").read_text().strip() if (out / "training.txt").is_file() else ""
+        print(f"\n{summary}\ntotal time {fmt_time(time.time() - t_start)}\n\nresults in {out}:")
+        for key in ("offset", "self_npo_on", "self_npo_off", "comparison", "loss_curve"):
+            if results.get(key):
+                print(f"  {results[key].name}")
+        missing_out = [k for k in ("offset", "self_npo_on", "self_npo_off", "loss_curve") if k not in results]
+        if missing_out:
+            print(f"error: missing results: {missing_out}", file=sys.stderr)
+            return 1
+        print(f"\nUse the offset in ComfyUI: copy {results['offset'].name} to ComfyUI/models/npo/ and pick it in "
+              "Load NPO Offset -> Apply NPO.")
+        return 0
+    except KeyboardInterrupt:
+        if server is not None and server.alive():
+            kit.post_json(server.url + "/interrupt", {})
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear message plus the server's log, not only a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        if server is not None:
+            print(server.log_tail(40), file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+            if server.log_path.is_file():
+                shutil.copy2(server.log_path, out / "comfyui.log")
+        if o.keep_base:
+            print(f"ComfyUI base folder kept: {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
