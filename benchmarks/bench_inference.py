@@ -500,9 +500,10 @@ def main(argv=None) -> None:
                 r.pop("out")
                 r["steps"] = args.steps
                 r["repeat"] = rep
+                r["loadavg_1min"] = os.getloadavg()[0]  # this process alone adds about one per torch thread
                 timing[v].append(r)
                 print(f"  repeat {rep} {v:10s} steps {[round(s, 2) for s in r['step_wall_s']]} "
-                      f"total {r['total_s']:.1f} s", flush=True)
+                      f"total {r['total_s']:.1f} s (load {r['loadavg_1min']:.1f})", flush=True)
 
         # where NPOApply's time goes: share of each step spent inside its per-layer hooks (same run)
         shares: dict = {}
