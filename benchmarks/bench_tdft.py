@@ -17,6 +17,7 @@ Memory: ``--memory`` runs one child process per mode (lora, full) that builds th
 peak-RSS counter (``/proc/self/clear_refs`` ← 5) and trains 2 steps; the peak is ``VmHWM``.
 
     python benchmarks/bench_tdft.py [--latent 8] [--batch 2] [--steps 3] [--repeats 3] [--mode lora] [--memory]
+    python benchmarks/bench_tdft.py --memory-only      # lora vs full peak RSS alone (full mode needs ~20 GB)
 """
 
 from __future__ import annotations
@@ -213,15 +214,35 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS of lora vs full (child processes)")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS comparison (implies --memory)")
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    a.memory = a.memory or a.memory_only
     if a.child:
         print(json.dumps(peak_rss_child(a.child, a.latent, a.batch)))
         return
+    mem = {}
+    if a.memory:  # first, while this process holds no model (full mode needs ~20 GB of the 24 here)
+        for mode in ("lora", "full"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--latent", str(a.latent), "--batch", str(a.batch)],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode != 0:
+                mem[mode] = f"failed (exit {out.returncode}): {out.stderr.strip()[-300:]}"
+            else:
+                mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            print(f"peak RSS {mode}: {mem[mode]}", flush=True)
     setup()
     import torch
 
+    if a.memory_only:
+        print(json.dumps({"peak_rss_mb": mem}, indent=2))
+        if a.json:
+            a.json.write_text(json.dumps({"config": vars(a) | {"json": str(a.json)}, "peak_rss_mb": mem}, indent=2))
+        return
     bench = Bench(a.mode, a.latent, a.batch)
     results: dict[str, list[float]] = {"ours": [], "floor": [], "authors": []}
     order = list(results)
@@ -238,17 +259,9 @@ def main() -> None:
         "samples": {k: len(v) for k, v in results.items()},
     }
     if a.memory:
-        mem = {}
-        for mode in ("lora", "full"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--latent", str(a.latent), "--batch", str(a.batch)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         report["peak_rss_mb"] = mem
-        report["full_over_lora_memory"] = mem["full"] / mem["lora"]
+        if all(isinstance(v, float) for v in mem.values()):
+            report["full_over_lora_memory"] = mem["full"] / mem["lora"]
     print(
         f"\nSelf-NPO TDFT step, SD1.5 UNet (860M params, random weights), CPU fp32, latent {a.latent}², "
         f"batch {a.batch}, mode {a.mode}, w = −1, K = 5"
@@ -261,9 +274,9 @@ def main() -> None:
         f"| authors' schedule (12 teacher passes) | {med['authors']:.3f} | authors/ours = "
         f"{report['authors_over_ours']:.3f} |"
     )
-    if a.memory:
+    if "full_over_lora_memory" in report:
         print(
-            f"\npeak RSS: lora {report['peak_rss_mb']['lora']:.0f} MB, full {report['peak_rss_mb']['full']:.0f} MB "
+            f"\npeak RSS: lora {mem['lora']:.0f} MB, full {mem['full']:.0f} MB "
             f"(full/lora = {report['full_over_lora_memory']:.2f})"
         )
     if a.json:

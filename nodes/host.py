@@ -7,6 +7,7 @@ the UNet (``input_blocks.1.1...weight``); ComfyUI's own keys carry ``diffusion_m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -50,11 +51,50 @@ def offset_file_list() -> list[str]:
     return names
 
 
+def check_relative_name(name: str, input_name: str) -> None:
+    """Refuse names that could leave their folder: absolute paths, drive letters, '..' parts."""
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise NPOError(
+            f"{input_name}: '{name}' must be a file name inside its folder (no '..', no absolute path); "
+            "put the file into the folder instead."
+        )
+
+
+def comfy_folders() -> list[str]:
+    """Real paths of every folder ComfyUI keeps models and outputs in (extra_model_paths.yaml included)."""
+    found = {folder_paths.models_dir, folder_paths.get_output_directory(), folder_paths.get_input_directory()}
+    found.add(folder_paths.get_temp_directory())
+    for kind, entry in folder_paths.folder_names_and_paths.items():
+        if kind != "custom_nodes":  # code, not models
+            found.update(entry[0])
+    return sorted({os.path.realpath(f) for f in found})
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath((path, folder)) == folder
+    except ValueError:  # other drive (Windows)
+        return False
+
+
+def check_inside_comfy_folders(path: str, input_name: str, name: str) -> None:
+    """A file reached through a symlink must still lie inside one of ComfyUI's folders."""
+    real = os.path.realpath(path)
+    if not any(_inside(real, f) for f in comfy_folders()):
+        raise NPOError(
+            f"{input_name}: '{name}' links to {real}, outside ComfyUI's model and output folders; refused. "
+            "Move the file into models/npo, or add its folder to extra_model_paths.yaml."
+        )
+
+
 def offset_file_path(name: str) -> str:
     register_npo_folder()
+    check_relative_name(name, "offset_name")
     for folder in (NPO_FOLDER, "loras"):
         path = folder_paths.get_full_path(folder, name)
         if path:
+            check_inside_comfy_folders(path, "offset_name", name)
             return path
     raise NPOError(
         f"offset_name: '{name}' is in neither models/npo nor models/loras. Put the file there and "
@@ -577,6 +617,35 @@ def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_p
             f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name."
         )
     return folder, filename, counter
+
+
+_OOM_TYPES = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA/ROCm raise OutOfMemoryError; the CPU and MPS allocators raise a RuntimeError saying so."""
+    return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and any(w in str(e) for w in _OOM_WORDS))
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(what: str, remedies: str):
+    """Turn an out-of-memory error inside the block into an NPOError naming the knobs that lower memory.
+
+    The original exception (whose traceback pins the frames holding the big tensors) is dropped
+    before ComfyUI's cache is emptied, so the memory is really given back."""
+    try:
+        yield
+    except (RuntimeError, *_OOM_TYPES) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    else:
+        return
+    import comfy.model_management
+
+    comfy.model_management.soft_empty_cache()
+    raise NPOError(f"out of memory during {what} ({first}). {remedies}")
 
 
 def progress_bar(total: int):

@@ -27,6 +27,11 @@ NONE = "none"
 # lora: not from the paper (the authors train all weights); a starting point, see README "Tuning".
 AUTO_LR = {("full", "SDXL"): 1e-7, ("full", "other"): 1e-6, ("lora", "SDXL"): 2e-5, ("lora", "other"): 1e-4}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAIN_OOM_REMEDIES = (
+    "Lower batch_size or the resolution (width/height, or smaller latents), turn on gradient_checkpointing, "
+    "use mode lora or a lower rank; resume_from the last checkpoint keeps the steps already done."
+)
+POOL_OOM_REMEDIES = "Lower width/height, or connect latents (e.g. VAE Encode of your images) instead of the pool."
 
 
 def checkpoint_files() -> list[str]:
@@ -327,8 +332,11 @@ class SelfNPOTrain(io.ComfyNode):
         signature = _signature(arch, mode, rank, lora_layers, host.param_shapes(model))
         resume_path = None
         if resume_from and resume_from != NONE:
+            host.check_relative_name(resume_from, "resume_from")
             resume_path = os.path.join(host.output_dir(), CHECKPOINT_SUBDIR, resume_from)
-            if not os.path.isfile(resume_path):
+            if os.path.isfile(resume_path):
+                host.check_inside_comfy_folders(resume_path, "resume_from", resume_from)
+            else:
                 raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
             try:  # checked before any sampling: a wrong file or a too-small `steps` fails at once
                 done = int(load_checkpoint(resume_path, signature)["step"])
@@ -339,33 +347,34 @@ class SelfNPOTrain(io.ComfyNode):
                     f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
                 )
 
+        prefix_folder, prefix_name, counter = host.save_path(  # checked before any sampling, like the rest
+            os.path.join(host.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
+        )
         pos_entries = host.conditioning_entries(positive, "positive")
         neg_entries = host.conditioning_entries(negative, "negative")
         mp = model.clone()
         pbar = host.progress_bar(steps + (0 if latents is not None else pool_size))
         device = host.load_for_training(mp)
         if latents is None:
-            samples, prompt_of = host.sample_pool(
-                mp,
-                pos_entries,
-                neg_entries[:1],
-                pool_size,
-                width,
-                height,
-                pool_steps,
-                pool_cfg,
-                seed,
-                lambda i: (pbar.update(1), host.throw_if_interrupted()),
-            )
+            with host.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
+                samples, prompt_of = host.sample_pool(
+                    mp,
+                    pos_entries,
+                    neg_entries[:1],
+                    pool_size,
+                    width,
+                    height,
+                    pool_steps,
+                    pool_cfg,
+                    seed,
+                    lambda i: (pbar.update(1), host.throw_if_interrupted()),
+                )
             device = host.load_for_training(mp)
         else:
             prompt_of = None
         shape = (1, channels, samples.shape[2], samples.shape[3])
         schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
-        prefix_folder, prefix_name, counter = host.save_path(
-            os.path.join(host.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
-        )
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
         if resume_path is None:
             _check_free_name(ckpt_path)
@@ -395,25 +404,20 @@ class SelfNPOTrain(io.ComfyNode):
                 else:
                     params = session.full_params(DTYPES[training_dtype])
                 try:
-                    result = train(
-                        denoiser,
-                        schedule,
-                        params,
-                        data,
-                        cfg,
-                        callbacks,
-                        _path(ckpt_path) if save_every > 0 else None,
-                        resume_path,
-                        signature,
-                    )
+                    with host.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
+                        result = train(
+                            denoiser,
+                            schedule,
+                            params,
+                            data,
+                            cfg,
+                            callbacks,
+                            _path(ckpt_path) if save_every > 0 else None,
+                            resume_path,
+                            signature,
+                        )
                 except TrainingError as e:
                     raise NPOError(str(e)) from None
-                except torch.OutOfMemoryError as e:
-                    raise NPOError(
-                        f"out of memory during Self-NPO training ({str(e).splitlines()[0]}). Lower "
-                        "batch_size or the resolution, turn on gradient_checkpointing, use mode lora or a "
-                        "lower rank."
-                    ) from None
                 finally:
                     if lset is not None:
                         lset.detach()
@@ -469,7 +473,7 @@ def _path(p: str):
 
 
 def _check_free_name(path: str) -> None:
-    if os.path.exists(path):
+    if os.path.lexists(path):  # a dangling symlink counts as taken too
         raise NPOError(f"filename_prefix: '{os.path.basename(path)}' exists already; choose another prefix.")
 
 

@@ -109,6 +109,10 @@ def load_checkpoint(path: str | os.PathLike, signature: str) -> dict:
     return state
 
 
+def _last(ckpt: Path | None) -> str:
+    return f"; the last good checkpoint, {ckpt.name}, is kept" if ckpt else "; no checkpoint was written yet"
+
+
 def train(
     denoiser: Denoiser,
     schedule: DiscreteSchedule,
@@ -148,7 +152,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         losses = [float(v) for v in state["losses"].tolist()]
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = Path(resume_from) if resume_from else None
     stopped = False
     step = start
     for step in range(start, cfg.steps):
@@ -164,15 +168,18 @@ def train(
         loss, _ = student_loss(denoiser, schedule, roll, c_student, cfg.tdft, gen)
         value = float(loss.detach())
         if not math.isfinite(value):
-            where = f"; the last good checkpoint is {last_ckpt.name}" if last_ckpt else ""
             raise TrainingError(
-                f"the loss became {value} at step {step + 1}{where}. Lower learning_rate, use "
+                f"the loss became {value} at step {step + 1}{_last(last_ckpt)}. Lower learning_rate, use "
                 "training_dtype fp32, or resume from the last checkpoint."
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(norm)):  # checked before the update: weights and checkpoint stay good
+            raise TrainingError(
+                f"the gradients became {float(norm)} at step {step + 1} (loss {value:.4g}){_last(last_ckpt)}. "
+                "Lower learning_rate, use training_dtype fp32, or resume from the last checkpoint."
+            )
         opt.step()
         ema.update()
         losses.append(value)

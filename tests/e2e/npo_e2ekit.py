@@ -102,7 +102,11 @@ def prepare_base_directory(base: Path, assets: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         for name in names:
             dst = d / name
-            if not dst.exists():
+            if dst.exists():
+                continue
+            if folder == "npo":  # the pack refuses offsets that are symlinks to outside ComfyUI's folders
+                shutil.copyfile(assets / name, dst)
+            else:
                 dst.symlink_to(assets / name)
     for d in ("input", "output", "temp", "user/default"):
         (base / d).mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,10 @@ def test_example_loads_in_the_frontend(browser, object_info, name):
         write_thumbnail(browser, name)
 
 
+@pytest.mark.fault(
+    "a workflow with a node type the pack does not have, in the real frontend",
+    "the frontend's missing-nodes dialog names it",
+)
 def test_frontend_reports_a_missing_node(browser):
     """The checks above are not vacuous: an unknown node type opens the missing-nodes dialog."""
     wf = kit.load_example("npo_guider_advanced")

@@ -95,6 +95,17 @@ def npo_dir(tmp_path, monkeypatch):
     return d
 
 
+@pytest.fixture()
+def out_dir(tmp_path, monkeypatch):
+    """A private ComfyUI output folder (training checkpoints go to its npo_training/)."""
+    import folder_paths
+
+    d = tmp_path / "output"
+    d.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(d))
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """Factory for tiny models: ``tiny("sd15" | "sdxl" | "sdxl_v", seed=0)`` → fresh ModelPatcher,

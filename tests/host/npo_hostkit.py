@@ -452,3 +452,36 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, atol: float = 1e
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-NPO Train through the node
+# ---------------------------------------------------------------------------------------------
+def self_npo_train(model, pos, neg, **kw):
+    """SelfNPOTrain.execute with small test settings (3 lora steps, batch 2, pool of 2 at 64 px); ``kw`` overrides."""
+    from comfyui_npo.nodes.train import SelfNPOTrain
+
+    args = dict(
+        steps=3,
+        batch_size=2,
+        learning_rate=0.0,
+        mode="lora",
+        rank=4,
+        truncation_steps=5,
+        teacher_guidance=-1.0,
+        ema_decay=0.999,
+        loss="pseudo_huber",
+        seed=0,
+        gradient_checkpointing=True,
+        training_dtype="fp32",
+        save_every=0,
+        filename_prefix="t",
+        pool_size=2,
+        width=64,
+        height=64,
+        pool_steps=2,
+        pool_cfg=5.0,
+    )
+    args.update(kw)
+    with torch.inference_mode():
+        return SelfNPOTrain.execute(model=model, positive=pos, negative=neg, **args)

@@ -27,6 +27,10 @@ def _apply(model, offset, **kw):
     "offset_kind,model_kind,want",
     [("sdxl_full", "sd15_full", r"SDXL.*SD15"), ("sd15_full", "sdxl_full", r"SD15.*SDXL")],
 )
+@pytest.mark.fault(
+    "an SDXL offset on an SD1.5 model and the reverse (full-size UNets)",
+    "NPOError naming both architectures and the file",
+)
 def test_offset_for_another_architecture(full_models, offset_kind, model_kind, want):
     sd, _ = kit.make_lora(offset_kind, "peft", rank=8, values="tag")
     offset = formats.parse_state_dict(sd, {}, f"{offset_kind}.safetensors")
@@ -40,6 +44,10 @@ def test_offset_for_another_architecture(full_models, offset_kind, model_kind, w
         assert f"{offset_kind}.safetensors" in str(info.value)
 
 
+@pytest.mark.fault(
+    "an offset whose keys partly miss the model (other block layout)",
+    "NPOError listing the stray keys; never applied half-way",
+)
 def test_offset_keys_that_do_not_land(tiny, load_offset):
     """Same text width, other block layout (tiny SD1.5 file on tiny SDXL, which has no attention at level 0):
     the stray keys are listed, never skipped."""
@@ -66,12 +74,17 @@ def test_offset_keys_that_do_not_land(tiny, load_offset):
         ),
     ],
 )
+@pytest.mark.fault("unknown key names or unsupported LoRA kinds (LoHa) in a file", "NPOError naming the file")
 def test_unknown_key_format(load_offset, sd, want):
     with pytest.raises(NPOError, match=want) as info:
         load_offset(sd, "weird.safetensors")
     assert "weird.safetensors" in str(info.value)
 
 
+@pytest.mark.fault(
+    "a NaN inside an otherwise valid offset file, through Load NPO Offset",
+    "NPOError naming the file and the tensor",
+)
 def test_nan_tensor_file(load_offset):
     sd, _ = kit.make_lora("sd15", "peft", rank=4)
     key = sorted(sd)[3]
@@ -82,6 +95,10 @@ def test_nan_tensor_file(load_offset):
     assert key in str(info.value) and "broken.safetensors" in str(info.value)
 
 
+@pytest.mark.fault(
+    "a corrupt file in models/npo, a file name that is not there",
+    "NPOError naming offset_name or the file",
+)
 def test_corrupt_and_missing_files(npo_dir, load_offset):
     from comfyui_npo.nodes.offsets import NPOLoadOffset
 
@@ -92,6 +109,7 @@ def test_corrupt_and_missing_files(npo_dir, load_offset):
         NPOLoadOffset.execute(offset_name="not_there.safetensors")
 
 
+@pytest.mark.fault("strength below 0, above 4, or NaN", "NPOError naming strength, in all three nodes")
 @pytest.mark.parametrize("strength", [-0.5, 4.5, float("nan")])
 def test_strength_out_of_range(tiny, load_offset, strength):
     model = tiny("sd15")
@@ -109,6 +127,11 @@ def test_strength_out_of_range(tiny, load_offset, strength):
             call()
 
 
+@pytest.mark.fault(
+    "start_percent > end_percent, end_percent > 1, merge_weight without base_model or out of range, "
+    "a base of another architecture",
+    "NPOError naming the input",
+)
 def test_other_knobs_out_of_range(tiny, load_offset):
     model = tiny("sd15")
     offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0])
@@ -155,6 +178,10 @@ def _tiny_flux_on_meta():
         return kit.patcher(cfg.get_model({}))
 
 
+@pytest.mark.fault(
+    "a Flux (non-UNet) model given to Apply NPO, NPO Negative Model or the guider",
+    "NPOError: not a UNet model",
+)
 def test_not_a_unet_model(load_offset, tiny):
     flux = _tiny_flux_on_meta()
     offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0])

@@ -114,6 +114,10 @@ def test_independent_negative_model(tiny, kind, with_patches):
     assert kit.close(basic, kit.ksample(base, pos, neg, 1.0, batch), 1e-6, 1e-6)
 
 
+@pytest.mark.fault(
+    "NPO CFG Guider with neither or both of npo_offset and negative_model",
+    "NPOError saying exactly one is needed",
+)
 def test_exactly_one_of_offset_or_negative_model(tiny, load_offset):
     """(d)"""
     base = tiny("sd15")
@@ -125,6 +129,7 @@ def test_exactly_one_of_offset_or_negative_model(tiny, load_offset):
         _guider(model=base, positive=pos, negative=neg, cfg=CFG, npo_offset=offset, negative_model=base.clone())
 
 
+@pytest.mark.fault("a negative_model of another architecture than model", "NPOError naming both architectures")
 def test_negative_model_of_another_architecture(tiny):
     with pytest.raises(NPOError, match="SDXL.*SD15|SD15.*SDXL"):
         _guider(

@@ -124,6 +124,7 @@ def test_full_state_dict_becomes_full_weights(prefix, names):
     assert set(res.entries) == set(TARGETS) and all(isinstance(e, FullWeight) for e in res.entries.values())
 
 
+@pytest.mark.fault("offset keys that match no layer of the model", "NPOError listing the keys; nothing is half-applied")
 def test_unmatched_keys_are_an_error_listing_them():
     u, d = lora(8, 8)
     sd = {
@@ -136,6 +137,7 @@ def test_unmatched_keys_are_an_error_listing_them():
         resolve(formats.parse_state_dict(sd, {}, "x.safetensors"))
 
 
+@pytest.mark.fault("an SDXL offset on an SD1.5 model", "NPOError naming both architectures")
 def test_sdxl_offset_on_sd15_model_names_both_architectures():
     u, d = lora(8, 2048)
     sd = {f"unet.{DIFF_K}.lora.up.weight": u, f"unet.{DIFF_K}.lora.down.weight": d}
@@ -145,6 +147,7 @@ def test_sdxl_offset_on_sd15_model_names_both_architectures():
         resolve(off)
 
 
+@pytest.mark.fault("offset tensors whose shapes do not fit the layers", "NPOError naming the shapes")
 def test_shape_mismatch_is_an_error():
     u, d = lora(16, 8)
     sd = {f"unet.{DIFF_Q}.lora.up.weight": u, f"unet.{DIFF_Q}.lora.down.weight": d}
@@ -190,6 +193,10 @@ def test_shape_mismatch_is_an_error():
         ),
     ],
 )
+@pytest.mark.fault(
+    "state dicts with no tensors, unknown keys, half a LoRA pair, mismatched ranks, LoHa, text-encoder-only keys",
+    "NPOError naming the file and the problem",
+)
 def test_bad_state_dicts_are_refused_with_the_file_name(sd, match):
     with pytest.raises(NPOError, match=match) as err:
         formats.parse_state_dict(sd, {}, "bad.safetensors")
@@ -208,6 +215,10 @@ def test_text_encoder_keys_are_ignored_and_reported():
     assert len(off.ignored) == 2 and len(off.entries) == 1
 
 
+@pytest.mark.fault(
+    "a truncated, empty, missing or unknown-type (.gguf) offset file",
+    "NPOError naming the file and what is wrong",
+)
 def test_files_truncated_empty_unknown_and_pickles(tmp_path):
     good = tmp_path / "good.safetensors"
     save_file(
@@ -272,6 +283,10 @@ def test_save_roundtrip_in_comfy_keys_atomically(tmp_path):
     assert torch.allclose(e.delta(), LowRank(u, d, 1.5).delta())
 
 
+@pytest.mark.fault(
+    "the disk fails while an offset file is written",
+    "the old file is untouched; no temporary file is left",
+)
 def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
     path = tmp_path / "o.safetensors"
     path.write_bytes(b"old")

@@ -37,6 +37,10 @@ def expect_npo_error(tmp_path, data: bytes, name: str = "fuzz.safetensors") -> N
 SETTINGS = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.fault(
+    "any single byte of a valid offset file changed (hypothesis, 150 cases)",
+    "NPOError naming the file, or the file still parses; never another exception or a hang",
+)
 @SETTINGS
 @given(pos=st.integers(0, len(GOOD) - 1), byte=st.integers(0, 255))
 def test_single_byte_mutations(tmp_path, pos, byte):
@@ -45,6 +49,7 @@ def test_single_byte_mutations(tmp_path, pos, byte):
     expect_npo_error(tmp_path, bytes(data))
 
 
+@pytest.mark.fault("an offset file truncated at any byte", "NPOError naming the file")
 @SETTINGS
 @given(cut=st.integers(0, len(GOOD) - 1))
 def test_truncations(tmp_path, cut):
@@ -64,6 +69,10 @@ def _with_header(header: dict, payload: bytes = b"") -> bytes:
     start=st.integers(0, 1 << 62),
     length=st.integers(0, 1 << 62),
 )
+@pytest.mark.fault(
+    "a safetensors header claiming tensors of up to 2^40 elements at offsets up to 2^62 bytes (files of many GB)",
+    "NPOError naming the file; the claimed size is never allocated",
+)
 def test_forged_headers_claiming_huge_tensors(tmp_path, dtype, shape, start, length):
     data = _with_header(
         {f"{KEY}.lora.down.weight": {"dtype": dtype, "shape": shape, "data_offsets": [start, start + length]}},
@@ -72,6 +81,10 @@ def test_forged_headers_claiming_huge_tensors(tmp_path, dtype, shape, start, len
     expect_npo_error(tmp_path, data)
 
 
+@pytest.mark.fault(
+    "a header-length field of 2^60, 0 or garbage; a file shorter than its header",
+    "NPOError naming the file",
+)
 @pytest.mark.parametrize("prefix", [struct.pack("<Q", 1 << 60), struct.pack("<Q", 0), b"\xff" * 8, b"{}", b""])
 def test_forged_header_lengths(tmp_path, prefix):
     with pytest.raises(NPOError, match="fuzz.safetensors"):
@@ -81,12 +94,17 @@ def test_forged_header_lengths(tmp_path, prefix):
 @pytest.mark.parametrize(
     "values,match", [(float("nan"), "NaN"), (float("inf"), "NaN or Inf"), (-float("inf"), "NaN or Inf")]
 )
+@pytest.mark.fault("NaN or ±Inf values in an offset tensor", "NPOError naming the file and the tensor")
 def test_non_finite_values(tmp_path, values, match):
     data = save({f"{KEY}.lora.down.weight": torch.full((2, 8), values), f"{KEY}.lora.up.weight": torch.randn(8, 2)})
     with pytest.raises(NPOError, match=match):
         load_bytes(tmp_path, data)
 
 
+@pytest.mark.fault(
+    "integer or bool tensors where weights belong (wrong dtype)",
+    "NPOError: offsets must be floating point",
+)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.uint8])
 def test_wrong_dtypes(tmp_path, dtype):
     data = save({f"{KEY}.lora.down.weight": torch.zeros(2, 8, dtype=dtype), f"{KEY}.lora.up.weight": torch.randn(8, 2)})
@@ -97,6 +115,10 @@ def test_wrong_dtypes(tmp_path, dtype):
 @pytest.mark.parametrize(
     "obj", [{"a": "not a tensor"}, [torch.zeros(2)], 42, {"state_dict": {"x": [1, 2]}}, {}, "text"]
 )
+@pytest.mark.fault(
+    "a .pt/.ckpt pickle that is not a plain tensor dict (strings, lists, numbers, nesting)",
+    "NPOError naming the file",
+)
 def test_pickles_that_are_not_plain_state_dicts(tmp_path, obj):
     p = tmp_path / "bad.pt"
     torch.save(obj, p)
@@ -104,6 +126,7 @@ def test_pickles_that_are_not_plain_state_dicts(tmp_path, obj):
         formats.load_offset(p)
 
 
+@pytest.mark.fault("a pickle whose unpickling would run code", "refused (weights_only loading); the code never runs")
 def test_pickle_with_code_is_refused_not_run(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -116,6 +139,7 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.fault("random bytes named .safetensors or .pt (hypothesis)", "NPOError naming the file")
 @SETTINGS
 @given(garbage=st.binary(min_size=0, max_size=256))
 def test_random_bytes_as_pickle_or_safetensors(tmp_path, garbage):

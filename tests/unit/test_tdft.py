@@ -1,6 +1,7 @@
 """TDFT pieces against hand computations, and a short training run on a tiny network."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -218,6 +219,11 @@ def test_short_run_lowers_the_loss(mode):
         assert off.ranks() == [4] and set(off.entries) == {"conv_in.weight", "to_q.weight", "conv_out.weight"}
 
 
+@pytest.mark.fault(
+    "cancel half-way through training, then resume from the checkpoint",
+    "stops within one step; the resumed run's loss curve and weights equal an uninterrupted run's; resuming "
+    "with fewer steps or another model is refused",
+)
 def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path):
     def run(steps, stop_at=None, resume=None, save_every=0):
         torch.manual_seed(0)
@@ -256,16 +262,119 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path)
         )
 
 
+@pytest.mark.fault("the loss becomes NaN in the first step", "training stops with an error naming the step")
 def test_nan_loss_stops_with_the_step():
     net = TinyEps()
 
     def bad(x, nu, cond):
         return denoiser_of(net)(x, nu, cond) * float("nan")
 
-    with pytest.raises(TrainingError, match="step 1"):
+    with pytest.raises(TrainingError, match="step 1; no checkpoint"):
         train(bad, SCHED, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))
 
 
+def _fault_run(tmp_path, fault_at: int | None, fault, steps=8, resume=None):
+    """TinyEps trained with save_every 2; from call ``fault_at`` on, the denoiser output goes through ``fault``."""
+    torch.manual_seed(0)
+    net = TinyEps()
+    calls = [0]
+    good = denoiser_of(net)
+
+    def den(x, nu, cond):
+        calls[0] += 1
+        out = good(x, nu, cond)
+        return fault(out) if fault_at is not None and calls[0] >= fault_at else out
+
+    cfg = TrainConfig(steps=steps, batch_size=2, learning_rate=1e-3, seed=3, save_every=2)
+    return train(den, SCHED, dict(net.named_parameters()), _data(), cfg, None, tmp_path / "ck.pt", resume, "t"), net
+
+
+def _call_of_step(tmp_path, step: int) -> int:
+    """Denoiser calls made before training step ``step`` (1-based) starts, counted on a clean run."""
+    counts = []
+    torch.manual_seed(0)
+    net = TinyEps()
+    n = [0]
+    good = denoiser_of(net)
+
+    def den(x, nu, cond):
+        n[0] += 1
+        return good(x, nu, cond)
+
+    cfg = TrainConfig(steps=step - 1, batch_size=2, learning_rate=1e-3, seed=3)
+    train(den, SCHED, dict(net.named_parameters()), _data(), cfg, Callbacks(on_step=lambda *a: counts.append(n[0])))
+    return counts[-1] + 1
+
+
+@pytest.mark.fault(
+    "the loss becomes NaN after a checkpoint was written",
+    "error names the step and the kept checkpoint; that checkpoint holds the last good state and resumes exactly",
+)
+def test_nan_loss_keeps_the_last_good_checkpoint_and_it_resumes(tmp_path):
+    clean, _ = _fault_run(tmp_path / "clean", None, None)
+    first_bad = _call_of_step(tmp_path, 6)
+    with pytest.raises(TrainingError, match=r"step 6; the last good checkpoint, ck\.pt, is kept"):
+        _fault_run(tmp_path, first_bad, lambda out: out * float("nan"))
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in state["params"].values())
+    resumed, _ = _fault_run(tmp_path, None, None, resume=tmp_path / "ck.pt")
+    np.testing.assert_allclose(resumed.losses, clean.losses, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.fault(
+    "the gradients become Inf while the loss is still finite",
+    "training stops before the update: weights and the last checkpoint stay finite",
+)
+def test_non_finite_gradients_stop_before_the_update(tmp_path):
+    first_bad = _call_of_step(tmp_path, 5)
+    inf_grad = _InfGrad.apply
+    with pytest.raises(TrainingError, match="gradients became .* at step 5"):
+        _fault_run(tmp_path, first_bad, inf_grad)
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in state["params"].values())
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), Inf gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.fault(
+    "the process dies while a training checkpoint is being written",
+    "the previous checkpoint stays whole and loadable; no temporary file is left",
+)
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from comfyui_npo.training import trainer as T
+
+    _fault_run(tmp_path, None, None, steps=4)
+    before = (tmp_path / "ck.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:  # half written, then the crash
+            fh.truncate(len(before) // 2)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(T.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _fault_run(tmp_path, None, None, steps=8, resume=tmp_path / "ck.pt")
+    monkeypatch.undo()
+    assert (tmp_path / "ck.pt").read_bytes() == before and os.listdir(tmp_path) == ["ck.pt"]
+    assert T.load_checkpoint(tmp_path / "ck.pt", "t")["step"] == 4
+
+
+@pytest.mark.fault(
+    "training ends between two save_every points",
+    "the final state is checkpointed too, so steps can be raised and training resumed",
+)
 def test_final_state_is_checkpointed_even_off_the_save_grid(tmp_path):
     net = TinyEps()
     cfg = TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, save_every=3)

@@ -1,0 +1,286 @@
+"""Hostile paths, out-of-memory and isolation faults, through the nodes in real ComfyUI.
+
+Paths: names with '..', absolute names and symlinks leading outside ComfyUI's folders are refused by
+every node that reads or writes a file; nothing is written outside the model and output folders and
+no file is overwritten. Memory: an out-of-memory error in the pool sampling or in training becomes an
+error naming the knobs that lower memory, the last checkpoint stays resumable and the model given to
+the node stays bit-identical. Isolation: two models patched with different offsets in one workflow
+each give their own, independently computed result."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import npo_hostkit as kit
+import pytest
+import torch
+
+from comfyui_npo.nodes import host
+from comfyui_npo.nodes.models import NPOApply
+from comfyui_npo.nodes.offsets import NPOLoadOffset
+from comfyui_npo.nodes.train import NPOSaveOffset
+from comfyui_npo.npo_core.errors import NPOError
+from comfyui_npo.npo_core.offset import LowRank, NPOOffset
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _offset() -> NPOOffset:
+    g = torch.Generator().manual_seed(0)
+    key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    return NPOOffset({key: LowRank(torch.randn(32, 2, generator=g), torch.randn(2, 32, generator=g), 2.0)})
+
+
+def _load(name: str):
+    with torch.inference_mode():
+        return NPOLoadOffset.execute(offset_name=name).result[0]
+
+
+def _save(prefix: str):
+    with torch.inference_mode():
+        return NPOSaveOffset.execute(npo_offset=_offset(), filename_prefix=prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.fault(
+    "Load NPO Offset given a name with '..', an absolute path or a drive letter",
+    "NPOError naming offset_name; nothing outside the folders is opened",
+)
+@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors", "ABS", "C:x.safetensors"])
+def test_loader_refuses_names_leaving_the_folder(npo_dir, tmp_path, name):
+    outside = tmp_path / "outside.safetensors"
+    _save("ok")  # a valid file, so the refusal is about the name
+    (npo_dir / "ok_00001_.safetensors").rename(outside)
+    name = str(outside) if name == "ABS" else name
+    with pytest.raises(NPOError, match="offset_name: .*no '..', no absolute path"):
+        _load(name)
+
+
+@pytest.mark.fault(
+    "an offset in models/npo that is a symlink to a file outside ComfyUI's folders",
+    "NPOError naming the file and where it points; a symlink to another model folder loads",
+)
+def test_loader_refuses_symlinks_leading_outside(npo_dir, tmp_path, monkeypatch):
+    import folder_paths
+
+    _save("real")
+    real = npo_dir / "real_00001_.safetensors"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "x.safetensors"
+    outside.write_bytes(real.read_bytes())
+    (npo_dir / "escape.safetensors").symlink_to(outside)
+    with pytest.raises(NPOError, match="offset_name: 'escape.safetensors' links to .*outside ComfyUI"):
+        _load("escape.safetensors")
+    (npo_dir / "sub").mkdir()
+    (npo_dir / "sub" / "via_dir").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(NPOError, match="outside ComfyUI"):
+        _load("sub/via_dir/x.safetensors")
+    # a symlink into another model folder (e.g. a shared loras folder) is a normal setup and loads
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "shared.safetensors").write_bytes(real.read_bytes())
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
+    (npo_dir / "shared.safetensors").symlink_to(loras / "shared.safetensors")
+    assert set(_load("shared.safetensors").entries) == set(_offset().entries)
+
+
+@pytest.mark.fault(
+    "Save NPO Offset or Self-NPO Train given a prefix with '..', an absolute path, or a subfolder symlinked outside",
+    "NPOError naming filename_prefix; nothing is written anywhere",
+)
+@pytest.mark.parametrize("prefix", ["../up", "a/../../up", "ABS", "linked/x"])
+@pytest.mark.parametrize("node", ["save", "train"])
+def test_writers_refuse_prefixes_leaving_their_folder(npo_dir, out_dir, tmp_path, tiny, prefix, node):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for d in (npo_dir, out_dir / "npo_training"):
+        d.mkdir(exist_ok=True)
+        (d / "linked").symlink_to(outside, target_is_directory=True)
+    prefix = str(outside / "x") if prefix == "ABS" else prefix
+    before = _files(tmp_path)
+    with pytest.raises(NPOError, match="filename_prefix"):
+        if node == "save":
+            _save(prefix)
+        else:
+            model = tiny("sd15")
+            kit.self_npo_train(model, *kit.make_conds("sd15"), save_every=1, filename_prefix=prefix)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.fault(
+    "Self-NPO Train given a resume_from with '..' or a checkpoint symlinked from outside the output folder",
+    "NPOError naming resume_from, before any sampling",
+)
+def test_resume_from_cannot_leave_the_output_folder(out_dir, tmp_path, tiny):
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run")
+    ckpt = out_dir / "npo_training" / "run_00001_.pt"
+    outside = tmp_path / "stolen.pt"
+    outside.write_bytes(ckpt.read_bytes())
+    (out_dir / "npo_training" / "link.pt").symlink_to(outside)
+    for name, match in (("../../stolen.pt", "no '..'"), (str(outside), "no absolute path"), ("link.pt", "outside")):
+        with pytest.raises(NPOError, match=f"resume_from: .*{match}"):
+            kit.self_npo_train(model, pos, neg, steps=2, resume_from=name)
+
+
+@pytest.mark.fault(
+    "the same filename_prefix saved twice, and training runs that reuse a prefix",
+    "nothing is overwritten: a new file with the next counter each time; earlier files keep their bytes",
+)
+def test_nothing_is_overwritten(npo_dir, out_dir, tiny):
+    _save("same")
+    first = (npo_dir / "same_00001_.safetensors").read_bytes()
+    _save("same")
+    assert sorted(os.listdir(npo_dir)) == ["same_00001_.safetensors", "same_00002_.safetensors"]
+    assert (npo_dir / "same_00001_.safetensors").read_bytes() == first
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run")
+    ck1 = (out_dir / "npo_training" / "run_00001_.pt").read_bytes()
+    kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run", seed=1)
+    assert sorted(os.listdir(out_dir / "npo_training")) == ["run_00001_.pt", "run_00002_.pt"]
+    assert (out_dir / "npo_training" / "run_00001_.pt").read_bytes() == ck1
+
+
+@pytest.mark.fault(
+    "a whole train → save run, watched for files written anywhere",
+    "files appear only in output/npo_training and models/npo; no temporary file is left",
+)
+def test_training_and_saving_write_only_into_comfy_folders(npo_dir, out_dir, tmp_path, tiny, monkeypatch):
+    import folder_paths
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = _files(tmp_path)
+    models_before = _listing(Path(folder_paths.models_dir))
+    model = tiny("sd15")
+    out = kit.self_npo_train(model, *kit.make_conds("sd15"), steps=3, save_every=2, filename_prefix="w")
+    with torch.inference_mode():
+        NPOSaveOffset.execute(npo_offset=out.result[0], filename_prefix="w")
+    new = sorted(set(_files(tmp_path)) - set(before))
+    assert new == ["npo/w_00001_.safetensors", "output/npo_training/w_00001_.pt"]
+    assert _listing(Path(folder_paths.models_dir)) == models_before  # the ComfyUI install is not written to
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# out of memory
+# ---------------------------------------------------------------------------------------------
+OOM_ERRORS = {
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+}
+
+
+def _failing_denoiser(monkeypatch, at_student_step: int, error):
+    """host.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` raises."""
+    real = host.training_denoiser
+    seen = [0]
+
+    def make(mp, dtype):
+        inner = real(mp, dtype)
+
+        def den(x, nu, cond):
+            if torch.is_grad_enabled():
+                seen[0] += 1
+                if seen[0] == at_student_step:
+                    raise error()
+            return inner(x, nu, cond)
+
+        return den
+
+    monkeypatch.setattr(host, "training_denoiser", make)
+    return seen
+
+
+@pytest.mark.fault(
+    "out of memory (CUDA or CPU allocator) in the middle of Self-NPO Train, lora and full mode",
+    "NPOError naming batch_size, resolution, gradient_checkpointing, mode and rank; the last checkpoint "
+    "resumes; the model stays bit-identical with no hook left",
+)
+@pytest.mark.parametrize("kind", list(OOM_ERRORS))
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
+    model = tiny("sd15")
+    unet = host.unet_of(model)
+    before = kit.state_hash(unet)
+    params_before = [id(p) for p in unet.parameters()]
+    pos, neg = kit.make_conds("sd15")
+    real_denoiser = host.training_denoiser
+    _failing_denoiser(monkeypatch, 3, OOM_ERRORS[kind])
+    with pytest.raises(NPOError) as info:
+        kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="oom", mode=mode)
+    msg = str(info.value)
+    assert msg.startswith("out of memory during Self-NPO training")
+    for knob in ("batch_size", "width/height", "gradient_checkpointing", "mode lora", "rank", "resume_from"):
+        assert knob in msg, f"{knob!r} missing from: {msg}"
+    assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
+    assert [id(p) for p in unet.parameters()] == params_before  # the original Parameters are back
+    assert [n for n, m in unet.named_modules() if "forward" in vars(m)] == []  # no checkpointing wrapper left
+    monkeypatch.setattr(host, "training_denoiser", real_denoiser)
+    ckpt = out_dir / "npo_training" / "oom_00001_.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, mode=mode, resume_from=ckpt.name)
+    assert out.result[2] == 4
+    assert kit.state_hash(unet) == before
+
+
+@pytest.mark.fault(
+    "out of memory while sampling the data-free start pool",
+    "NPOError naming width/height and the latents input",
+)
+def test_out_of_memory_in_the_pool(out_dir, tiny, monkeypatch):
+    def boom(*a, **k):
+        raise OOM_ERRORS["cuda"]()
+
+    monkeypatch.setattr(host, "sample_pool", boom)
+    with pytest.raises(NPOError, match="out of memory during the start-pool sampling .*width/height.*latents"):
+        kit.self_npo_train(tiny("sd15"), *kit.make_conds("sd15"))
+
+
+def test_other_runtime_errors_are_not_disguised_as_memory(out_dir, tiny, monkeypatch):
+    """The OOM translation must not swallow real bugs: any other RuntimeError passes through unchanged."""
+    _failing_denoiser(monkeypatch, 1, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        kit.self_npo_train(tiny("sd15"), *kit.make_conds("sd15"))
+
+
+# ---------------------------------------------------------------------------------------------
+# isolation between models in one workflow
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.fault(
+    "two models patched from one base with different offsets in one workflow, sampled interleaved",
+    "each equals its own two-network reference (θ + δ merged by hand); the base stays bit-identical",
+)
+def test_two_models_with_different_offsets_keep_their_own_results(tiny, load_offset):
+    kind, cfg = "sd15", 5.0
+    base = tiny(kind)
+    before = kit.state_hash(base.model)
+    sd_a, d_a = kit.make_lora(kind, "peft", rank=4, seed=21)
+    sd_b, d_b = kit.make_lora(kind, "comfy", rank=4, seed=22, alpha=2.0, extras=True)
+    off_a, off_b = load_offset(sd_a, "a.safetensors"), load_offset(sd_b, "b.safetensors")
+    pos, neg = kit.make_conds(kind)
+    refs = {
+        name: kit.ksample(
+            kit.with_reference_cfg(base, tiny.from_weights(kind, kit.merged(tiny.weights(kind), (s, d)))), pos, neg, cfg
+        )
+        for name, s, d in (("a", 1.0, d_a), ("b", 0.6, d_b))
+    }
+    assert not kit.close(refs["a"], refs["b"]), "the two offsets must give different images for this test to bite"
+    with torch.inference_mode():
+        m_a = NPOApply.execute(model=base, npo_offset=off_a, strength=1.0).result[0]
+        m_b = NPOApply.execute(model=base, npo_offset=off_b, strength=0.6).result[0]
+    for name, m in (("a", m_a), ("b", m_b), ("a", m_a), ("b", m_b)):
+        assert kit.close(kit.ksample(m, pos, neg, cfg), refs[name]), f"model {name} did not give its own result"
+    assert kit.state_hash(base.model) == before
