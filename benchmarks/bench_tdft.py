@@ -102,7 +102,7 @@ class Bench:
             [{"c_crossattn": torch.randn(1, 77, 768, generator=g)} for _ in range(2)],
             {"c_crossattn": torch.zeros(1, 77, 768)},
         )
-        self.session = host.TrainingSession(self.mp, gradient_checkpointing=False)
+        self.session = host.TrainingSession(self.mp, gradient_checkpointing=False, copy_weights=mode == "full")
         self.session.__enter__()
         unet = host.unet_of(self.mp)
         if mode == "lora":

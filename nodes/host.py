@@ -519,21 +519,31 @@ def sample_pool(
     return torch.cat(out), torch.tensor(prompt_of)
 
 
+def _autograd_alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor sharing ``t``'s memory. Inference tensors (what ComfyUI loads weights as, since
+    nodes run under ``torch.inference_mode``) cannot be saved for backward; an alias made outside
+    inference mode can, and costs no copy. Only for weights that are never written to."""
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 class TrainingSession:
     """Puts a loaded ComfyUI UNet into training shape and restores it exactly afterwards.
 
     Nodes run under ``torch.inference_mode``, so the model's Parameters are inference tensors that
     autograd can neither save nor version (even after ``.data`` is replaced). For the session every
-    Parameter is replaced by a fresh normal Parameter holding a copy of its values (≈ one extra copy
-    of the UNet in its own dtype); the original Parameter objects are never touched and are put back
-    on exit, so the model is bit-identical afterwards. In ``full`` mode the copies are the student.
-    Mixed precision comes from autocast in ``training_denoiser``; gradient checkpointing wraps the
-    transformer and residual blocks.
+    Parameter is replaced by a fresh normal Parameter: with ``copy_weights`` (``full`` mode, where these
+    become the student) a copy of its values, ≈ one extra UNet in its own dtype; without (``lora`` mode,
+    base weights frozen) an alias of the same memory, no copy. The original Parameter objects are never
+    touched and are put back on exit, so the model is bit-identical afterwards. Mixed precision comes
+    from autocast in ``training_denoiser``; gradient checkpointing wraps the transformer and residual
+    blocks.
     """
 
-    def __init__(self, mp, gradient_checkpointing: bool) -> None:
+    def __init__(self, mp, gradient_checkpointing: bool, copy_weights: bool = True) -> None:
         self.unet = unet_of(mp)
         self.gradient_checkpointing = gradient_checkpointing
+        self.copy_weights = copy_weights
         self._originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
         self._by_name: dict[str, torch.nn.Parameter] = {}
         self._forwards: list[torch.nn.Module] = []
@@ -544,7 +554,8 @@ class TrainingSession:
                 for pname, old in list(module._parameters.items()):
                     if old is None:
                         continue
-                    module._parameters[pname] = torch.nn.Parameter(old.data.clone(), requires_grad=False)
+                    data = old.data.clone() if self.copy_weights else _autograd_alias(old.data)
+                    module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
                     self._originals.append((module, pname, old))
                     self._by_name[f"{mod_name}.{pname}" if mod_name else pname] = old
         if self.gradient_checkpointing:
@@ -570,6 +581,8 @@ class TrainingSession:
 
     def full_params(self, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
         """All UNet weights as trainable Parameters in ``dtype`` (the student of full fine-tuning)."""
+        if not self.copy_weights:
+            raise RuntimeError("full_params needs a session with copy_weights=True (the weights get trained)")
         out = {}
         with torch.inference_mode(False):
             for name, p in self.unet.named_parameters():

@@ -388,7 +388,7 @@ class SelfNPOTrain(io.ComfyNode):
             callbacks = Callbacks(
                 on_step=lambda s, total, value: pbar.update(1), should_stop=lambda: host.throw_if_interrupted() or False
             )
-            with host.TrainingSession(mp, gradient_checkpointing) as session:
+            with host.TrainingSession(mp, gradient_checkpointing, copy_weights=mode == "full") as session:
                 lset = None
                 if mode == "lora":
                     lset = LoRASet(

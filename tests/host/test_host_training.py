@@ -167,3 +167,44 @@ def test_user_latents_replace_the_pool(tiny, out_dir):
     lat = {"samples": torch.randn(3, 4, 8, 8)}
     out = train(model, pos, neg, steps=2, latents=lat, pool_size=50)  # pool_size ignored: no sampling
     assert out.result[2] == 2
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_mode_trains_on_the_loaded_weights_without_a_copy(mode, tiny, out_dir, monkeypatch):
+    """lora: the UNet weights autograd sees share memory with the loaded ones (no second UNet); full: the
+    student is a copy. Either way the loaded Parameters are back, unchanged, afterwards."""
+    model = tiny("sd15")
+    unet = host.unet_of(model)
+    before = kit.state_hash(unet)
+    loaded = {n: p.data_ptr() for n, p in unet.named_parameters()}
+    seen = {}
+    real = host.training_denoiser
+
+    def spy(mp, dtype):
+        den = real(mp, dtype)
+
+        def call(x, nu, cond):
+            if not seen:
+                seen.update({n: p.data_ptr() for n, p in host.unet_of(mp).named_parameters()})
+            return den(x, nu, cond)
+
+        return call
+
+    monkeypatch.setattr(host, "training_denoiser", spy)
+    train(model, *kit.make_conds("sd15"), steps=2, mode=mode, learning_rate=1e-3)
+    assert set(seen) == set(loaded)
+    shared = sum(seen[n] == loaded[n] for n in loaded)
+    assert shared == (len(loaded) if mode == "lora" else 0)
+    assert kit.state_hash(unet) == before
+
+
+def test_autograd_alias_gives_the_gradient_of_a_copy():
+    with torch.inference_mode():
+        w = torch.randn(6, 5)
+    alias = host._autograd_alias(w)
+    assert not alias.is_inference() and alias.data_ptr() == w.data_ptr()
+    x1 = torch.randn(3, 5, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x1, alias).square().sum().backward()
+    torch.nn.functional.linear(x2, w.clone()).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)

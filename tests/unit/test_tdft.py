@@ -347,8 +347,8 @@ class _InfGrad(torch.autograd.Function):
 
 
 @pytest.mark.fault(
-    "the process dies while a training checkpoint is being written",
-    "the previous checkpoint stays whole and loadable; no temporary file is left",
+    "writing a training checkpoint fails half-way (an exception after a partial write)",
+    "the previous checkpoint stays whole and loadable; the temporary file is removed",
 )
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     from comfyui_npo.training import trainer as T
@@ -383,3 +383,51 @@ def test_final_state_is_checkpointed_even_off_the_save_grid(tmp_path):
     res = train(denoiser_of(net), SCHED, dict(net.named_parameters()), _data(), cfg, cb, tmp_path / "c.pt", None, "s")
     assert saved == [3, 5] and res.last_checkpoint == tmp_path / "c.pt"
     assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 5
+
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+tests = Path(sys.argv[1])
+sys.path[:0] = [str(tests), str(tests / "unit")]
+import conftest  # registers the pack as comfyui_npo
+import torch
+from test_tdft import _fault_run
+from comfyui_npo.training import trainer as T
+real_save = torch.save
+
+def dying_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    with open(f, "r+b") as fh:  # half written, on disk
+        fh.truncate(os.path.getsize(f) // 2)
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no finally block, no cleanup
+
+T.torch.save = dying_save
+_fault_run(Path(sys.argv[2]), None, None, steps=8, resume=Path(sys.argv[2]) / "ck.pt")
+"""
+
+
+@pytest.mark.fault(
+    "the process is killed (SIGKILL) in the middle of writing a training checkpoint",
+    "the previous checkpoint stays whole and resumes; only a hidden .tmp file is left, which nothing lists",
+)
+def test_process_killed_while_writing_a_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _fault_run(tmp_path, None, None, steps=4)
+    before = (tmp_path / "ck.pt").read_bytes()
+    tests = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tests), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (tmp_path / "ck.pt").read_bytes() == before
+    leftovers = sorted(set(os.listdir(tmp_path)) - {"ck.pt"})
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ck.pt.") and leftovers[0].endswith(".tmp"), leftovers
+    resumed, _ = _fault_run(tmp_path, None, None, steps=6, resume=tmp_path / "ck.pt")
+    assert resumed.steps_done == 6 and len(resumed.losses) == 6
