@@ -237,6 +237,42 @@ def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
 
 
 @pytest.mark.fault(
+    "the student's prediction turns NaN at step 3 of Self-NPO Train (checkpoints every 2 steps)",
+    "NPOError naming step 3 and the kept checkpoint, which holds step 2 and resumes; the model stays bit-identical",
+)
+def test_nan_during_training_through_the_node(out_dir, tiny, monkeypatch):
+    model = tiny("sd15")
+    unet = host.unet_of(model)
+    before = kit.state_hash(unet)
+    pos, neg = kit.make_conds("sd15")
+    real = host.training_denoiser
+    seen = [0]
+
+    def make(mp, dtype):
+        inner = real(mp, dtype)
+
+        def den(x, nu, cond):
+            out = inner(x, nu, cond)
+            if torch.is_grad_enabled():
+                seen[0] += 1
+                if seen[0] == 3:
+                    return out * float("nan")
+            return out
+
+        return den
+
+    monkeypatch.setattr(host, "training_denoiser", make)
+    with pytest.raises(NPOError, match=r"loss became nan at step 3; the last good checkpoint, nan_00001_\.pt, is kept"):
+        kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="nan", learning_rate=1e-3)
+    assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
+    monkeypatch.setattr(host, "training_denoiser", real)
+    state = torch.load(out_dir / "npo_training" / "nan_00001_.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
+    out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, learning_rate=1e-3, resume_from="nan_00001_.pt")
+    assert out.result[2] == 4 and all(torch.isfinite(e.up).all() for e in out.result[0].entries.values())
+
+
+@pytest.mark.fault(
     "out of memory while sampling the data-free start pool",
     "NPOError naming width/height and the latents input",
 )
