@@ -273,37 +273,24 @@ def test_nan_loss_stops_with_the_step():
         train(bad, SCHED, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))
 
 
-def _fault_run(tmp_path, fault_at: int | None, fault, steps=8, resume=None):
-    """TinyEps trained with save_every 2; from call ``fault_at`` on, the denoiser output goes through ``fault``."""
+def _fault_run(tmp_path, fault_step: int | None, fault, steps=8, resume=None):
+    """TinyEps trained with save_every 2; from step ``fault_step`` on, the student's output goes through
+    ``fault`` (the student is the one denoiser call per step made with grad enabled)."""
     torch.manual_seed(0)
     net = TinyEps()
-    calls = [0]
+    student_calls = [0]
     good = denoiser_of(net)
 
     def den(x, nu, cond):
-        calls[0] += 1
         out = good(x, nu, cond)
-        return fault(out) if fault_at is not None and calls[0] >= fault_at else out
+        if torch.is_grad_enabled():
+            student_calls[0] += 1
+            if fault_step is not None and student_calls[0] >= fault_step:
+                return fault(out)
+        return out
 
     cfg = TrainConfig(steps=steps, batch_size=2, learning_rate=1e-3, seed=3, save_every=2)
     return train(den, SCHED, dict(net.named_parameters()), _data(), cfg, None, tmp_path / "ck.pt", resume, "t"), net
-
-
-def _call_of_step(tmp_path, step: int) -> int:
-    """Denoiser calls made before training step ``step`` (1-based) starts, counted on a clean run."""
-    counts = []
-    torch.manual_seed(0)
-    net = TinyEps()
-    n = [0]
-    good = denoiser_of(net)
-
-    def den(x, nu, cond):
-        n[0] += 1
-        return good(x, nu, cond)
-
-    cfg = TrainConfig(steps=step - 1, batch_size=2, learning_rate=1e-3, seed=3)
-    train(den, SCHED, dict(net.named_parameters()), _data(), cfg, Callbacks(on_step=lambda *a: counts.append(n[0])))
-    return counts[-1] + 1
 
 
 @pytest.mark.fault(
@@ -312,9 +299,8 @@ def _call_of_step(tmp_path, step: int) -> int:
 )
 def test_nan_loss_keeps_the_last_good_checkpoint_and_it_resumes(tmp_path):
     clean, _ = _fault_run(tmp_path / "clean", None, None)
-    first_bad = _call_of_step(tmp_path, 6)
     with pytest.raises(TrainingError, match=r"step 6; the last good checkpoint, ck\.pt, is kept"):
-        _fault_run(tmp_path, first_bad, lambda out: out * float("nan"))
+        _fault_run(tmp_path, 6, lambda out: out * float("nan"))
     state = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in state["params"].values())
     resumed, _ = _fault_run(tmp_path, None, None, resume=tmp_path / "ck.pt")
@@ -326,10 +312,8 @@ def test_nan_loss_keeps_the_last_good_checkpoint_and_it_resumes(tmp_path):
     "training stops before the update: weights and the last checkpoint stay finite",
 )
 def test_non_finite_gradients_stop_before_the_update(tmp_path):
-    first_bad = _call_of_step(tmp_path, 5)
-    inf_grad = _InfGrad.apply
     with pytest.raises(TrainingError, match="gradients became .* at step 5"):
-        _fault_run(tmp_path, first_bad, inf_grad)
+        _fault_run(tmp_path, 5, _InfGrad.apply)
     state = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in state["params"].values())
 
