@@ -389,16 +389,22 @@ def make_guider(
 # Self-NPO training: the ComfyUI side (denoiser, conds, pool, schedule, precision)
 # ---------------------------------------------------------------------------------------------
 def check_trainable(mp, input_name: str = "model") -> None:
-    """TDFT needs a discrete VP schedule (eps or v prediction); flow-matching models are refused."""
-    import comfy.model_base
+    """TDFT needs a discrete VP schedule (eps, v or x0 prediction); flow matching and continuous schedules
+    are refused. Judged on the model_sampling the model will really run with, so a ModelSampling* node
+    that turned an SD model into a flow model is caught too."""
+    import comfy.model_sampling as ms_types
 
     check_unet_model(mp, input_name)
-    mt = getattr(mp.model, "model_type", None)
-    if mt not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
+    ms = mp.get_model_object("model_sampling")
+    discrete_vp = isinstance(ms, ms_types.ModelSamplingDiscrete) and isinstance(ms, ms_types.EPS)
+    if not discrete_vp or isinstance(ms, ms_types.CONST):
+        bases = type(ms).__bases__  # ModelSampling* nodes build a class from (schedule, prediction type)
+        kind = " + ".join(b.__name__ for b in bases) if len(bases) > 1 else type(ms).__name__
         raise NPOError(
-            f"{input_name}: Self-NPO training supports eps- and v-prediction models (SD1.5/SD2/SDXL); this "
-            f"model's type is {getattr(mt, 'name', mt)} (e.g. flow matching), which TDFT's DDIM rollout does "
-            "not handle."
+            f"{input_name}: Self-NPO training supports discrete eps-, v- and x0-prediction models (SD1.5/SD2/"
+            f"SDXL); this model samples with {kind} (flow matching or a continuous schedule, e.g. "
+            "after a ModelSampling node), which TDFT's DDIM rollout does not handle. Connect the model "
+            "without that node, or a model of a supported family."
         )
 
 

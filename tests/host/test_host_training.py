@@ -208,3 +208,22 @@ def test_autograd_alias_gives_the_gradient_of_a_copy():
     torch.nn.functional.linear(x1, alias).square().sum().backward()
     torch.nn.functional.linear(x2, w.clone()).square().sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.fault(
+    "Self-NPO Train on a model turned into a flow-matching or continuous-EDM model by a ModelSampling node",
+    "NPOError naming model and the sampling type, before any sampling; a discrete v-prediction patch trains",
+)
+def test_flow_matching_and_continuous_schedules_are_refused(tiny, out_dir):
+    from comfy_extras import nodes_model_advanced as adv
+
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    with torch.inference_mode():
+        flow = adv.ModelSamplingSD3().patch(model, 3.0)[0]
+        edm = adv.ModelSamplingContinuousEDM().patch(model, "v_prediction", 120.0, 0.002)[0]
+        v_pred = adv.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    for patched, name in ((flow, "ModelSamplingDiscreteFlow"), (edm, "ModelSamplingContinuousEDM")):
+        with pytest.raises(NPOError, match=f"model: .*{name}.*flow matching or a continuous schedule"):
+            train(patched, pos, neg, steps=1)
+    assert train(v_pred, pos, neg, steps=1).result[2] == 1
