@@ -415,3 +415,35 @@ def test_process_killed_while_writing_a_checkpoint(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].startswith(".ck.pt.") and leftovers[0].endswith(".tmp"), leftovers
     resumed, _ = _fault_run(tmp_path, None, None, steps=6, resume=tmp_path / "ck.pt")
     assert resumed.steps_done == 6 and len(resumed.losses) == 6
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+@pytest.mark.fault(
+    "a resume_from checkpoint that is truncated, not a checkpoint, or a pickle whose unpickling would run code",
+    "TrainingError naming resume_from and the file (weights_only loading: the code never runs)",
+)
+def test_hostile_resume_files_are_refused(tmp_path, monkeypatch):
+    import pickle
+
+    from comfyui_npo.training.trainer import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    _fault_run(tmp_path, None, None, steps=2)
+    good = (tmp_path / "ck.pt").read_bytes()
+    cases = {
+        "cut.pt": (good[: len(good) // 2], "cannot read"),
+        "empty.pt": (b"", "cannot read"),
+        "other.pt": (None, "not a Self-NPO training checkpoint"),
+        "evil.pt": (pickle.dumps({"format": "comfyui-npo-train/1", "x": _Evil()}), "cannot read"),
+    }
+    torch.save({"format": "something else", "step": 3}, tmp_path / "other.pt")
+    for name, (data, match) in cases.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        with pytest.raises(TrainingError, match=f"resume_from: .*'{name}'.*{match}|resume_from: .*{match}.*{name}"):
+            load_checkpoint(tmp_path / name, "t")
+    assert not (tmp_path / "PWNED").exists()
