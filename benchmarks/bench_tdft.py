@@ -257,6 +257,7 @@ def main() -> None:
         "ours_over_floor": med["ours"] / med["floor"],
         "authors_over_ours": med["authors"] / med["ours"],
         "samples": {k: len(v) for k, v in results.items()},
+        "step_s": results,  # every timed step, in run order
     }
     if a.memory:
         report["peak_rss_mb"] = mem
