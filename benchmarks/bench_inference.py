@@ -35,7 +35,6 @@ model weights, like the memory a user sees.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -47,7 +46,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_npo"
 
 VARIANTS = {
     "plain": "plain CFG",
@@ -74,27 +72,28 @@ RELEASED_SD15_PARAMS = 1_594_368  # METHOD.md §5: sd15_beta500_2kiter.safetenso
 # ---------------------------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------------------------
+def _tests_conftest():
+    """tests/conftest.py: finds ComfyUI and registers the repository as the package ``comfyui_npo``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest
+
+    return conftest
+
+
 def find_comfyui() -> Path:
-    for cand in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "comfy" / "ComfyUI")):
-        if cand and (Path(cand) / "main.py").is_file() and (Path(cand) / "comfy").is_dir():
-            return Path(cand).resolve()
-    sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put it at ~/comfy/ComfyUI).")
+    root = _tests_conftest().find_comfyui()
+    if root is None:
+        sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put it at ~/comfy/ComfyUI).")
+    return root
 
 
 def import_env():
-    """Import ComfyUI (CPU mode) and the pack (as ``comfyui_npo``, like tests/conftest.py does)."""
+    """Import ComfyUI (CPU mode) and the pack (as ``comfyui_npo``, via tests/conftest.py)."""
     sys.path.insert(0, str(find_comfyui()))
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = True
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
-
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)
 
 
 def build_model(seed: int, std: float = 0.02):

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import platform
@@ -61,18 +60,14 @@ from scipy import linalg, stats
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_npo"
 NULL = 10  # the null class token (unconditional / negative conditioning)
 
 
 def import_pack():
-    """Register the repository as the package ``comfyui_npo`` (as tests/conftest.py does) and import it."""
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = module
-        spec.loader.exec_module(module)
+    """Register the repository as the package ``comfyui_npo`` (tests/conftest.py does it) and import it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401
+
     from comfyui_npo.npo_core.schedule import DiscreteSchedule
     from comfyui_npo.training.data import StartData
     from comfyui_npo.training.tdft import TDFTConfig

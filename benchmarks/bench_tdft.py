@@ -31,42 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SD15 = {
-    "image_size": 32,
-    "use_checkpoint": False,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-    "num_heads": 8,
-    "use_linear_in_transformer": False,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
-}
+# the same full-size SD1.5 UNet and ComfyUI set-up as the inference benchmark (benchmarks/ is on sys.path when run)
+from bench_inference import SD15_UNET, import_env
 
 
 def setup():
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  (registers the pack as comfyui_npo)
-
-    comfy_root = conftest.find_comfyui()
-    if comfy_root is None:
-        sys.exit("ComfyUI not found: set COMFYUI_PATH or install it to ~/comfy/ComfyUI")
-    sys.path.insert(0, str(comfy_root))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import comfy.model_management  # noqa: F401
+    import_env()  # ComfyUI in CPU mode + the pack as comfyui_npo
 
 
 def build(seed: int = 0):
@@ -75,7 +45,7 @@ def build(seed: int = 0):
     import torch
 
     with torch.inference_mode():
-        m = comfy.supported_models.SD15(dict(SD15)).get_model({})
+        m = comfy.supported_models.SD15(dict(SD15_UNET)).get_model({})
         g = torch.Generator().manual_seed(seed)
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)

@@ -630,15 +630,14 @@ def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_p
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, base_dir)
     except Exception as e:
         raise NPOError(f"{input_name}: '{filename_prefix}' is not allowed ({e}).") from None
-    real_base = os.path.realpath(base_dir)
-    if os.path.commonpath((real_base, os.path.realpath(folder))) != real_base:
+    if not _inside(os.path.realpath(folder), os.path.realpath(base_dir)):
         raise NPOError(
             f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name."
         )
     return folder, filename, counter
 
 
-_OOM_TYPES = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+_OOM_TYPES = (torch.cuda.OutOfMemoryError,)  # torch.OutOfMemoryError is the same class since torch 2.5
 _OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
 
 

@@ -183,8 +183,9 @@ OOM_ERRORS = {
 }
 
 
-def _failing_denoiser(monkeypatch, at_student_step: int, error):
-    """host.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` raises."""
+def _student_fault(monkeypatch, at_student_step: int, fault):
+    """host.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` returns
+    ``fault(output)``; ``fault`` may raise instead. Returns the real factory, to put back."""
     real = host.training_denoiser
     seen = [0]
 
@@ -192,16 +193,24 @@ def _failing_denoiser(monkeypatch, at_student_step: int, error):
         inner = real(mp, dtype)
 
         def den(x, nu, cond):
+            out = inner(x, nu, cond)
             if torch.is_grad_enabled():
                 seen[0] += 1
                 if seen[0] == at_student_step:
-                    raise error()
-            return inner(x, nu, cond)
+                    return fault(out)
+            return out
 
         return den
 
     monkeypatch.setattr(host, "training_denoiser", make)
-    return seen
+    return real
+
+
+def _raise(error):
+    def fault(out):
+        raise error()
+
+    return fault
 
 
 @pytest.mark.fault(
@@ -217,8 +226,7 @@ def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
     before = kit.state_hash(unet)
     params_before = [id(p) for p in unet.parameters()]
     pos, neg = kit.make_conds("sd15")
-    real_denoiser = host.training_denoiser
-    _failing_denoiser(monkeypatch, 3, OOM_ERRORS[kind])
+    real_denoiser = _student_fault(monkeypatch, 3, _raise(OOM_ERRORS[kind]))
     with pytest.raises(NPOError) as info:
         kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="oom", mode=mode)
     msg = str(info.value)
@@ -245,23 +253,7 @@ def test_nan_during_training_through_the_node(out_dir, tiny, monkeypatch):
     unet = host.unet_of(model)
     before = kit.state_hash(unet)
     pos, neg = kit.make_conds("sd15")
-    real = host.training_denoiser
-    seen = [0]
-
-    def make(mp, dtype):
-        inner = real(mp, dtype)
-
-        def den(x, nu, cond):
-            out = inner(x, nu, cond)
-            if torch.is_grad_enabled():
-                seen[0] += 1
-                if seen[0] == 3:
-                    return out * float("nan")
-            return out
-
-        return den
-
-    monkeypatch.setattr(host, "training_denoiser", make)
+    real = _student_fault(monkeypatch, 3, lambda out: out * float("nan"))
     with pytest.raises(NPOError, match=r"loss became nan at step 3; the last good checkpoint, nan_00001_\.pt, is kept"):
         kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="nan", learning_rate=1e-3)
     assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
@@ -287,7 +279,7 @@ def test_out_of_memory_in_the_pool(out_dir, tiny, monkeypatch):
 
 def test_other_runtime_errors_are_not_disguised_as_memory(out_dir, tiny, monkeypatch):
     """The OOM translation must not swallow real bugs: any other RuntimeError passes through unchanged."""
-    _failing_denoiser(monkeypatch, 1, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    _student_fault(monkeypatch, 1, _raise(lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         kit.self_npo_train(tiny("sd15"), *kit.make_conds("sd15"))
 
