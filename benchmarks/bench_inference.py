@@ -87,12 +87,12 @@ def find_comfyui() -> Path:
     return root
 
 
-def import_env():
-    """Import ComfyUI (CPU mode) and the pack (as ``comfyui_npo``, via tests/conftest.py)."""
+def import_env(cpu: bool = True):
+    """Import ComfyUI (CPU mode unless ``cpu`` is False) and the pack (as ``comfyui_npo``, via tests/conftest.py)."""
     sys.path.insert(0, str(find_comfyui()))
     from comfy.cli_args import args as comfy_args
 
-    comfy_args.cpu = True
+    comfy_args.cpu = cpu
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
 
 
