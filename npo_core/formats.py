@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .errors import NPOError
 from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
 
@@ -496,13 +496,4 @@ def save_offset(
         }
     )
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return atomic_write(p, lambda tmp: save_file(sd, tmp, metadata=meta))

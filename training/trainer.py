@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..npo_core.atomic import atomic_write
 from ..npo_core.schedule import DiscreteSchedule
 from .data import StartData
 from .ema import EMATeacher
@@ -69,7 +69,7 @@ def save_checkpoint(
     cfg: TrainConfig,
     signature: str,
 ) -> Path:
-    """Atomic write (temporary name, then rename): a crash leaves the old file or the new one."""
+    """Atomic write (``npo_core.atomic``): a crash leaves the old file or the new one."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -81,16 +81,7 @@ def save_checkpoint(
         "config": json.dumps(cfg.as_dict()),
         "signature": signature,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, signature: str) -> dict:

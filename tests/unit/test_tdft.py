@@ -395,7 +395,7 @@ _fault_run(Path(sys.argv[2]), None, None, steps=8, resume=Path(sys.argv[2]) / "c
 
 @pytest.mark.fault(
     "the process is killed (SIGKILL) in the middle of writing a training checkpoint",
-    "the previous checkpoint stays whole and resumes; only a hidden .tmp file is left, which nothing lists",
+    "the previous checkpoint stays whole and resumes; the killed writer's hidden .tmp is removed by the next save",
 )
 def test_process_killed_while_writing_a_checkpoint(tmp_path):
     import signal
@@ -413,8 +413,10 @@ def test_process_killed_while_writing_a_checkpoint(tmp_path):
     assert (tmp_path / "ck.pt").read_bytes() == before
     leftovers = sorted(set(os.listdir(tmp_path)) - {"ck.pt"})
     assert len(leftovers) == 1 and leftovers[0].startswith(".ck.pt.") and leftovers[0].endswith(".tmp"), leftovers
+    assert leftovers[0].startswith(".ck.pt.") and leftovers[0].split(".")[3].split("-")[0].isdigit()  # writer's pid
     resumed, _ = _fault_run(tmp_path, None, None, steps=6, resume=tmp_path / "ck.pt")
     assert resumed.steps_done == 6 and len(resumed.losses) == 6
+    assert os.listdir(tmp_path) == ["ck.pt"]  # the resumed run's save removed the dead writer's temporary
 
 
 class _Evil:
