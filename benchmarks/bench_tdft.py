@@ -109,7 +109,10 @@ class Bench:
         from comfyui_npo.training.trainer import Callbacks, TrainConfig, train
 
         stamps = []
-        cfg = TrainConfig(steps=steps, batch_size=self.batch, learning_rate=1e-6, seed=0)
+        cfg = TrainConfig(
+            steps=steps, batch_size=self.batch, learning_rate=1e-6, seed=0,
+            fp16_loss_scaling=self.dtype == self.torch.float16,  # as the node does for an fp16 model
+        )
         t0 = sync(self.device)
         train(
             self.denoiser,

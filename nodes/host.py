@@ -456,12 +456,14 @@ def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: s
 
 
 def training_denoiser(mp, compute_dtype: torch.dtype):
-    """D(x_ve, ν, cond) -> x0 over the ComfyUI model (apply_model converts eps/v to x0)."""
+    """D(x_ve, ν, cond) -> x0 over the ComfyUI model (apply_model converts eps/v to x0). A float16 or
+    bfloat16 model runs under autocast (CUDA or CPU), so fp32 LoRA weights and fp32 masters mix with it;
+    the returned x0 is float32."""
     base = mp.model
 
     def denoise(x, sigma, cond):
         kwargs = {"y": cond["y"].to(compute_dtype)} if "y" in cond else {}
-        autocast = x.device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16)
+        autocast = x.device.type in ("cuda", "cpu") and compute_dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(x.device.type, dtype=compute_dtype, enabled=autocast):
             out = base.apply_model(
                 x.to(compute_dtype),

@@ -180,8 +180,8 @@ class SelfNPOTrain(io.ComfyNode):
                     "training_dtype",
                     options=list(DTYPES),
                     default="fp32",
-                    tooltip="Dtype of the trainable weights (the forward runs in the model's dtype). fp32 "
-                    "as the authors (fp32 master weights).",
+                    tooltip="Dtype of the trainable weights (the forward runs in the model's dtype; an fp16 model "
+                    "gets dynamic loss scaling). fp32 as the authors (fp32 master weights).",
                 ),
                 io.Int.Input(
                     "save_every",
@@ -375,6 +375,7 @@ class SelfNPOTrain(io.ComfyNode):
         shape = (1, channels, samples.shape[2], samples.shape[3])
         schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
+        cfg.fp16_loss_scaling = compute_dtype == torch.float16  # fp16 activation gradients underflow unscaled
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
         if resume_path is None:
             _check_free_name(ckpt_path)

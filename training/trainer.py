@@ -20,6 +20,7 @@ from .ema import EMATeacher
 from .tdft import Denoiser, TDFTConfig, student_cond, student_loss, teacher_rollout
 
 CHECKPOINT_FORMAT = "comfyui-npo-train/1"
+MAX_SKIPPED_STEPS = 30  # overflowing steps in a row (scale halved each time) before training is given up
 
 
 class TrainingError(RuntimeError):
@@ -36,6 +37,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     save_every: int = 0
+    # Dynamic loss scaling (torch.amp.GradScaler) for a forward computed in float16: without it the
+    # backward's fp16 activation gradients (≈ 1/numel of the output each) underflow to zero. Steps whose
+    # scaled gradients overflow are skipped and the scale halves, as in the authors' fp16 training.
+    fp16_loss_scaling: bool = False
     tdft: TDFTConfig = field(default_factory=TDFTConfig)
 
     def as_dict(self) -> dict:
@@ -68,6 +73,7 @@ def save_checkpoint(
     losses: list[float],
     cfg: TrainConfig,
     signature: str,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Atomic write (``npo_core.atomic``): a crash leaves the old file or the new one."""
     state = {
@@ -80,6 +86,7 @@ def save_checkpoint(
         "losses": torch.tensor(losses, dtype=torch.float64),
         "config": json.dumps(cfg.as_dict()),
         "signature": signature,
+        "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
     }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -125,6 +132,8 @@ def train(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(plist, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     ema = EMATeacher(params, cfg.ema_decay)
+    scaler = torch.amp.GradScaler(plist[0].device.type, enabled=cfg.fp16_loss_scaling)
+    skipped_in_a_row = 0
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     start = 0
@@ -141,6 +150,8 @@ def train(
                 p.copy_(state["params"][n])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         gen.set_state(state["rng"])
         losses = [float(v) for v in state["losses"].tolist()]
     last_ckpt: Path | None = Path(resume_from) if resume_from else None
@@ -164,25 +175,35 @@ def train(
                 "training_dtype fp32, or resume from the last checkpoint."
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not math.isfinite(float(norm)):  # checked before the update: weights and checkpoint stay good
-            raise TrainingError(
-                f"the gradients became {float(norm)} at step {step + 1} (loss {value:.4g}){_last(last_ckpt)}. "
-                "Lower learning_rate, use training_dtype fp32, or resume from the last checkpoint."
-            )
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not math.isfinite(norm):  # checked before the update: weights and checkpoint stay good
+            skipped_in_a_row += 1
+            if not scaler.is_enabled() or skipped_in_a_row > MAX_SKIPPED_STEPS:
+                why = f" in {skipped_in_a_row} steps in a row, down to loss scale {scaler.get_scale():g}"
+                raise TrainingError(
+                    f"the gradients became {norm}{why if scaler.is_enabled() else ''} at step {step + 1} "
+                    f"(loss {value:.4g}){_last(last_ckpt)}. Lower learning_rate, use training_dtype fp32, or "
+                    "resume from the last checkpoint."
+                )
+        else:
+            skipped_in_a_row = 0
+        scaler.step(opt)  # with loss scaling on, an overflowing step is skipped here and the scale halves
+        scaler.update()
         ema.update()
         losses.append(value)
         cb.on_step(step + 1, cfg.steps, value)
         if checkpoint_path is not None and cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
-            last_ckpt = save_checkpoint(checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature)
+            last_ckpt = save_checkpoint(
+                checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature, scaler
+            )
             cb.on_checkpoint(last_ckpt, step + 1)
     else:
         step = cfg.steps
     done = step if stopped else cfg.steps
     if checkpoint_path is not None and cfg.save_every > 0 and not stopped and done > start and done % cfg.save_every:
-        last_ckpt = save_checkpoint(checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature)
+        last_ckpt = save_checkpoint(checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature, scaler)
         cb.on_checkpoint(last_ckpt, done)  # the final state too, so `steps` can be raised and training resumed
     for p in plist:
         p.requires_grad_(False)

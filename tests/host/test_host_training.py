@@ -161,6 +161,29 @@ def test_bad_inputs_name_the_input(kw, match, tiny, out_dir):
         train(model, pos, neg, **kw)
 
 
+def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
+    """A model loaded in float16 (ComfyUI's choice for SD1.5/SDXL on most GPUs) trains with dynamic loss
+    scaling, recorded in the offset's recipe; the loaded fp16 weights are unchanged afterwards."""
+    import comfyui_npo.nodes.train as node_train
+
+    cfg = kit.model_config("sd15")
+    cfg.set_inference_dtype(torch.float16, None)
+    m = cfg.get_model({})
+    m.diffusion_model.load_state_dict({k: v.half() for k, v in tiny.weights("sd15").items()})
+    model = kit.patcher(m)
+    assert model.model.get_dtype() == torch.float16
+    before = kit.state_hash(host.unet_of(model))
+    seen = []
+    real = node_train.train
+    monkeypatch.setattr(node_train, "train", lambda *a, **k: seen.append(a[4].fp16_loss_scaling) or real(*a, **k))
+    out = train(model, *kit.make_conds("sd15"), steps=3, learning_rate=1e-3)
+    offset = out.result[0]
+    assert seen == [True] and '"fp16_loss_scaling": true' in offset.metadata["npo.recipe"]
+    ups = [e.up for e in offset.entries.values()]
+    assert all(torch.isfinite(u).all() for u in ups) and any(torch.count_nonzero(u) for u in ups)
+    assert kit.state_hash(host.unet_of(model)) == before
+
+
 def test_user_latents_replace_the_pool(tiny, out_dir):
     model = tiny("sd15")
     pos, neg = kit.make_conds("sd15")
