@@ -221,6 +221,41 @@ def test_lora_mode_trains_on_the_loaded_weights_without_a_copy(mode, tiny, out_d
     assert kit.state_hash(unet) == before
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_model_with_weight_patches_trains_on_the_patched_weights(mode, tiny, out_dir, monkeypatch):
+    """A checkpoint + LoRA (weight patches, as LoraLoader adds them) is the model the user connected:
+    teacher and student start from the patched weights, and a full-mode offset is relative to them."""
+    model = tiny("sd15")
+    unet = host.unet_of(model)
+    pristine = kit.state_hash(unet)
+    name = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    base = unet.get_parameter(name).detach().clone()
+    delta = 0.1 * torch.randn(base.shape, generator=torch.Generator().manual_seed(5))
+    patched = model.clone()
+    patched.add_patches({"diffusion_model." + name: (delta,)}, 1.0)  # ComfyUI's "diff" patch
+    seen = []
+    real = host.training_denoiser
+
+    def spy(mp, dtype):
+        den = real(mp, dtype)
+
+        def call(x, nu, cond):
+            if not seen:
+                seen.append(host.unet_of(mp).get_parameter(name).detach().clone())
+            return den(x, nu, cond)
+
+        return call
+
+    monkeypatch.setattr(host, "training_denoiser", spy)
+    out = train(patched, *kit.make_conds("sd15"), steps=2, mode=mode)
+    torch.testing.assert_close(seen[0], base + delta, rtol=0, atol=1e-6)  # the patch was in, by hand
+    if mode == "full":  # δ = trained − patched: a few steps at lr 1e-6, not the 0.1-sized patch
+        entry = out.result[0].entries[name]
+        assert entry.delta().abs().max() < 1e-3  # (compressed to rank 16: a LowRank)
+    comfy.model_management.unload_all_models()
+    assert kit.state_hash(unet) == pristine
+
+
 def test_autograd_alias_gives_the_gradient_of_a_copy():
     with torch.inference_mode():
         w = torch.randn(6, 5)
