@@ -18,10 +18,6 @@ from pathlib import Path
 STALE_AFTER_S = 3600.0  # a writer in progress keeps touching its file; an hour of silence means it is gone
 
 
-def _temp_prefix(path: Path, pid: int | None = None) -> str:
-    return f".{path.name}.{os.getpid() if pid is None else pid}-"
-
-
 def _writer_gone(pid: int) -> bool:
     """True only when the process surely no longer exists (POSIX). On Windows ``os.kill(pid, 0)`` would
     send CTRL_C_EVENT, so there the age rule alone decides."""
@@ -62,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(p)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(p), suffix=".tmp", dir=str(p.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}-", suffix=".tmp", dir=str(p.parent))
     os.close(fd)
     try:
         write(tmp)
