@@ -408,6 +408,21 @@ def check_trainable(mp, input_name: str = "model") -> None:
         )
 
 
+def ignored_sampling_patches(mp) -> list[str]:
+    """The model's sampling-time UNet patches that training does not run (``apply_model`` is called
+    without them): unet wrapper functions, transformer patches and replacements, APPLY_MODEL-style
+    wrappers (FreeU, attention patches, Apply NPO, ...). Weight patches (LoRAs) and the model_sampling
+    object patch *are* used."""
+    mo = mp.model_options
+    out = ["model_function_wrapper"] if mo.get("model_function_wrapper") else []
+    to = mo.get("transformer_options", {})
+    for kind in ("patches", "patches_replace"):
+        out += [f"{kind}:{name}" for name, v in to.get(kind, {}).items() if v]
+    for kind, by_key in to.get("wrappers", {}).items():
+        out += [f"wrapper:{kind}" for lst in by_key.values() if lst][:1]
+    return out
+
+
 def schedule_sigmas(mp) -> torch.Tensor:
     """The model's discrete k-diffusion sigmas ν_t, t = 0..T−1 (ModelSamplingDiscrete.sigmas)."""
     ms = mp.get_model_object("model_sampling")

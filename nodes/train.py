@@ -23,6 +23,10 @@ from .plot import loss_curve_image
 
 CHECKPOINT_SUBDIR = "npo_training"
 NONE = "none"
+IGNORED_PATCHES_NOTE = (
+    "the model's sampling patches are not run during training (teacher and student are the UNet with its "
+    "weight patches, e.g. LoRAs)"
+)
 # Learning rates when learning_rate is 0 ("auto"). full: the authors' values (SD1.5 1e-6, SDXL 1e-7).
 # lora: not from the paper (the authors train all weights); a starting point, see README "Tuning".
 AUTO_LR = {("full", "SDXL"): 1e-7, ("full", "other"): 1e-6, ("lora", "SDXL"): 2e-5, ("lora", "other"): 1e-4}
@@ -375,6 +379,9 @@ class SelfNPOTrain(io.ComfyNode):
         shape = (1, channels, samples.shape[2], samples.shape[3])
         schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
+        ignored = host.ignored_sampling_patches(mp)
+        if ignored:
+            host.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
         cfg.fp16_loss_scaling = compute_dtype == torch.float16  # fp16 activation gradients underflow unscaled
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
         if resume_path is None:
@@ -460,6 +467,8 @@ class SelfNPOTrain(io.ComfyNode):
         text = f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}" + (
             f"\ncheckpoint: {result.last_checkpoint.name}" if result.last_checkpoint else ""
         )
+        if ignored:
+            text += f"\nnote: {IGNORED_PATCHES_NOTE} ({', '.join(ignored)})"
         return io.NodeOutput(offset, curve, result.steps_done, ui=ui.PreviewText(text))
 
 

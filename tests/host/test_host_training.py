@@ -256,6 +256,23 @@ def test_a_model_with_weight_patches_trains_on_the_patched_weights(mode, tiny, o
     assert kit.state_hash(unet) == pristine
 
 
+def test_sampling_patches_are_not_run_in_training_and_the_node_says_so(tiny, out_dir):
+    """A FreeU-style output-block patch changes sampling, not the weights: training does not run it (the
+    teacher and student are the UNet with its weight patches), and the node's text names it."""
+    model = tiny("sd15").clone()
+    calls = []
+    model.set_model_output_block_patch(lambda h, hsp, opts: (calls.append(1), (h, hsp))[1])
+    lat = {"samples": torch.randn(2, 4, 8, 8)}
+    out = train(model, *kit.make_conds("sd15"), steps=2, latents=lat)
+    assert out.result[2] == 2 and calls == []
+    text = out.ui.as_dict()["text"][0]
+    assert "not run during training" in text and "patches:output_block_patch" in text
+    plain = train(tiny("sd15"), *kit.make_conds("sd15"), steps=1, latents=lat)
+    assert "note:" not in plain.ui.as_dict()["text"][0]
+    kit.ksample(model, *kit.make_conds("sd15"), cfg=2.0, steps=1)
+    assert calls  # the patch is live: sampling runs it
+
+
 def test_autograd_alias_gives_the_gradient_of_a_copy():
     with torch.inference_mode():
         w = torch.randn(6, 5)
