@@ -1,15 +1,16 @@
 """Atomic file writes: a hidden temporary in the same folder, then a rename.
 
 A crash leaves the old file or the new one, never half of one. A hard kill (SIGKILL, power loss)
-can leave the hidden temporary ``.<name>.<pid>-<random>.tmp`` behind; the next write of the same
-name removes those whose writer is gone (its process no longer exists, on POSIX) or that nobody
-has touched for ``STALE_AFTER_S`` (everywhere).
+can leave the hidden temporary ``.<name>.<pid>-<random>.tmp`` behind. The next write into the same
+folder removes such leftovers of files with the same extension (a new run writes a new name, so
+same-name clean-up alone would rarely happen) when their writer is gone: its process no longer
+exists (POSIX), or nobody has touched the file for ``STALE_AFTER_S`` (everywhere).
 """
 
 from __future__ import annotations
 
-import glob
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,19 +33,32 @@ def _writer_gone(pid: int) -> bool:
     return False
 
 
+def _leftover_pattern(path: Path) -> re.Pattern:
+    """``.<any name ending in path's extension>.<pid>-<mkstemp letters>.tmp``, and, for ``path`` itself,
+    the pid-less ``.<name>.<letters>.tmp`` of earlier versions."""
+    ext = re.escape(path.suffix) if path.suffix else r"[^/]*"
+    return re.compile(rf"^\.(?:.+{ext}\.(?P<pid>\d+)-|{re.escape(path.name)}\.)[A-Za-z0-9_]+\.tmp$")
+
+
 def remove_stale_temporaries(path: str | os.PathLike, max_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the leftover temporaries of earlier writes of ``path``; returns what was removed."""
+    """Remove the leftover temporaries of earlier writes into ``path``'s folder; returns what was removed."""
     p = Path(path)
-    prefix = f".{p.name}."
+    rx = _leftover_pattern(p)
     removed = []
-    for cand in p.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid_part = cand.name[len(prefix) :].split("-", 1)[0]
+    try:
+        names = os.listdir(p.parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = rx.match(name)
+        if not m:
+            continue
+        cand = p.parent / name
         try:
-            st = cand.lstat()
-            if not cand.is_file() or cand.is_symlink():
+            if cand.is_symlink() or not cand.is_file():
                 continue
-            stale = time.time() - st.st_mtime > max_age_s
-            if stale or (pid_part.isdigit() and _writer_gone(int(pid_part))):
+            stale = time.time() - cand.lstat().st_mtime > max_age_s
+            if stale or (m.group("pid") is not None and _writer_gone(int(m.group("pid")))):
                 cand.unlink()
                 removed.append(cand)
         except OSError:  # gone meanwhile, or not ours to remove: leave it

@@ -26,12 +26,15 @@ def _touch(path, age_s: float = 0.0, text: str = "x"):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the dead-writer rule needs POSIX process ids")
-def test_next_write_removes_only_the_temporaries_of_gone_writers(tmp_path):
+def test_next_write_in_the_folder_removes_only_the_temporaries_of_gone_writers(tmp_path):
     dead, live = _dead_pid(), os.getppid()  # the parent (pytest's shell or runner) is alive
     target = tmp_path / "npo offset[1].safetensors"  # glob metacharacters in the name are literal
     name = target.name
     removed = {
         "dead writer": _touch(tmp_path / f".{name}.{dead}-a1b2.tmp"),
+        "dead writer of another name, same extension (an earlier run)": _touch(
+            tmp_path / f".self_npo_00001_.safetensors.{dead}-k1l2.tmp"
+        ),
         "live writer, silent for over an hour": _touch(tmp_path / f".{name}.{live}-c3d4.tmp", STALE_AFTER_S + 60),
         "pre-pid naming, old": _touch(tmp_path / f".{name}.q9w8e7.tmp", STALE_AFTER_S + 60),
     }
@@ -41,8 +44,10 @@ def test_next_write_removes_only_the_temporaries_of_gone_writers(tmp_path):
     kept = {
         "live writer, fresh": _touch(tmp_path / f".{name}.{live}-e5f6.tmp"),
         "this process, fresh": _touch(tmp_path / f".{name}.{os.getpid()}-g7h8.tmp"),
-        "another file's temporary": _touch(tmp_path / f".other.safetensors.{dead}-i9j0.tmp"),
+        "another extension's temporary": _touch(tmp_path / f".other.ckpt.{dead}-i9j0.tmp"),
         "pre-pid naming, fresh": _touch(tmp_path / f".{name}.r5t4y3.tmp"),
+        "pre-pid naming of another name, old": _touch(tmp_path / ".other.safetensors.m3n4.tmp", STALE_AFTER_S + 60),
+        "not hidden": _touch(tmp_path / f"x.safetensors.{dead}-o5p6.tmp"),
         "a symlink (never followed or removed)": link,
     }
     atomic_write(target, lambda tmp: open(tmp, "w").write("new"))

@@ -395,7 +395,8 @@ _fault_run(Path(sys.argv[2]), None, None, steps=8, resume=Path(sys.argv[2]) / "c
 
 @pytest.mark.fault(
     "the process is killed (SIGKILL) in the middle of writing a training checkpoint",
-    "the previous checkpoint stays whole and resumes; the killed writer's hidden .tmp is removed by the next save",
+    "the previous checkpoint stays whole and resumes; the killed writer's hidden .tmp is removed by the next "
+    "save in that folder",
 )
 def test_process_killed_while_writing_a_checkpoint(tmp_path):
     import signal
