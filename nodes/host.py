@@ -418,8 +418,7 @@ def ignored_sampling_patches(mp) -> list[str]:
     to = mo.get("transformer_options", {})
     for kind in ("patches", "patches_replace"):
         out += [f"{kind}:{name}" for name, v in to.get(kind, {}).items() if v]
-    for kind, by_key in to.get("wrappers", {}).items():
-        out += [f"wrapper:{kind}" for lst in by_key.values() if lst][:1]
+    out += [f"wrapper:{kind}" for kind, by_key in to.get("wrappers", {}).items() if any(by_key.values())]
     return out
 
 

@@ -192,6 +192,27 @@ def test_user_latents_replace_the_pool(tiny, out_dir):
     assert out.result[2] == 2
 
 
+def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:
+    """Patch the training denoiser so that its first call appends ``snapshot(unet)`` (default: a dict of
+    parameter data pointers) of the UNet as training sees it; returns that list."""
+    seen = []
+    real = host.training_denoiser
+    take = snapshot or (lambda unet: {n: p.data_ptr() for n, p in unet.named_parameters()})
+
+    def spy(mp, dtype):
+        den = real(mp, dtype)
+
+        def call(x, nu, cond):
+            if not seen:
+                seen.append(take(host.unet_of(mp)))
+            return den(x, nu, cond)
+
+        return call
+
+    monkeypatch.setattr(host, "training_denoiser", spy)
+    return seen
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_lora_mode_trains_on_the_loaded_weights_without_a_copy(mode, tiny, out_dir, monkeypatch):
     """lora: the UNet weights autograd sees share memory with the loaded ones (no second UNet); full: the
@@ -200,21 +221,9 @@ def test_lora_mode_trains_on_the_loaded_weights_without_a_copy(mode, tiny, out_d
     unet = host.unet_of(model)
     before = kit.state_hash(unet)
     loaded = {n: p.data_ptr() for n, p in unet.named_parameters()}
-    seen = {}
-    real = host.training_denoiser
-
-    def spy(mp, dtype):
-        den = real(mp, dtype)
-
-        def call(x, nu, cond):
-            if not seen:
-                seen.update({n: p.data_ptr() for n, p in host.unet_of(mp).named_parameters()})
-            return den(x, nu, cond)
-
-        return call
-
-    monkeypatch.setattr(host, "training_denoiser", spy)
+    pointers = _unet_at_first_denoiser_call(monkeypatch)  # data pointers of the weights training sees
     train(model, *kit.make_conds("sd15"), steps=2, mode=mode, learning_rate=1e-3)
+    seen = pointers[0]
     assert set(seen) == set(loaded)
     shared = sum(seen[n] == loaded[n] for n in loaded)
     assert shared == (len(loaded) if mode == "lora" else 0)
@@ -233,20 +242,7 @@ def test_a_model_with_weight_patches_trains_on_the_patched_weights(mode, tiny, o
     delta = 0.1 * torch.randn(base.shape, generator=torch.Generator().manual_seed(5))
     patched = model.clone()
     patched.add_patches({"diffusion_model." + name: (delta,)}, 1.0)  # ComfyUI's "diff" patch
-    seen = []
-    real = host.training_denoiser
-
-    def spy(mp, dtype):
-        den = real(mp, dtype)
-
-        def call(x, nu, cond):
-            if not seen:
-                seen.append(host.unet_of(mp).get_parameter(name).detach().clone())
-            return den(x, nu, cond)
-
-        return call
-
-    monkeypatch.setattr(host, "training_denoiser", spy)
+    seen = _unet_at_first_denoiser_call(monkeypatch, lambda unet: unet.get_parameter(name).detach().clone())
     out = train(patched, *kit.make_conds("sd15"), steps=2, mode=mode)
     torch.testing.assert_close(seen[0], base + delta, rtol=0, atol=1e-6)  # the patch was in, by hand
     if mode == "full":  # δ = trained − patched: a few steps at lr 1e-6, not the 0.1-sized patch
