@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import uuid
 
@@ -22,7 +23,7 @@ import torch
 
 from ..npo_core import formats
 from ..npo_core.errors import NPOError
-from ..npo_core.inject import OffsetInjector, RowGate, chunk_row_mask, mask_to_slices
+from ..npo_core.inject import UNCOND, OffsetInjector, RowGate, chunk_row_mask, mask_to_slices
 from ..npo_core.offset import Dense, FullWeight, LowRank, NPOOffset
 
 log = logging.getLogger("comfyui-npo")
@@ -182,48 +183,189 @@ def model_weights(mp, names) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # inference: per-row injection on the uncond rows
 # ---------------------------------------------------------------------------------------------
-def apply_offset(
-    model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0, select: int = 1
-):
-    """A clone of ``model`` whose negative/uncond rows (``cond_or_uncond == select``) run θ + strength·δ,
+class NegativeRowsOffset:
+    """One Apply NPO: θ + strength·δ on the rows of the negative chunk, between two sigmas.
+
+    The APPLY_MODEL wrapper finds those rows from ``cond_or_uncond``; in a Dual Model CFG Guider's
+    negative pass every row is negative (see ``NegativePassModel``). The injector is attached to
+    whichever UNet runs the call (the model, or a multi-GPU clone of it)."""
+
+    def __init__(self, offset: NPOOffset, strength: float, sigma_hi: float, sigma_lo: float, full_range: bool):
+        self.gate = RowGate()
+        self.injector = OffsetInjector(offset, strength, self.gate)
+        self.sigma_hi, self.sigma_lo, self.full_range = sigma_hi, sigma_lo, full_range
+
+    def rows(self, mask: torch.Tensor, t: torch.Tensor) -> list[slice]:
+        """``mask`` (negative rows) narrowed to the rows whose sigma lies in the range."""
+        if not self.full_range:
+            sig = t.detach().flatten().float().cpu()
+            if sig.numel() == 1:
+                sig = sig.expand(mask.shape[0])
+            mask = mask & (sig <= self.sigma_hi * (1 + 1e-5)) & (sig >= self.sigma_lo * (1 - 1e-5))
+        return mask_to_slices(mask)
+
+    def active(self, unet: torch.nn.Module, rows: list[slice]):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.injector.attached_to(unet))
+        stack.enter_context(self.gate.active(rows))
+        return stack
+
+
+def _unet_running(executor, fallback) -> torch.nn.Module:
+    """The UNet of the BaseModel whose ``apply_model`` the APPLY_MODEL wrapper wraps (a multi-GPU clone
+    has its own)."""
+    base_model = getattr(executor, "class_obj", None)
+    return getattr(base_model, "diffusion_model", None) or unet_of(fallback)
+
+
+def _transformer_options(args: tuple, kwargs: dict) -> dict:
+    topts = kwargs.get("transformer_options")
+    if topts is None and len(args) >= 4:
+        topts = args[3]
+    return topts or {}
+
+
+def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of ``model`` whose negative/uncond rows (``cond_or_uncond == 1``) run θ + strength·δ,
     between ``start_percent`` and ``end_percent`` of the schedule. One batched UNet call per step."""
     offset = resolve_for_model(offset, model)
     mp = model.clone()
-    gate = RowGate()
-    injector = OffsetInjector(offset, strength, gate)
-    root = unet_of(mp)
     ms = mp.get_model_object("model_sampling")
-    sigma_hi = float(ms.percent_to_sigma(start_percent))
-    sigma_lo = float(ms.percent_to_sigma(end_percent))
-    full_range = start_percent <= 0.0 and end_percent >= 1.0
+    action = NegativeRowsOffset(
+        offset,
+        strength,
+        float(ms.percent_to_sigma(start_percent)),
+        float(ms.percent_to_sigma(end_percent)),
+        start_percent <= 0.0 and end_percent >= 1.0,
+    )
 
     def npo_apply_model(executor, x, t, *args, **kwargs):
-        topts = kwargs.get("transformer_options")
-        if topts is None and len(args) >= 4:
-            topts = args[3]
-        mask = chunk_row_mask((topts or {}).get("cond_or_uncond"), x.shape[0], select)
-        if not full_range:
-            sig = t.detach().flatten().float().cpu()
-            if sig.numel() == 1:
-                sig = sig.expand(x.shape[0])
-            mask &= (sig <= sigma_hi * (1 + 1e-5)) & (sig >= sigma_lo * (1 - 1e-5))
-        rows = mask_to_slices(mask)
+        cond_or_uncond = _transformer_options(args, kwargs).get("cond_or_uncond")
+        rows = action.rows(chunk_row_mask(cond_or_uncond, x.shape[0], UNCOND), t)
         if not rows:
             return executor(x, t, *args, **kwargs)
-        with injector.attached_to(root), gate.active(rows):
+        with action.active(_unet_running(executor, mp), rows):
             return executor(x, t, *args, **kwargs)
 
+    npo_apply_model.npo_action = action
     key = f"npo_offset_{uuid.uuid4().hex[:8]}"
     mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, npo_apply_model)
     mp.set_injections(
         key,
         [
             comfy.patcher_extension.PatcherInjection(
-                inject=lambda patcher: injector.attach(unet_of(patcher)), eject=lambda patcher: injector.detach()
+                inject=lambda patcher: action.injector.attach(unet_of(patcher)),
+                eject=lambda patcher: action.injector.detach(unet_of(patcher)),
             )
         ],
     )
+    _add_dual_model_support(mp)
     return mp
+
+
+def npo_actions(mp) -> list[NegativeRowsOffset]:
+    """The Apply NPO offsets ``mp`` carries, in the order they were applied."""
+    wrappers = mp.get_all_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+    return [w.npo_action for w in wrappers if hasattr(w, "npo_action")]
+
+
+# ---------------------------------------------------------------------------------------------
+# a second MODEL for the negative pass (Dual Model CFG Guider, ComfyUI ≥ 0.33)
+# ---------------------------------------------------------------------------------------------
+DUAL_WRAPPER_KEY = "npo_dual_model"
+
+
+class NegativePassModel:
+    """Stands in for the BaseModel of a MODEL that a guider runs as its *negative* model only.
+
+    Dual Model CFG Guider loads its negative model, then its positive model, and runs the negative
+    pass on the negative model's BaseModel with the positive model's options. When both are clones of
+    one module (NPO Negative Model or Apply NPO on the checkpoint the positive uses), the module then
+    holds the positive's weights and the negative model's wrappers never run: plain CFG, silently.
+    Every ``apply_model`` call here runs the negative model's weights instead: the difference between
+    the weights loaded now and the negative model's own (exact low-rank for stacked LoRA patches,
+    dense otherwise) and its Apply NPO offsets, injected on every row. All else is the BaseModel's."""
+
+    def __init__(self, inner, patcher) -> None:
+        self.__dict__["_inner"] = inner
+        self.__dict__["_patcher"] = patcher
+        self.__dict__["_diffs"] = {}  # loaded patches_uuid -> NegativeRowsOffset | None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+    def _weights_difference(self) -> NegativeRowsOffset | None:
+        inner, patcher = self._inner, self._patcher
+        loaded_uuid = getattr(inner, "current_weight_patches_uuid", None)
+        if loaded_uuid is None or loaded_uuid == patcher.patches_uuid:
+            return None  # the module holds the negative model's own weights (or no patches at all)
+        if loaded_uuid not in self._diffs:
+            loaded = getattr(inner, "current_patcher", None)
+            if loaded is None or loaded.patches_uuid != loaded_uuid or not patcher.is_clone(loaded):
+                raise NPOError(
+                    "model_negative: its module holds the weights of another model that is not the one "
+                    "sampling now, so NPO cannot tell which weights the negative pass would use. Use NPO "
+                    "CFG Guider with npo_offset instead."
+                )
+            diff = patch_difference(loaded, patcher)
+            self._diffs[loaded_uuid] = (
+                NegativeRowsOffset(resolve_for_model(diff, patcher), 1.0, 0.0, 0.0, True) if diff.entries else None
+            )
+        return self._diffs[loaded_uuid]
+
+    def apply_model(self, x, t, *args, **kwargs):
+        actions = [a for a in [self._weights_difference(), *npo_actions(self._patcher)] if a is not None]
+        unet = self._inner.diffusion_model
+        every_row = torch.ones(x.shape[0], dtype=torch.bool)
+        with contextlib.ExitStack() as stack:
+            for action in actions:
+                rows = action.rows(every_row, t)
+                if rows:
+                    stack.enter_context(action.active(unet, rows))
+            return self._inner.apply_model(x, t, *args, **kwargs)
+
+
+def _prepare_as_negative_model(executor, model, noise_shape, conds, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper: a model prepared with negative conds only (how Dual Model CFG Guider
+    prepares its negative model) gets a ``NegativePassModel`` as its inner model."""
+    inner, conds_out, models = executor(model, noise_shape, conds, *args, **kwargs)
+    if set(conds) == {"negative"} and not isinstance(inner, NegativePassModel):
+        inner = NegativePassModel(inner, model)
+    return inner, conds_out, models
+
+
+def _check_dual_guider(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper of an Apply NPO model: in a Dual Model CFG Guider the negative pass runs on
+    ``model_negative``; refuse when that model does not carry this model's NPO offsets."""
+    guider = getattr(executor, "class_obj", None)
+    negative = getattr(guider, "uncond_model_patcher", None)
+    if negative is not None and not math.isclose(getattr(guider, "cfg", 1.0), 1.0):
+        mine = npo_actions(guider.model_patcher)
+        theirs = {id(a) for a in npo_actions(negative)}
+        if mine and not all(id(a) in theirs for a in mine):
+            raise NPOError(
+                "Apply NPO's model is the positive model of a Dual Model CFG Guider whose model_negative "
+                "does not carry the offset, and that guider runs the negative pass on model_negative only: "
+                "the offset would change nothing. Connect Apply NPO's output to model_negative (too), or use "
+                "NPO CFG Guider."
+            )
+    return executor(*args, **kwargs)
+
+
+def _add_dual_model_support(mp) -> None:
+    """Registers both wrappers once per patcher (ComfyUI versions without a dual-model guider never
+    meet the case they act on). The PREPARE_SAMPLING one goes into ``model_options``: a guider prepares
+    its negative model with that model's own options, which never get the patcher's ``wrappers``."""
+    ext = comfy.patcher_extension
+    if not ext.get_wrappers_with_key(ext.WrappersMP.PREPARE_SAMPLING, DUAL_WRAPPER_KEY, mp.model_options, True):
+        ext.add_wrapper_with_key(
+            ext.WrappersMP.PREPARE_SAMPLING, DUAL_WRAPPER_KEY, _prepare_as_negative_model, mp.model_options, True
+        )
+    if npo_actions(mp) and not mp.get_wrappers(ext.WrappersMP.OUTER_SAMPLE, DUAL_WRAPPER_KEY):
+        mp.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, DUAL_WRAPPER_KEY, _check_dual_guider)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +387,7 @@ def add_offset_patches(model, offset: NPOOffset, strength: float):
         raise NPOError(f"npo_offset: {len(missing)} offset tensors did not land as weight patches, e.g. {missing[:3]}")
     mp = model.clone()
     mp.add_patches(patches, strength)
+    _add_dual_model_support(mp)
     return mp
 
 

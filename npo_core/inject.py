@@ -5,11 +5,16 @@ negative/uncond chunk: each hooked layer computes y = f(x) as usual, then adds �
 y[rows], where Δ is the layer's response to its weight offset (low-rank: up·(down·x)·scale; dense:
 ΔW·x; norms: normalize(x)·Δγ + Δβ). No weight is copied or modified. Outside a ``RowGate.active``
 block the hooks return immediately, so a hook left attached can never change another model's output.
+
+One injector can be attached to several copies of the model at once (multi-GPU clones, each with its
+own module tree), and the gate is per thread, so copies running in parallel threads each see only
+the rows of their own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,18 +28,23 @@ UNCOND = 1  # ComfyUI's cond_or_uncond value for the negative/uncond chunk (0 = 
 
 
 class RowGate:
-    """Which batch rows the injected offset applies to during the current forward (None: none)."""
+    """Which batch rows the injected offset applies to during the current forward in this thread
+    (None: none)."""
 
     def __init__(self) -> None:
-        self.rows: list[slice] | None = None
+        self._local = threading.local()
+
+    @property
+    def rows(self) -> list[slice] | None:
+        return getattr(self._local, "rows", None)
 
     @contextlib.contextmanager
     def active(self, rows: list[slice] | None) -> Iterator[None]:
-        previous, self.rows = self.rows, rows or None
+        previous, self._local.rows = self.rows, rows or None
         try:
             yield
         finally:
-            self.rows = previous
+            self._local.rows = previous
 
 
 def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int = UNCOND) -> torch.Tensor:
@@ -160,9 +170,10 @@ def _module_kind(name: str, module: nn.Module) -> str:
 
 
 class OffsetInjector:
-    """Attaches forward hooks for a resolved (LDM-named) offset on ``root`` (the UNet module).
+    """Forward hooks for a resolved (LDM-named) offset on one or more ``root`` modules (UNet copies).
 
-    Δ is added to the rows in ``gate.rows`` only; ``strength`` multiplies δ.
+    Δ is added to the rows in ``gate.rows`` only; ``strength`` multiplies δ. The per-layer offsets
+    (and their per-device casts) are shared by every root.
     """
 
     def __init__(self, offset: NPOOffset, strength: float, gate: RowGate) -> None:
@@ -171,71 +182,82 @@ class OffsetInjector:
         self.offset = offset
         self.strength = float(strength)
         self.gate = gate
-        self._handles: list = []
-        self._root: nn.Module | None = None
-        self._layers: list[tuple[nn.Module, _LayerOffset]] = []
+        self._lock = threading.Lock()
+        self._handles: dict[int, tuple[nn.Module, list]] = {}  # id(root) -> (root, hook handles)
+        self._layers: dict[str, _LayerOffset] = {}
+
+    def is_attached(self, root: nn.Module) -> bool:
+        entry = self._handles.get(id(root))
+        return entry is not None and entry[0] is root
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def _build(self, root: nn.Module) -> None:
-        if self._root is root:
-            return
+    def _modules(self, root: nn.Module) -> list[tuple[nn.Module, _LayerOffset]]:
         by_module: dict[str, dict[str, Entry]] = {}
         for k, e in self.offset.entries.items():
             module, leaf = k.rsplit(".", 1)
             by_module.setdefault(module, {})[leaf] = e
-        layers = []
+        out = []
         for name, parts in sorted(by_module.items()):
             try:
                 module = root.get_submodule(name)
             except AttributeError as err:
                 raise NPOError(f"{self.offset.source or 'offset'}: module '{name}' not found in the model") from err
-            layers.append((module, _LayerOffset(name, module, parts.get("weight"), parts.get("bias"), self.strength)))
-        self._root, self._layers = root, layers
+            layer = self._layers.get(name)
+            if layer is None:
+                layer = _LayerOffset(name, module, parts.get("weight"), parts.get("bias"), self.strength)
+                self._layers[name] = layer
+            out.append((module, layer))
+        return out
 
     def attach(self, root: nn.Module) -> None:
-        if self._handles and self._root is root:
-            return
-        self.detach()
-        self._build(root)
-        gate = self.gate
-        for module, layer in self._layers:
+        with self._lock:
+            if self.is_attached(root):
+                return
+            self._detach_locked(root)
+            gate = self.gate
+            handles = []
+            for module, layer in self._modules(root):
 
-            def hook(
-                mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer
-            ) -> torch.Tensor | None:
-                rows = gate.rows
-                if rows is None:
-                    return None
-                x = args[0]
-                for sl in rows:
-                    out[sl] += layer.response(mod, x[sl])
-                return out
+                def hook(
+                    mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer
+                ) -> torch.Tensor | None:
+                    rows = gate.rows
+                    if rows is None:
+                        return None
+                    x = args[0]
+                    for sl in rows:
+                        out[sl] += layer.response(mod, x[sl])
+                    return out
 
-            self._handles.append(module.register_forward_hook(hook))
+                handles.append(module.register_forward_hook(hook))
+            self._handles[id(root)] = (root, handles)
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def _detach_locked(self, root: nn.Module | None) -> None:
+        keys = list(self._handles) if root is None else [id(root)]
+        for key in keys:
+            _, handles = self._handles.pop(key, (None, []))
+            for h in handles:
+                h.remove()
 
-    def clear_cache(self) -> None:
-        for _, layer in self._layers:
-            layer._cache.clear()
+    def detach(self, root: nn.Module | None = None) -> None:
+        """Remove the hooks from ``root`` (None: from every root)."""
+        with self._lock:
+            self._detach_locked(root)
 
     @contextlib.contextmanager
     def attached_to(self, root: nn.Module) -> Iterator[None]:
-        """Attach for the duration of the block if not attached already."""
-        was = self.attached and self._root is root
+        """Attach to ``root`` for the duration of the block if not attached there already."""
+        was = self.is_attached(root)
         if not was:
             self.attach(root)
         try:
             yield
         finally:
             if not was:
-                self.detach()
+                self.detach(root)
 
 
 def dense_cost_note(offset: NPOOffset) -> str:

@@ -3,98 +3,175 @@
 #
 #     bash scripts/test.sh [extra pytest arguments]
 #
-# 1. Creates (or reuses) a virtual environment, by default ~/.cache/comfyui-npo/venv
-#    (override with NPO_VENV=/path), and installs into it whatever is missing:
-#    torch==2.14.1 + torchvision==0.29.1 (override with NPO_TORCH_SPEC="torch==X torchvision==Y"),
-#    the pack's requirements.txt, scripts/requirements-test.txt (pytest, hypothesis, ruff) and,
-#    when ComfyUI is found, ComfyUI's own requirements.txt without its torch/torchvision/torchaudio lines.
+# What it does:
+# 1. A base virtual environment ($NPO_CACHE/venv, override with NPO_VENV) gets torch, torchvision and
+#    torchaudio ($NPO_TORCH_SPEC), the pack's requirements.txt and scripts/requirements-test.txt
+#    (pytest, hypothesis, ruff). `ruff check .` and the unit tier run in it.
+# 2. The ComfyUI versions to test (the matrix):
+#    - every tarball ComfyUI-v*.tar.gz in $NPO_COMFYUI_TARBALLS (default: ../shared/comfyui beside the
+#      repository), unpacked once into $NPO_CACHE/comfy/<version>/ComfyUI (re-unpacked when the
+#      tarball changes; the trees are never modified);
+#    - plus the ComfyUI installed at $COMFYUI_PATH, else ~/comfy/ComfyUI, when there is one.
+#    Each version gets its own venv, $NPO_CACHE/venv-comfy-<version>, holding ComfyUI's own
+#    requirements.txt; torch and the test tools are shared with the base venv through a .pth file
+#    (the venv's own packages come first), so the ~5 GB of torch is installed once.
 #    A venv that already has everything is used as is (nothing is reinstalled).
-# 2. Runs `ruff check .`.
-# 3. Runs pytest over tests/unit (pure torch), tests/host (real ComfyUI, in-process) and
-#    tests/e2e (real ComfyUI server on 127.0.0.1) in one invocation. Extra arguments go to pytest.
+# 3. The host and e2e tiers run once per version, in that version's venv, with COMFYUI_PATH set to it.
+#    Without any ComfyUI they skip, with one loud line in the summary.
+# 4. A summary line per run (version, passed, failed, skipped, seconds). Any failure fails the whole run.
 #
-# ComfyUI is found at $COMFYUI_PATH, else ~/comfy/ComfyUI (a folder with main.py and comfy/).
-# Without it the host and e2e tiers skip, and this script says so in one loud line.
-# Environment knobs: NPO_VENV, NPO_PYTHON (interpreter that creates the venv, default python3),
-# NPO_TORCH_SPEC, COMFYUI_PATH.
+# Extra arguments go to every pytest run; arguments that name test paths replace the tiers (paths
+# under tests/unit run once in the base venv, the others once per ComfyUI version).
+# Knobs: NPO_CACHE (default ~/.cache/comfyui-npo), NPO_VENV, NPO_PYTHON (interpreter that creates
+# the venvs, default python3), NPO_TORCH_SPEC, NPO_COMFYUI_TARBALLS, COMFYUI_PATH,
+# NPO_COMFY_VERSIONS (space-separated subset of versions to run, e.g. "0.33.0"; default all).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-VENV="${NPO_VENV:-$HOME/.cache/comfyui-npo/venv}"
+CACHE="${NPO_CACHE:-$HOME/.cache/comfyui-npo}"
+VENV="${NPO_VENV:-$CACHE/venv}"
 BASE_PYTHON="${NPO_PYTHON:-python3}"
-TORCH_SPEC="${NPO_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+TORCH_SPEC="${NPO_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.1}"
+TARBALLS="${NPO_COMFYUI_TARBALLS:-$ROOT/../shared/comfyui}"
+ONLY_VERSIONS="${NPO_COMFY_VERSIONS:-}"
 
 say() { printf '[test.sh] %s\n' "$*"; }
 die() { printf '[test.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+is_comfy() { [[ -n "$1" && -f "$1/main.py" && -d "$1/comfy" ]]; }
+comfy_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null || true; }
 
-# ---------------------------------------------------------------------------------------------
-# ComfyUI (same rule as tests/conftest.py: $COMFYUI_PATH, else ~/comfy/ComfyUI)
-# ---------------------------------------------------------------------------------------------
-COMFY=""
-for cand in "${COMFYUI_PATH:-}" "$HOME/comfy/ComfyUI"; do
-    if [[ -n "$cand" && -f "$cand/main.py" && -d "$cand/comfy" ]]; then
-        COMFY="$(cd "$cand" && pwd)"
-        break
-    fi
-done
-if [[ -n "${COMFYUI_PATH:-}" && -z "$COMFY" ]]; then
-    die "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (no main.py and comfy/ there). Fix it or unset it."
-fi
-
-# ---------------------------------------------------------------------------------------------
-# virtual environment
-# ---------------------------------------------------------------------------------------------
-mkdir -p "$(dirname "$VENV")"
+mkdir -p "$CACHE"
 if command -v flock >/dev/null 2>&1; then
-    exec 9>"$VENV.lock"
-    flock 9  # two runs never install into one venv at the same time
+    exec 9>"$CACHE/.test.lock"
+    flock 9  # two runs never install into the same venvs or unpack the same trees at the same time
 fi
 
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
-    if [[ -e "$VENV" && -n "$(ls -A "$VENV" 2>/dev/null)" && ! -f "$VENV/pyvenv.cfg" ]]; then
-        die "$VENV exists and is not a virtual environment; set NPO_VENV to another path."
+# ---------------------------------------------------------------------------------------------
+# virtual environments
+# ---------------------------------------------------------------------------------------------
+# make_venv DIR: creates DIR as a venv unless it already is one.
+make_venv() {
+    local dir="$1"
+    if [[ -x "$dir/bin/python" ]] && "$dir/bin/python" -c 'import sys' >/dev/null 2>&1; then return; fi
+    if [[ -e "$dir" && -n "$(ls -A "$dir" 2>/dev/null)" && ! -f "$dir/pyvenv.cfg" ]]; then
+        die "$dir exists and is not a virtual environment; remove it or set NPO_CACHE/NPO_VENV to another path."
     fi
     command -v "$BASE_PYTHON" >/dev/null 2>&1 || die "$BASE_PYTHON not found; install Python >= 3.10 or set NPO_PYTHON."
-    say "creating virtual environment $VENV ($("$BASE_PYTHON" -V 2>&1))"
-    "$BASE_PYTHON" -m venv --clear "$VENV" || die "'$BASE_PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)."
-fi
-PY="$VENV/bin/python"
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$VENV has Python < 3.10; remove it or set NPO_VENV."
+    say "creating virtual environment $dir ($("$BASE_PYTHON" -V 2>&1))"
+    "$BASE_PYTHON" -m venv --clear "$dir" || die "'$BASE_PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)."
+    "$dir/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$dir has Python < 3.10; remove it or set NPO_PYTHON."
+}
 
-# One requirement list for everything the tests need, so that one pip run resolves it together
-# (torch stays at TORCH_SPEC: nothing else may pull a different torch).
-REQ="$VENV/npo-test-requirements.txt"
+# ensure_requirements PYTHON REQFILE: pip-installs REQFILE unless everything in it is already there.
+ensure_requirements() {
+    local py="$1" req="$2" stamp key start
+    stamp="$req.stamp"
+    key="$( { "$py" -VV; cat "$req"; } | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$key" ]] && "$py" scripts/requirements_ok.py "$req"; then
+        say "$(dirname "$(dirname "$py")") is up to date"
+    elif "$py" scripts/requirements_ok.py "$req"; then
+        say "$(dirname "$(dirname "$py")") already has every requirement; nothing to install"
+        echo "$key" > "$stamp"
+    else
+        say "installing into $(dirname "$(dirname "$py")") (missing or outdated):"
+        "$py" scripts/requirements_ok.py -v "$req" || true
+        rm -f "$stamp"
+        start=$SECONDS
+        PIP_DISABLE_PIP_VERSION_CHECK=1 "$py" -m pip install --no-input -r "$req"
+        "$py" scripts/requirements_ok.py -v "$req" || die "requirements of $req still unsatisfied after pip install (see above)."
+        echo "$key" > "$stamp"
+        say "installed in $((SECONDS - start)) s"
+    fi
+}
+
+torch_lines() { for spec in $TORCH_SPEC; do echo "$spec"; done; }
+
+make_venv "$VENV"
+BASE_PY="$VENV/bin/python"
 {
     echo "# generated by scripts/test.sh; do not edit"
-    for spec in $TORCH_SPEC; do echo "$spec"; done
+    torch_lines
     grep -v '^[[:space:]]*-e' requirements.txt || true
     cat scripts/requirements-test.txt
-    if [[ -n "$COMFY" ]]; then
-        echo "# ComfyUI requirements ($COMFY/requirements.txt) without torch/torchvision/torchaudio"
-        grep -Eiv '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[].*)?$' "$COMFY/requirements.txt" || true
-    fi
-} > "$REQ.new"
-mv "$REQ.new" "$REQ"
+} > "$VENV/npo-test-requirements.txt"
+ensure_requirements "$BASE_PY" "$VENV/npo-test-requirements.txt"
+BASE_SITE="$("$BASE_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
-STAMP="$VENV/.npo-test-stamp"
-KEY="$( { "$PY" -VV; cat "$REQ"; } | sha256sum | cut -d' ' -f1)"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]] && "$PY" scripts/requirements_ok.py "$REQ"; then
-    say "venv $VENV is up to date"
-elif "$PY" scripts/requirements_ok.py "$REQ"; then
-    say "venv $VENV already has every requirement; nothing to install"
-    echo "$KEY" > "$STAMP"
-else
-    say "installing into $VENV (missing or outdated):"
-    "$PY" scripts/requirements_ok.py -v "$REQ" || true
-    rm -f "$STAMP"
-    start=$SECONDS
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install --no-input -r "$REQ"
-    "$PY" scripts/requirements_ok.py -v "$REQ" || die "requirements still unsatisfied after pip install (see above)."
-    echo "$KEY" > "$STAMP"
-    say "installed in $((SECONDS - start)) s"
+# ---------------------------------------------------------------------------------------------
+# the ComfyUI matrix: LABELS[i] is shown in the summary, TREES[i] is the ComfyUI folder
+# ---------------------------------------------------------------------------------------------
+LABELS=()
+TREES=()
+add_tree() {  # add_tree LABEL DIR (a tree already in the list is not added twice)
+    local real t
+    real="$(cd "$2" && pwd -P)"
+    for t in "${TREES[@]+"${TREES[@]}"}"; do [[ "$(cd "$t" && pwd -P)" == "$real" ]] && return; done
+    local v
+    v="$(comfy_version "$2")"
+    if [[ -n "$ONLY_VERSIONS" && " $ONLY_VERSIONS " != *" $v "* && " $ONLY_VERSIONS " != *" v$v "* ]]; then return; fi
+    LABELS+=("$1")
+    TREES+=("$2")
+}
+
+if [[ -d "$TARBALLS" ]]; then
+    shopt -s nullglob
+    tarballs=("$TARBALLS"/ComfyUI-v*.tar.gz)
+    shopt -u nullglob
+    # oldest version first
+    while IFS= read -r tarball; do
+        [[ -n "$tarball" ]] || continue
+        ver="$(basename "$tarball" .tar.gz)"
+        ver="${ver#ComfyUI-}"
+        dest="$CACHE/comfy/$ver"
+        sum="$(sha256sum "$tarball" | cut -d' ' -f1)"
+        if [[ ! -f "$dest/.tarball-sha256" || "$(cat "$dest/.tarball-sha256")" != "$sum" ]] || ! is_comfy "$dest/ComfyUI"; then
+            say "unpacking $(basename "$tarball") into $dest"
+            tmp="$CACHE/comfy/.unpack-$ver.$$"
+            rm -rf "$tmp" && mkdir -p "$tmp"
+            tar -xzf "$tarball" -C "$tmp" || die "could not unpack $tarball"
+            is_comfy "$tmp/ComfyUI" || die "$tarball does not unpack to a ComfyUI/ folder with main.py and comfy/"
+            echo "$sum" > "$tmp/.tarball-sha256"
+            rm -rf "$dest" && mv "$tmp" "$dest"
+        fi
+        add_tree "$ver" "$dest/ComfyUI"
+    done < <(printf '%s\n' "${tarballs[@]+"${tarballs[@]}"}" | sort -V)
 fi
+
+INSTALLED=""
+for cand in "${COMFYUI_PATH:-}" "$HOME/comfy/ComfyUI"; do
+    if is_comfy "$cand"; then INSTALLED="$(cd "$cand" && pwd)"; break; fi
+done
+if [[ -n "${COMFYUI_PATH:-}" && -z "$INSTALLED" ]]; then
+    die "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (no main.py and comfy/ there). Fix it or unset it."
+fi
+if [[ -n "$INSTALLED" ]]; then add_tree "v$(comfy_version "$INSTALLED") at $INSTALLED" "$INSTALLED"; fi
+
+# One venv per ComfyUI version: ComfyUI's requirements.txt without torch/torchvision/torchaudio
+# (those come from the base venv, and stay at TORCH_SPEC: nothing may pull a different torch).
+PYS=()
+for i in "${!TREES[@]}"; do
+    tree="${TREES[$i]}"
+    ver="$(comfy_version "$tree")"
+    [[ -n "$ver" ]] || die "${TREES[$i]}: no __version__ in comfyui_version.py"
+    venv="$CACHE/venv-comfy-$ver"
+    make_venv "$venv"
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$BASE_SITE" > "$site/npo-shared-base.pth"
+    {
+        echo "# generated by scripts/test.sh for ComfyUI v$ver ($tree); do not edit"
+        torch_lines
+        grep -v '^[[:space:]]*-e' requirements.txt || true
+        cat scripts/requirements-test.txt
+        echo "# ComfyUI requirements ($tree/requirements.txt) without torch/torchvision/torchaudio"
+        grep -Eiv '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*([<>=!~;[].*)?$' "$tree/requirements.txt" || true
+        echo "# imported by ComfyUI's server (app/frontend_management.py) but missing from its list before v0.14"
+        echo "requests"
+    } > "$venv/npo-test-requirements.txt"
+    ensure_requirements "$venv/bin/python" "$venv/npo-test-requirements.txt"
+    PYS+=("$venv/bin/python")
+done
 
 # ---------------------------------------------------------------------------------------------
 # Chromium for tests/e2e/test_browser.py (skips loudly without it). Installed from Debian's
@@ -103,7 +180,7 @@ fi
 CHROMIUM="${NPO_E2E_CHROMIUM:-/usr/bin/chromium}"
 want_chromium="${NPO_INSTALL_CHROMIUM:-}"
 if [[ -z "$want_chromium" && -n "${CI:-}" && "${CI:-}" != "false" && "${CI:-}" != "0" ]]; then want_chromium=1; fi
-if [[ -n "$COMFY" && ! -x "$CHROMIUM" && "$want_chromium" == "1" ]]; then
+if [[ ${#TREES[@]} -gt 0 && ! -x "$CHROMIUM" && "$want_chromium" == "1" ]]; then
     if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
         say "installing Debian's chromium for the browser tests"
         start=$SECONDS
@@ -124,32 +201,52 @@ fi
 say "ruff check ."
 "$VENV/bin/ruff" check .
 
-TIERS=()
-for tier in tests/unit tests/host tests/e2e; do
-    if [[ -d "$tier" ]]; then TIERS+=("$tier"); fi
-done
-[[ ${#TIERS[@]} -gt 0 ]] || die "no test folders (tests/unit, tests/host, tests/e2e) found."
-# pytest is given the parent folder `tests` (= the tiers): a tier whose conftest skips itself when
-# ComfyUI is missing is then skipped, whereas a tier named on the command line would abort the run.
-PATHS=(tests)
-# Extra arguments that name test paths (e.g. tests/unit/test_formats.py::test_x) replace the tiers.
+for tier in tests/unit tests/host tests/e2e; do [[ -d "$tier" ]] || die "test folder $tier is missing."; done
+UNIT_PATHS=(tests/unit)
+COMFY_PATHS=(tests/host tests/e2e)
+ARGS=()
+named=0
 for arg in "$@"; do
-    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then PATHS=(); break; fi
+    if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+        if [[ $named -eq 0 ]]; then UNIT_PATHS=(); COMFY_PATHS=(); named=1; fi
+        if [[ "$arg" == tests/unit* ]]; then UNIT_PATHS+=("$arg"); else COMFY_PATHS+=("$arg"); fi
+    else
+        ARGS+=("$arg")
+    fi
 done
 
-if [[ -n "$COMFY" ]]; then
-    version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)"
-    say "ComfyUI ${version:+v$version }at $COMFY: host and e2e tiers run"
+REPORTS="$(mktemp -d "${TMPDIR:-/tmp}/npo-test-reports.XXXXXX")"
+SUMMARY=()   # "label|junit xml|exit code|seconds"
+run_pytest() {  # run_pytest LABEL PYTHON COMFYUI_PATH(or "") PATH...
+    local label="$1" py="$2" comfy="$3" xml rc start
+    shift 3
+    xml="$REPORTS/run-${#SUMMARY[@]}.xml"
+    say "pytest $* ${ARGS[*]+${ARGS[*]} }($label; $py)"
+    start=$SECONDS
+    set +e
+    if [[ -n "$comfy" ]]; then
+        COMFYUI_PATH="$comfy" "$py" -m pytest "$@" ${ARGS[@]+"${ARGS[@]}"} --junitxml="$xml"
+    else
+        env -u COMFYUI_PATH "$py" -m pytest "$@" ${ARGS[@]+"${ARGS[@]}"} --junitxml="$xml"
+    fi
+    rc=$?
+    set -e
+    SUMMARY+=("$label|$xml|$rc|$((SECONDS - start))")
+}
+
+if [[ ${#TREES[@]} -eq 0 ]]; then
+    echo "!!!!!! ComfyUI NOT FOUND (no tarballs in $TARBALLS, nothing at \$COMFYUI_PATH or ~/comfy/ComfyUI): tests/host and tests/e2e are SKIPPED, only tests/unit runs !!!!!!"
+    paths=("${UNIT_PATHS[@]+"${UNIT_PATHS[@]}"}" "${COMFY_PATHS[@]+"${COMFY_PATHS[@]}"}")
+    [[ $named -eq 1 ]] || paths=(tests)
+    run_pytest "no ComfyUI (host, e2e skipped)" "$BASE_PY" "" "${paths[@]}"
 else
-    echo "!!!!!! ComfyUI NOT FOUND (set COMFYUI_PATH or put it at ~/comfy/ComfyUI): tests/host and tests/e2e are SKIPPED, only tests/unit runs !!!!!!"
+    say "ComfyUI matrix: ${LABELS[*]}"
+    if [[ ${#UNIT_PATHS[@]} -gt 0 ]]; then run_pytest "unit (no ComfyUI)" "$BASE_PY" "" "${UNIT_PATHS[@]}"; fi
+    if [[ ${#COMFY_PATHS[@]} -gt 0 ]]; then
+        for i in "${!TREES[@]}"; do
+            run_pytest "ComfyUI ${LABELS[$i]}" "${PYS[$i]}" "${TREES[$i]}" "${COMFY_PATHS[@]}"
+        done
+    fi
 fi
 
-say "pytest ${PATHS[*]:+${PATHS[*]} }$* (tiers: ${TIERS[*]})"
-set +e
-"$PY" -m pytest "${PATHS[@]}" "$@"
-rc=$?
-set -e
-if [[ $rc -eq 5 ]]; then
-    echo "!!!!!! pytest ran NO test at all (exit 5: nothing collected or everything deselected): that is a failure, not a pass !!!!!!" >&2
-fi
-exit "$rc"
+"$BASE_PY" scripts/junit_summary.py "${SUMMARY[@]}"

@@ -60,20 +60,43 @@ def _data(hw: int) -> StartData:
     return StartData(torch.randn(4, 4, hw, hw, generator=g), [torch.zeros(1, 3)], torch.zeros(1, 3))
 
 
+class HalfBoundaryEps(nn.Module):
+    """eps = s·conv(x) whose activation, and so its gradient, passes through float16 storage: the forward
+    rounds conv(x) to fp16 and the backward rounds the incoming gradient to fp16 (IEEE rounding of a cast,
+    the same on every CPU and GPU), while every product is computed in float32. With s = 1e-5 the
+    gradient at that boundary is below fp16's smallest subnormal (6e-8) everywhere, as the activation
+    gradients of a deep fp16 UNet become a few layers down."""
+
+    def __init__(self, scale: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x, nu, fp16: bool):
+        h = self.conv(x / (1 + nu.view(-1, 1, 1, 1) ** 2).sqrt())
+        if fp16:
+            h = h.half().float()
+        return self.scale * h
+
+
 def _one_step(fp16: bool, scaling: bool) -> torch.Tensor:
-    """First-layer change after one step at a 128² latent (SDXL's size at 1024 px)."""
+    """Change of the conv weight after one step at a 64² latent."""
     torch.manual_seed(0)
-    net = DeepEps(width=4)
-    before = net.net[0].weight.detach().clone()
+    net = HalfBoundaryEps()
+    before = net.conv.weight.detach().clone()
+
+    def den(x, nu, cond):
+        return x - nu.view(-1, 1, 1, 1) * net(x, nu, fp16)
+
     cfg = TrainConfig(steps=1, batch_size=2, learning_rate=1e-3, weight_decay=0.0, seed=1, fp16_loss_scaling=scaling)
-    train(fp16_denoiser(net, fp16), SCHED, dict(net.named_parameters()), _data(128), cfg)
-    return net.net[0].weight.detach() - before  # AdamW's first step: −lr·sign(grad) where grad ≠ 0
+    train(den, SCHED, dict(net.named_parameters()), _data(64), cfg)
+    return net.conv.weight.detach() - before  # AdamW's first step: −lr·sign(grad) where grad ≠ 0
 
 
-def test_fp16_backward_loses_the_first_layers_gradient_and_loss_scaling_restores_it():
+def test_fp16_gradient_underflow_is_restored_by_loss_scaling():
     ref, unscaled, scaled = _one_step(False, False), _one_step(True, False), _one_step(True, True)
-    assert (ref != 0).float().mean() > 0.99  # fp32: every weight of the first layer moves
-    assert torch.count_nonzero(unscaled) == 0  # fp16, no scaling: its gradient underflowed to exactly zero
+    assert (ref != 0).float().mean() > 0.99  # fp32: every weight moves
+    assert torch.count_nonzero(unscaled) == 0  # fp16 boundary, no scaling: the gradient rounded to exactly zero
     agree = (torch.sign(scaled) == torch.sign(ref)).float().mean()
     assert agree > 0.95, f"scaled fp16 update agrees with fp32 on {agree:.3f} of the signs"
     torch.testing.assert_close(scaled.abs().mean(), ref.abs().mean(), rtol=0.05, atol=0)

@@ -1,0 +1,59 @@
+"""Print one summary line per pytest run of ``scripts/test.sh`` and exit non-zero if any run failed.
+
+Usage: python scripts/junit_summary.py "LABEL|JUNIT_XML|EXIT_CODE|SECONDS" ...
+
+Counts come from each run's JUnit XML (passed = tests − failures − errors − skipped). A run fails when
+pytest exited non-zero, including exit 5 (no test collected), or when it wrote no report.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+
+
+def counts(xml_path: str) -> dict[str, int] | None:
+    """{"passed", "failed", "errors", "skipped"} summed over the report's test suites; None if unreadable."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for suite in suites:
+        for key in total:
+            total[key] += int(suite.get(key, 0))
+    failed, errors, skipped = total["failures"], total["errors"], total["skipped"]
+    passed = total["tests"] - failed - errors - skipped
+    return {"passed": passed, "failed": failed, "errors": errors, "skipped": skipped}
+
+
+def main(runs: list[str]) -> int:
+    ok = True
+    lines = []
+    for run in runs:
+        label, xml_path, rc, seconds = run.rsplit("|", 3)
+        c = counts(xml_path)
+        if c is None:
+            lines.append(f"{label}: NO REPORT (pytest exit {rc}), {seconds} s")
+            ok = False
+            continue
+        verdict = "ok" if rc == "0" else ("NO TEST RAN" if rc == "5" else f"FAILED (exit {rc})")
+        ok = ok and rc == "0"
+        lines.append(f"{label}: {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
+                     f"{c['skipped']} skipped in {seconds} s: {verdict}")
+    width = max((len(line) for line in lines), default=0)
+    print("=" * width)
+    print("Summary (one line per pytest run):")
+    for line in lines:
+        print(line)
+    print("=" * width)
+    if not runs:
+        print("no pytest run at all: that is a failure")
+        return 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
