@@ -35,6 +35,13 @@ def test_pack_imports_without_errors(server):
         "the pack is missing from ComfyUI's 'Import times for custom nodes' list:\n" + server.log_tail(120)
 
 
+def test_comfyui_starts_complete(server):
+    """A complete ComfyUI Python: none of ComfyUI's own node modules (audio, video, ...) fails to import."""
+    log = server.log_text()
+    failed = [ln for ln in log.splitlines() if "IMPORT FAILED" in ln or "Cannot import" in ln]
+    assert not failed, "ComfyUI started with modules missing:\n" + "\n".join(failed) + "\n" + server.log_tail(200)
+
+
 def test_object_info_lists_every_node_with_declared_inputs(object_info):
     for node_id, (inputs, outputs) in EXPECTED_NODES.items():
         assert node_id in object_info, f"{node_id} is not registered; /object_info has no such node"

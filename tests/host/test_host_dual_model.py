@@ -122,7 +122,8 @@ def test_apply_npo_with_a_sigma_range_as_the_negative_model(tiny, load_offset):
 )
 def test_apply_npo_only_on_the_positive_is_refused(tiny, load_offset):
     base = tiny("sd15")
-    npo_model = _node(NPOApply, model=base, npo_offset=load_offset(kit.make_lora("sd15", "peft", rank=4)[0]), strength=1.0)
+    offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0])
+    npo_model = _node(NPOApply, model=base, npo_offset=offset, strength=1.0)
     pos, neg = kit.make_conds("sd15")
     with pytest.raises(NPOError, match="model_negative"):
         kit.guider_sample(_dual(npo_model, base, pos, neg), 1)

@@ -6,10 +6,9 @@ import importlib.util
 import logging
 import sys
 import types
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +37,9 @@ def _oldest() -> str:
     return (ROOT / "pyproject.toml").read_text().split('requires-comfyui = ">=', 1)[1].split('"', 1)[0]
 
 
-@pytest.mark.fault("ComfyUI older than the oldest tested release", "one error line naming both versions; no node registers")
+@pytest.mark.fault(
+    "ComfyUI older than the oldest tested release", "one error line naming both versions; no node registers"
+)
 @pytest.mark.parametrize("found", ["0.3.40", "0.2.7", "0.3.63"])
 def test_an_older_comfyui_gets_one_line_and_no_nodes(monkeypatch, caplog, found):
     with caplog.at_level(logging.ERROR):
