@@ -119,3 +119,49 @@ def test_unsupported_layer_and_unresolved_offset_are_refused():
         OffsetInjector(NPOOffset({"0.weight": Dense(torch.zeros(4, 4))}, naming="diffusers"), 1.0, RowGate())
     with pytest.raises(NPOError, match="not found"):
         OffsetInjector(NPOOffset({"nope.weight": Dense(torch.zeros(4, 4))}), 1.0, RowGate()).attach(net)
+
+
+def test_one_injector_on_two_copies_in_parallel_threads():
+    """Multi-GPU CFG split: two copies of the model, each in its own thread; each copy adds the offset to the
+    rows its own thread selected, and to no other."""
+    import threading
+
+    torch.manual_seed(0)
+    net_a = Net().eval()
+    net_b = copy.deepcopy(net_a)
+    off, s = make_offset(), 1.2
+    ref_neg = merged(net_a, off, s)
+    gate = RowGate()
+    inj = OffsetInjector(off, s, gate)
+    inj.attach(net_a)
+    inj.attach(net_b)
+    x = torch.randn(4, 4, 6, 6)
+    results, barrier = {}, threading.Barrier(2)
+
+    def run(name, net, rows):
+        with torch.no_grad(), gate.active(rows):
+            barrier.wait()  # both threads are inside their gate before either computes
+            results[name] = [net(x) for _ in range(5)]
+
+    threads = [
+        threading.Thread(target=run, args=("a", net_a, [slice(0, 2)])),
+        threading.Thread(target=run, args=("b", net_b, [slice(2, 4)])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gate.rows is None  # this thread never opened the gate
+    with torch.no_grad():
+        plain, neg = merged(net_a, off, 0.0)(x), ref_neg(x)
+    for y in results["a"]:
+        torch.testing.assert_close(y[:2], neg[:2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[2:], plain[2:], rtol=1e-5, atol=1e-5)
+    for y in results["b"]:
+        torch.testing.assert_close(y[:2], plain[:2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[2:], neg[2:], rtol=1e-5, atol=1e-5)
+    inj.detach(net_a)
+    assert not any(m._forward_hooks for m in net_a.modules())
+    assert any(m._forward_hooks for m in net_b.modules()) and inj.is_attached(net_b)
+    inj.detach()
+    assert not any(m._forward_hooks for m in net_b.modules()) and not inj.attached
