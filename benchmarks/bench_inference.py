@@ -5,7 +5,7 @@ Variants, all sampled with ComfyUI's CFGGuider + euler (cond and uncond in one b
 variant itself splits them):
 
 - ``plain``      plain CFG (the reference: every ratio is variant / plain, measured in the same run);
-- ``npo_r8``     NPOApply (``host.apply_offset``) with a rank-8 LoRA shaped like the authors' released
+- ``npo_r8``     NPOApply (``sampling.apply_offset``) with a rank-8 LoRA shaped like the authors' released
                  SD1.5 file: PEFT keys ``unet.<diffusers module>.{attn1,attn2}.{to_q,to_k,to_v,to_out.0}
                  .lora.{down,up}.weight``, 16 transformer blocks, 128 layers, 1,594,368 parameters, no alpha;
 - ``npo_dense``  NPOApply with a dense, full-rank δ (``diffusion_model.<module>.diff``) on the same 128
@@ -132,12 +132,12 @@ def released_style_lora(mp, seed: int, rank: int = 8) -> dict:
     """A rank-8 PEFT/diffusers LoRA with exactly the key set and shapes of the authors' SD1.5 file."""
     import torch
 
-    from comfyui_npo.nodes import host
+    from comfyui_npo.nodes.host import model_facts
 
-    shapes = host.param_shapes(mp)
+    shapes = model_facts.param_shapes(mp)
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for dk, lk in sorted(host.diffusers_to_ldm(mp).items()):
+    for dk, lk in sorted(model_facts.diffusers_to_ldm(mp).items()):
         if not ATTN_PROJ.search(dk):
             continue
         out_f, in_f = shapes[lk]
@@ -154,12 +154,13 @@ def dense_offset_sd(mp, seed: int, scope: str, std: float = 0.002) -> dict:
     """Full-rank random δ in ComfyUI keys (``diffusion_model.<module>.diff`` / ``.diff_b``)."""
     import torch
 
-    from comfyui_npo.nodes import host
+    from comfyui_npo.nodes.host import model_facts
 
     g = torch.Generator().manual_seed(seed)
-    targets = set(host.diffusers_to_ldm(mp)[dk] for dk in host.diffusers_to_ldm(mp) if ATTN_PROJ.search(dk))
+    key_map = model_facts.diffusers_to_ldm(mp)
+    targets = {key_map[dk] for dk in key_map if ATTN_PROJ.search(dk)}
     sd = {}
-    for name, shape in sorted(host.param_shapes(mp).items()):
+    for name, shape in sorted(model_facts.param_shapes(mp).items()):
         if scope == "attn" and name not in targets:
             continue
         module, leaf = name.rsplit(".", 1)
@@ -210,13 +211,13 @@ class Bench:
         The SVDs are slow on some CPUs (MKL's LAPACK on AMD: ~25 s per 1280×1280 matrix here), so the
         result is computed once, saved with ``formats.save_offset`` and loaded by later runs, as a user
         would save a compressed offset."""
-        from comfyui_npo.nodes import host
+        from comfyui_npo.nodes.host import model_facts
         from comfyui_npo.npo_core import formats
 
         path = svd_cache_path(self.args)
         if not path.is_file():
             t0 = time.perf_counter()
-            svd, energy = host.resolve_for_model(dense, self.mp).compressed(64)
+            svd, energy = model_facts.resolve_for_model(dense, self.mp).compressed(64)
             formats.save_offset(svd, path, {"npo.bench_seconds": f"{time.perf_counter() - t0:.1f}"})
             del svd
         out = formats.load_offset(path)
@@ -229,18 +230,18 @@ class Bench:
         import comfy.hooks
         import comfy.samplers
 
-        from comfyui_npo.nodes import host
+        from comfyui_npo.nodes.host import model_facts, sampling
         from comfyui_npo.npo_core import formats
 
         model, neg = self.mp, self.neg
         if variant == "npo_r8":
-            model = host.apply_offset(self.mp, self.offsets["r8"], 1.0)
+            model = sampling.apply_offset(self.mp, self.offsets["r8"], 1.0)
         elif variant == "npo_dense":
-            model = host.apply_offset(self.mp, self.offsets["dense"], 1.0)
+            model = sampling.apply_offset(self.mp, self.offsets["dense"], 1.0)
         elif variant == "npo_svd64":
-            model = host.apply_offset(self.mp, self.offsets["svd64"], 1.0)
+            model = sampling.apply_offset(self.mp, self.offsets["svd64"], 1.0)
         elif variant == "hooks_r8":
-            comfy_sd = formats.to_comfy_state_dict(host.resolve_for_model(self.offsets["r8"], self.mp))
+            comfy_sd = formats.to_comfy_state_dict(model_facts.resolve_for_model(self.offsets["r8"], self.mp))
             hooks = comfy.hooks.create_hook_lora(comfy_sd, strength_model=1.0, strength_clip=0.0)
             neg = comfy.hooks.set_hooks_for_conditioning(self.neg, hooks)
         elif variant != "plain":

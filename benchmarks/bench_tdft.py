@@ -76,33 +76,35 @@ class Bench:
     def __init__(self, mode: str, latent: int, batch: int, device: str = "cpu", dtype: str = "fp32"):
         import torch
 
-        from comfyui_npo.nodes import host
+        from comfyui_npo.nodes.host import model_facts, training_session
         from comfyui_npo.npo_core.schedule import DiscreteSchedule
         from comfyui_npo.training import tdft
         from comfyui_npo.training.data import StartData
         from comfyui_npo.training.lora import LoRASet, select_modules
 
-        self.torch, self.tdft, self.host = torch, tdft, host
+        self.torch, self.tdft, self.session_module = torch, tdft, training_session
         self.device, self.dtype = device, getattr(torch, DTYPES[dtype])
         self.mp = build(device)
         self.batch = batch
-        self.schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(self.mp))
+        self.schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(self.mp))
         g = torch.Generator().manual_seed(1)
         self.data = StartData(  # on the device, as the node prepares them
             torch.randn(8, 4, latent, latent, generator=g).to(device),
             [{"c_crossattn": torch.randn(1, 77, 768, generator=g).to(device)} for _ in range(2)],
             {"c_crossattn": torch.zeros(1, 77, 768, device=device)},
         )
-        self.session = host.TrainingSession(self.mp, gradient_checkpointing=False, copy_weights=mode == "full")
+        self.session = training_session.TrainingSession(
+            self.mp, gradient_checkpointing=False, copy_weights=mode == "full"
+        )
         self.session.__enter__()
-        unet = host.unet_of(self.mp)
+        unet = model_facts.unet_of(self.mp)
         if mode == "lora":
             self.lset = LoRASet(unet, select_modules(unet, "attention"), 16, generator=torch.Generator().manual_seed(0))
             self.lset.attach()
             self.params = self.lset.named_trainable()
         else:
             self.params = self.session.full_params(torch.float32)
-        self.denoiser = host.training_denoiser(self.mp, self.dtype)
+        self.denoiser = training_session.training_denoiser(self.mp, self.dtype)
         self.mode = mode
 
     def ours(self, steps: int) -> list[float]:

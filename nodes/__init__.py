@@ -4,11 +4,11 @@ from __future__ import annotations
 
 
 def node_list() -> list:
-    from . import host
     from .guider import NPOCFGGuider
+    from .host import files
     from .models import NPOApply, NPONegativeModel
     from .offsets import NPOCompressOffset, NPOLoadOffset
     from .train import NPOSaveOffset, SelfNPOTrain
 
-    host.register_npo_folder()
+    files.register_npo_folder()
     return [NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from . import host
 from .common import CATEGORY, STRENGTH_MAX, NPOOffsetType, check_range, strength_input
+from .host import sampling
 
 
 class NPOCFGGuider(io.ComfyNode):
@@ -54,4 +54,4 @@ class NPOCFGGuider(io.ComfyNode):
     ) -> io.NodeOutput:
         strength = check_range("strength", strength, 0.0, STRENGTH_MAX)
         cfg = check_range("cfg", cfg, 0.0, 100.0)
-        return io.NodeOutput(host.make_guider(model, positive, negative, cfg, npo_offset, strength, negative_model))
+        return io.NodeOutput(sampling.make_guider(model, positive, negative, cfg, npo_offset, strength, negative_model))

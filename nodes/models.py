@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..npo_core.errors import NPOError
 from ..npo_core.offset import negative_offset
-from . import host
 from .common import CATEGORY, STRENGTH_MAX, NPOOffsetType, check_range, strength_input
+from .host import model_facts, sampling
 
 
 class NPOApply(io.ComfyNode):
@@ -57,7 +57,7 @@ class NPOApply(io.ComfyNode):
             raise NPOError(f"start_percent ({start}) is after end_percent ({end}); set start_percent ≤ end_percent.")
         if strength == 0.0:
             return io.NodeOutput(model)
-        return io.NodeOutput(host.apply_offset(model, npo_offset, strength, start, end))
+        return io.NodeOutput(sampling.apply_offset(model, npo_offset, strength, start, end))
 
 
 class NPONegativeModel(io.ComfyNode):
@@ -103,21 +103,21 @@ class NPONegativeModel(io.ComfyNode):
                 "merge_weight to 0."
             )
         if base_model is not None:
-            host.check_unet_model(model)
-            host.check_unet_model(base_model, "base_model")
-            if host.param_shapes(base_model) != host.param_shapes(model):
+            model_facts.check_unet_model(model)
+            model_facts.check_unet_model(base_model, "base_model")
+            if model_facts.param_shapes(base_model) != model_facts.param_shapes(model):
                 raise NPOError(
-                    f"base_model is {host.model_arch(base_model)} with other layers than model "
-                    f"({host.model_arch(model)}); base_model must be the base checkpoint of the same "
+                    f"base_model is {model_facts.model_arch(base_model)} with other layers than model "
+                    f"({model_facts.model_arch(model)}); base_model must be the base checkpoint of the same "
                     "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones)."
                 )
-        resolved = host.resolve_for_model(npo_offset, model, reference=base_model)
+        resolved = model_facts.resolve_for_model(npo_offset, model, reference=base_model)
         positive = base = None
         if m > 0:
-            host.check_unet_model(base_model, "base_model")
-            names = list(host.param_shapes(model))
-            positive, base = host.model_weights(model, names), host.model_weights(base_model, names)
+            model_facts.check_unet_model(base_model, "base_model")
+            names = list(model_facts.param_shapes(model))
+            positive, base = model_facts.model_weights(model, names), model_facts.model_weights(base_model, names)
         offset = negative_offset(resolved, strength, m, positive, base)
         if not offset.entries:
             return io.NodeOutput(model.clone())
-        return io.NodeOutput(host.add_offset_patches(model, offset, 1.0))
+        return io.NodeOutput(sampling.add_offset_patches(model, offset, 1.0))

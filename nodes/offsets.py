@@ -8,8 +8,8 @@ from comfy_api.latest import io, ui
 
 from ..npo_core import formats
 from ..npo_core.inject import dense_cost_note
-from . import host
 from .common import CATEGORY, NPOOffsetType
+from .host import files, model_facts, runtime
 
 
 class NPOLoadOffset(io.ComfyNode):
@@ -24,7 +24,7 @@ class NPOLoadOffset(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "offset_name",
-                    options=host.offset_file_list(),
+                    options=files.offset_file_list(),
                     tooltip="A file from models/npo or models/loras (.safetensors; .ckpt/.pt only if they "
                     "hold plain tensors).",
                 ),
@@ -42,18 +42,18 @@ class NPOLoadOffset(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, offset_name: str, base_model=None) -> str:
         try:
-            st = os.stat(host.offset_file_path(offset_name))
+            st = os.stat(files.offset_file_path(offset_name))
             return f"{offset_name}:{st.st_mtime_ns}:{st.st_size}"
         except Exception:
             return offset_name
 
     @classmethod
     def execute(cls, offset_name: str, base_model=None) -> io.NodeOutput:
-        offset = formats.load_offset(host.offset_file_path(offset_name))
+        offset = formats.load_offset(files.offset_file_path(offset_name))
         if base_model is not None:
-            offset = host.resolve_for_model(offset, base_model, input_name="offset_name")
+            offset = model_facts.resolve_for_model(offset, base_model, input_name="offset_name")
         text = offset.summary() + "\n" + dense_cost_note(offset)
-        host.log.info("NPO offset loaded:\n%s", text)
+        runtime.log.info("NPO offset loaded:\n%s", text)
         return io.NodeOutput(offset, ui=ui.PreviewText(text))
 
 
@@ -85,7 +85,7 @@ class NPOCompressOffset(io.ComfyNode):
 
     @classmethod
     def execute(cls, npo_offset, model, rank: int) -> io.NodeOutput:
-        resolved = host.resolve_for_model(npo_offset, model)
+        resolved = model_facts.resolve_for_model(npo_offset, model)
         out, energy = resolved.compressed(int(rank))
         n = int(out.metadata.get("npo.svd_entries", "0"))
         if n:
@@ -93,5 +93,5 @@ class NPOCompressOffset(io.ComfyNode):
         else:
             text = f"rank {rank}: nothing to compress (every layer already has rank ≤ {rank})\n"
         text += out.summary()
-        host.log.info("NPO offset compressed: %s", text.splitlines()[0])
+        runtime.log.info("NPO offset compressed: %s", text.splitlines()[0])
         return io.NodeOutput(out, ui=ui.PreviewText(text))

@@ -17,8 +17,8 @@ from ..training import tdft
 from ..training.data import StartData
 from ..training.lora import TARGET_PRESETS, LoRASet, select_modules
 from ..training.trainer import Callbacks, TrainConfig, TrainingError, load_checkpoint, train
-from . import host
 from .common import CATEGORY, NPOOffsetType
+from .host import files, model_facts, runtime, training_session
 from .plot import loss_curve_image
 
 CHECKPOINT_SUBDIR = "npo_training"
@@ -39,7 +39,7 @@ POOL_OOM_REMEDIES = "Lower width/height, or connect latents (e.g. VAE Encode of 
 
 
 def checkpoint_files() -> list[str]:
-    folder = os.path.join(host.output_dir(), CHECKPOINT_SUBDIR)
+    folder = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR)
     try:
         names = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
     except OSError:
@@ -288,14 +288,14 @@ class SelfNPOTrain(io.ComfyNode):
         pool_steps: int = 20,
         pool_cfg: float = 7.0,
     ) -> io.NodeOutput:
-        host.check_trainable(model)
+        training_session.check_trainable(model)
         if mode not in ("lora", "full"):
             raise NPOError(f"mode: '{mode}' is not one of lora, full.")
         if mode == "lora" and rank < 1:
             raise NPOError("rank: lora mode needs rank ≥ 1.")
         if training_dtype not in DTYPES:
             raise NPOError(f"training_dtype: '{training_dtype}' is not one of {list(DTYPES)}.")
-        arch = host.model_arch(model)
+        arch = model_facts.model_arch(model)
         lr = learning_rate or AUTO_LR[(mode, "SDXL" if arch.startswith("SDXL") else "other")]
         wd = 1e-3 if (mode == "full" and not arch.startswith("SDXL")) else 0.0
         tcfg = tdft.TDFTConfig(
@@ -318,7 +318,7 @@ class SelfNPOTrain(io.ComfyNode):
             tcfg.validate(1000)
         except ValueError as e:
             raise NPOError(str(e)) from None
-        channels = host.latent_channels(model)
+        channels = training_session.latent_channels(model)
         if latents is not None:
             samples = latents["samples"]
             if samples.dim() != 4 or samples.shape[1] != channels:
@@ -329,18 +329,16 @@ class SelfNPOTrain(io.ComfyNode):
         elif width % 8 or height % 8:
             raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
 
-        unet = host.unet_of(model)
+        unet = model_facts.unet_of(model)
         layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
         if not layer_names:
             raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
-        signature = _signature(arch, mode, rank, lora_layers, host.param_shapes(model))
+        signature = _signature(arch, mode, rank, lora_layers, model_facts.param_shapes(model))
         resume_path = None
         if resume_from and resume_from != NONE:
-            host.check_relative_name(resume_from, "resume_from")
-            resume_path = os.path.join(host.output_dir(), CHECKPOINT_SUBDIR, resume_from)
-            if os.path.isfile(resume_path):
-                host.check_inside_comfy_folders(resume_path, "resume_from", resume_from)
-            else:
+            files.check_relative_name(resume_from, "resume_from")
+            resume_path = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR, resume_from)
+            if not os.path.isfile(resume_path):
                 raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
             try:  # checked before any sampling: a wrong file or a too-small `steps` fails at once
                 done = int(load_checkpoint(resume_path, signature)["step"])
@@ -351,17 +349,17 @@ class SelfNPOTrain(io.ComfyNode):
                     f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
                 )
 
-        prefix_folder, prefix_name, counter = host.save_path(  # checked before any sampling, like the rest
-            os.path.join(host.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
+        prefix_folder, prefix_name, counter = files.save_path(  # checked before any sampling, like the rest
+            os.path.join(files.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
         )
-        pos_entries = host.conditioning_entries(positive, "positive")
-        neg_entries = host.conditioning_entries(negative, "negative")
+        pos_entries = training_session.conditioning_entries(positive, "positive")
+        neg_entries = training_session.conditioning_entries(negative, "negative")
         mp = model.clone()
-        pbar = host.progress_bar(steps + (0 if latents is not None else pool_size))
-        device = host.load_for_training(mp)
+        pbar = runtime.progress_bar(steps + (0 if latents is not None else pool_size))
+        device = training_session.load_for_training(mp)
         if latents is None:
-            with host.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
-                samples, prompt_of = host.sample_pool(
+            with runtime.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
+                samples, prompt_of = training_session.sample_pool(
                     mp,
                     pos_entries,
                     neg_entries[:1],
@@ -371,32 +369,30 @@ class SelfNPOTrain(io.ComfyNode):
                     pool_steps,
                     pool_cfg,
                     seed,
-                    lambda i: (pbar.update(1), host.throw_if_interrupted()),
+                    lambda i: (pbar.update(1), runtime.throw_if_interrupted()),
                 )
-            device = host.load_for_training(mp)
+            device = training_session.load_for_training(mp)
         else:
             prompt_of = None
         shape = (1, channels, samples.shape[2], samples.shape[3])
-        schedule = DiscreteSchedule.from_sigmas(host.schedule_sigmas(mp))
+        schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(mp))
         compute_dtype = mp.model.get_dtype()
-        ignored = host.ignored_sampling_patches(mp)
+        ignored = training_session.ignored_sampling_patches(mp)
         if ignored:
-            host.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
+            runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
         cfg.fp16_loss_scaling = compute_dtype == torch.float16  # fp16 activation gradients underflow unscaled
         ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
         if resume_path is None:
             _check_free_name(ckpt_path)
 
         with torch.inference_mode(False), torch.enable_grad():
-            z0 = host.latent_to_model_space(mp, samples.clone().float()).to(device)
-            conds_pos = [_plain(host.model_conds(mp, e, shape, device, "positive")) for e in pos_entries]
-            cond_neg = _plain(host.model_conds(mp, neg_entries[0], shape, device, "negative"))
+            z0 = training_session.latent_to_model_space(mp, samples.clone().float()).to(device)
+            conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in pos_entries]
+            cond_neg = _plain(training_session.model_conds(mp, neg_entries[0], shape, device, "negative"))
             data = StartData(z0, conds_pos, cond_neg, prompt_of, seed)
-            denoiser = host.training_denoiser(mp, compute_dtype)
-            callbacks = Callbacks(
-                on_step=lambda s, total, value: pbar.update(1), should_stop=lambda: host.throw_if_interrupted() or False
-            )
-            with host.TrainingSession(mp, gradient_checkpointing, copy_weights=mode == "full") as session:
+            denoiser = training_session.training_denoiser(mp, compute_dtype)
+            callbacks = Callbacks(on_step=lambda s, total, value: pbar.update(1), should_stop=runtime.interrupted)
+            with training_session.TrainingSession(mp, gradient_checkpointing, copy_weights=mode == "full") as session:
                 lset = None
                 if mode == "lora":
                     lset = LoRASet(
@@ -412,7 +408,7 @@ class SelfNPOTrain(io.ComfyNode):
                 else:
                     params = session.full_params(DTYPES[training_dtype])
                 try:
-                    with host.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
+                    with runtime.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
                         result = train(
                             denoiser,
                             schedule,
@@ -429,6 +425,8 @@ class SelfNPOTrain(io.ComfyNode):
                 finally:
                     if lset is not None:
                         lset.detach()
+                if result.stopped_early:
+                    runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
                 meta = {
                     "npo.recipe": json.dumps(
                         {
@@ -461,7 +459,7 @@ class SelfNPOTrain(io.ComfyNode):
                     )
         if mode == "full" and rank > 0 and offset.entries:
             offset, energy = offset.compressed(rank)
-            host.log.info("Self-NPO full offset compressed to rank %d, energy kept %.4f", rank, energy)
+            runtime.log.info("Self-NPO full offset compressed to rank %d, energy kept %.4f", rank, energy)
         curve = loss_curve_image(result.losses)
         last = result.losses[-1] if result.losses else float("nan")
         text = f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}" + (
@@ -535,11 +533,11 @@ class NPOSaveOffset(io.ComfyNode):
                     "npo_offset: this offset still has non-ComfyUI key names or full weights; connect model "
                     "so they can be converted before saving."
                 )
-            offset = host.resolve_for_model(offset, model)
-        folder, name, counter = host.save_path(host.npo_dir(), filename_prefix)
+            offset = model_facts.resolve_for_model(offset, model)
+        folder, name, counter = files.save_path(files.npo_dir(), filename_prefix)
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
         _check_free_name(path)
         formats.save_offset(offset, path)
-        rel = os.path.relpath(path, host.npo_dir())
-        host.log.info("NPO offset saved to %s", path)
+        rel = os.path.relpath(path, files.npo_dir())
+        runtime.log.info("NPO offset saved to %s", path)
         return io.NodeOutput(ui=ui.PreviewText(f"saved models/npo/{rel}\n{offset.summary()}"))

@@ -2,15 +2,18 @@
 
 Usage: python scripts/junit_summary.py "LABEL|JUNIT_XML|EXIT_CODE|SECONDS" ...
 
-Counts come from each run's JUnit XML (passed = tests − failures − errors − skipped). A run fails when
-pytest exited non-zero, including exit 5 (no test collected), or when it wrote no report.
+Counts come from each run's JUnit XML (passed = tests − failures − errors − skipped); below each run,
+the reasons of its skipped tests, with counts (a skipped tier or browser module shows up here). A run
+fails when pytest exited non-zero, including exit 5 (no test collected), or when it wrote no report.
 Standard library only.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 
 
 def counts(xml_path: str) -> dict[str, int] | None:
@@ -29,6 +32,25 @@ def counts(xml_path: str) -> dict[str, int] | None:
     return {"passed": passed, "failed": failed, "errors": errors, "skipped": skipped}
 
 
+def skip_reasons(xml_path: str) -> Counter:
+    """Skip message → number of tests skipped with it."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError):
+        return Counter()
+    reasons = Counter()
+    for case in root.iter("testcase"):
+        skipped = case.find("skipped")
+        if skipped is not None:
+            message = skipped.get("message") or ""
+            if message == "collection skipped":  # a module skipped as a whole: the reason is in the text
+                found = re.search(r"Skipped: (.*?)['\"]\)\s*$", skipped.text or "", re.S)
+                message = found.group(1) if found else message
+            message = message.removeprefix("Skipped: ").strip()
+            reasons[message.splitlines()[0][:160] if message else "no reason given"] += 1
+    return reasons
+
+
 def main(runs: list[str]) -> int:
     ok = True
     lines = []
@@ -43,6 +65,8 @@ def main(runs: list[str]) -> int:
         ok = ok and rc == "0"
         lines.append(f"{label}: {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
                      f"{c['skipped']} skipped in {seconds} s: {verdict}")
+        for reason, n in skip_reasons(xml_path).most_common():
+            lines.append(f"    skipped {n}: {reason}")
     width = max((len(line) for line in lines), default=0)
     print("=" * width)
     print("Summary (one line per pytest run):")

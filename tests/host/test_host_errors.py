@@ -10,8 +10,8 @@ import pytest
 import torch
 from comfy.ldm.flux.model import FluxParams
 
-from comfyui_npo.nodes import host
 from comfyui_npo.nodes.guider import NPOCFGGuider
+from comfyui_npo.nodes.host import sampling
 from comfyui_npo.nodes.models import NPOApply, NPONegativeModel
 from comfyui_npo.npo_core import formats
 from comfyui_npo.npo_core.errors import NPOError
@@ -190,4 +190,4 @@ def test_not_a_unet_model(load_offset, tiny):
     with pytest.raises(NPOError, match="not a UNet model"):
         NPONegativeModel.execute(model=flux, npo_offset=offset, strength=1.0)
     with pytest.raises(NPOError, match="negative_model: Flux is not a UNet"):
-        host.make_guider(tiny("sd15"), *kit.make_conds("sd15"), 5.0, negative_model=flux)
+        sampling.make_guider(tiny("sd15"), *kit.make_conds("sd15"), 5.0, negative_model=flux)

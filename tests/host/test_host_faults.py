@@ -1,8 +1,8 @@
 """Hostile paths, out-of-memory and isolation faults, through the nodes in real ComfyUI.
 
-Paths: names with '..', absolute names and symlinks leading outside ComfyUI's folders are refused by
-every node that reads or writes a file; nothing is written outside the model and output folders and
-no file is overwritten. Memory: an out-of-memory error in the pool sampling or in training becomes an
+Paths: names with '..' and absolute names are refused by every node that reads or writes a file (a
+symlinked file in a model folder loads, as with ComfyUI's own loaders); nothing is written outside
+the model and output folders and no file is overwritten. Memory: an out-of-memory error in the pool sampling or in training becomes an
 error naming the knobs that lower memory, the last checkpoint stays resumable and the model given to
 the node stays bit-identical. Isolation: two models patched with different offsets in one workflow
 each give their own, independently computed result."""
@@ -16,7 +16,7 @@ import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes import host
+from comfyui_npo.nodes.host import model_facts, training_session
 from comfyui_npo.nodes.models import NPOApply
 from comfyui_npo.nodes.offsets import NPOLoadOffset
 from comfyui_npo.nodes.train import NPOSaveOffset
@@ -62,32 +62,21 @@ def test_loader_refuses_names_leaving_the_folder(npo_dir, tmp_path, name):
 
 
 @pytest.mark.fault(
-    "an offset in models/npo that is a symlink to a file outside ComfyUI's folders",
-    "NPOError naming the file and where it points; a symlink to another model folder loads",
+    "an offset in models/npo that is a symlink (to a file anywhere, or through a linked folder)",
+    "it loads, as with ComfyUI's own loaders; names with '..' or absolute paths stay refused",
 )
-def test_loader_refuses_symlinks_leading_outside(npo_dir, tmp_path, monkeypatch):
-    import folder_paths
-
+def test_symlinked_offsets_load_like_comfyuis_own_loaders(npo_dir, tmp_path):
     _save("real")
     real = npo_dir / "real_00001_.safetensors"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    outside = elsewhere / "x.safetensors"
-    outside.write_bytes(real.read_bytes())
-    (npo_dir / "escape.safetensors").symlink_to(outside)
-    with pytest.raises(NPOError, match="offset_name: 'escape.safetensors' links to .*outside ComfyUI"):
-        _load("escape.safetensors")
-    (npo_dir / "sub").mkdir()
-    (npo_dir / "sub" / "via_dir").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(NPOError, match="outside ComfyUI"):
-        _load("sub/via_dir/x.safetensors")
-    # a symlink into another model folder (e.g. a shared loras folder) is a normal setup and loads
-    loras = tmp_path / "loras"
-    loras.mkdir()
-    (loras / "shared.safetensors").write_bytes(real.read_bytes())
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
-    (npo_dir / "shared.safetensors").symlink_to(loras / "shared.safetensors")
-    assert set(_load("shared.safetensors").entries) == set(_offset().entries)
+    (elsewhere / "x.safetensors").write_bytes(real.read_bytes())
+    (npo_dir / "linked.safetensors").symlink_to(elsewhere / "x.safetensors")
+    assert set(_load("linked.safetensors").entries) == set(_offset().entries)
+    (npo_dir / "shared").symlink_to(elsewhere, target_is_directory=True)  # e.g. a NAS folder linked in
+    assert set(_load("shared/x.safetensors").entries) == set(_offset().entries)
+    with pytest.raises(NPOError, match="offset_name: .*no '..'"):
+        _load("shared/../linked.safetensors")
 
 
 @pytest.mark.fault(
@@ -114,20 +103,21 @@ def test_writers_refuse_prefixes_leaving_their_folder(npo_dir, out_dir, tmp_path
 
 
 @pytest.mark.fault(
-    "Self-NPO Train given a resume_from with '..' or a checkpoint symlinked from outside the output folder",
-    "NPOError naming resume_from, before any sampling",
+    "Self-NPO Train given a resume_from with '..' or an absolute path",
+    "NPOError naming resume_from, before any sampling; a checkpoint symlinked into output/npo_training resumes",
 )
 def test_resume_from_cannot_leave_the_output_folder(out_dir, tmp_path, tiny):
     model = tiny("sd15")
     pos, neg = kit.make_conds("sd15")
     kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run")
     ckpt = out_dir / "npo_training" / "run_00001_.pt"
-    outside = tmp_path / "stolen.pt"
-    outside.write_bytes(ckpt.read_bytes())
-    (out_dir / "npo_training" / "link.pt").symlink_to(outside)
-    for name, match in (("../../stolen.pt", "no '..'"), (str(outside), "no absolute path"), ("link.pt", "outside")):
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(ckpt.read_bytes())
+    for name, match in (("../../moved.pt", "no '..'"), (str(moved), "no absolute path")):
         with pytest.raises(NPOError, match=f"resume_from: .*{match}"):
             kit.self_npo_train(model, pos, neg, steps=2, resume_from=name)
+    (out_dir / "npo_training" / "link.pt").symlink_to(moved)
+    assert kit.self_npo_train(model, pos, neg, steps=2, resume_from="link.pt")[2] == 2
 
 
 @pytest.mark.fault(
@@ -184,9 +174,9 @@ OOM_ERRORS = {
 
 
 def _student_fault(monkeypatch, at_student_step: int, fault):
-    """host.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` returns
+    """training_session.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` returns
     ``fault(output)``; ``fault`` may raise instead. Returns the real factory, to put back."""
-    real = host.training_denoiser
+    real = training_session.training_denoiser
     seen = [0]
 
     def make(mp, dtype):
@@ -202,7 +192,7 @@ def _student_fault(monkeypatch, at_student_step: int, fault):
 
         return den
 
-    monkeypatch.setattr(host, "training_denoiser", make)
+    monkeypatch.setattr(training_session, "training_denoiser", make)
     return real
 
 
@@ -222,7 +212,7 @@ def _raise(error):
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
     model = tiny("sd15")
-    unet = host.unet_of(model)
+    unet = model_facts.unet_of(model)
     before = kit.state_hash(unet)
     params_before = [id(p) for p in unet.parameters()]
     pos, neg = kit.make_conds("sd15")
@@ -236,7 +226,7 @@ def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
     assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
     assert [id(p) for p in unet.parameters()] == params_before  # the original Parameters are back
     assert [n for n, m in unet.named_modules() if "forward" in vars(m)] == []  # no checkpointing wrapper left
-    monkeypatch.setattr(host, "training_denoiser", real_denoiser)
+    monkeypatch.setattr(training_session, "training_denoiser", real_denoiser)
     ckpt = out_dir / "npo_training" / "oom_00001_.pt"
     assert torch.load(ckpt, weights_only=True)["step"] == 2
     out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, mode=mode, resume_from=ckpt.name)
@@ -250,14 +240,14 @@ def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
 )
 def test_nan_during_training_through_the_node(out_dir, tiny, monkeypatch):
     model = tiny("sd15")
-    unet = host.unet_of(model)
+    unet = model_facts.unet_of(model)
     before = kit.state_hash(unet)
     pos, neg = kit.make_conds("sd15")
     real = _student_fault(monkeypatch, 3, lambda out: out * float("nan"))
     with pytest.raises(NPOError, match=r"loss became nan at step 3; the last good checkpoint, nan_00001_\.pt, is kept"):
         kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="nan", learning_rate=1e-3)
     assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
-    monkeypatch.setattr(host, "training_denoiser", real)
+    monkeypatch.setattr(training_session, "training_denoiser", real)
     state = torch.load(out_dir / "npo_training" / "nan_00001_.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
     out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, learning_rate=1e-3, resume_from="nan_00001_.pt")
@@ -272,7 +262,7 @@ def test_out_of_memory_in_the_pool(out_dir, tiny, monkeypatch):
     def boom(*a, **k):
         raise OOM_ERRORS["cuda"]()
 
-    monkeypatch.setattr(host, "sample_pool", boom)
+    monkeypatch.setattr(training_session, "sample_pool", boom)
     with pytest.raises(NPOError, match="out of memory during the start-pool sampling .*width/height.*latents"):
         kit.self_npo_train(tiny("sd15"), *kit.make_conds("sd15"))
 

@@ -9,8 +9,8 @@ import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes import host
 from comfyui_npo.nodes.guider import NPOCFGGuider
+from comfyui_npo.nodes.host import sampling
 from comfyui_npo.nodes.models import NPONegativeModel
 from comfyui_npo.npo_core.errors import NPOError
 
@@ -50,7 +50,7 @@ def test_negative_model_from_npo_negative_model_node(tiny, load_offset):
     _check(out, ref_out, plain_out, "negative_model = NPO Negative Model")
 
     # The naive way (row D: a guider that runs the clone as a second model) must be caught by this comparison.
-    naive = host.NPOCFGGuider(base, neg_model)
+    naive = sampling.NPOCFGGuider(base, neg_model)
     naive.set_conds(pos, neg)
     naive.set_cfg(CFG)
     naive_out = kit.guider_sample(naive, batch)

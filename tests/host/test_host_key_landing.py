@@ -13,7 +13,7 @@ import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes import host
+from comfyui_npo.nodes.host import model_facts
 from comfyui_npo.npo_core import formats
 from comfyui_npo.npo_core.offset import LowRank
 
@@ -79,7 +79,7 @@ def test_every_key_lands(full_models, kind, fmt):
             sd[f"diffusion_model.{module}.{'diff' if leaf == 'weight' else 'diff_b'}"] = v
     offset = formats.parse_state_dict(sd, {}, f"{kind}_{fmt}.safetensors")
     assert offset.base_arch == ARCH[kind]
-    resolved = host.resolve_for_model(offset, mp)
+    resolved = model_facts.resolve_for_model(offset, mp)
     assert resolved.naming == "ldm"
     assert set(resolved.entries) == set(tags) | set(dense)  # every file module landed, on every attention layer
     assert len(resolved.entries) == len(kit.attention_linears(kind)) + len(dense)
@@ -99,7 +99,7 @@ def test_every_key_lands(full_models, kind, fmt):
 def test_known_diffusers_to_ldm_landmarks(full_models, kind):
     """Spot checks from METHOD.md §5 and the SDXL layout."""
     sd, tags = kit.make_lora(kind, "peft", rank=8, values="tag")
-    resolved = host.resolve_for_model(formats.parse_state_dict(sd, {}, "f"), full_models[kind])
+    resolved = model_facts.resolve_for_model(formats.parse_state_dict(sd, {}, "f"), full_models[kind])
     landmarks = {
         "sd15_full": {
             "down_blocks.0.attentions.0": "input_blocks.1.1",
@@ -144,5 +144,5 @@ def test_released_format_file_through_the_load_node(full_models, load_offset):
     offset = load_offset(sd, "sd15_beta500_2kiter.safetensors")
     assert (offset.source_format, offset.naming, offset.base_arch) == ("diffusers-lora", "diffusers", "SD15")
     assert offset.numel() == 1_594_368
-    resolved = host.resolve_for_model(offset, full_models["sd15_full"])
+    resolved = model_facts.resolve_for_model(offset, full_models["sd15_full"])
     assert set(resolved.entries) == set(tags)

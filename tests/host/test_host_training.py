@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_npo.nodes import host
+from comfyui_npo.nodes.host import model_facts, runtime, training_session
 from comfyui_npo.nodes.models import NPOApply
 from comfyui_npo.nodes.offsets import NPOLoadOffset
 from comfyui_npo.nodes.train import NPOSaveOffset
@@ -26,13 +26,13 @@ train = kit.self_npo_train
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_train_save_reload_and_sample(mode, tiny, npo_dir, out_dir, monkeypatch):
     model = tiny("sd15")
-    before = kit.state_hash(host.unet_of(model))
+    before = kit.state_hash(model_facts.unet_of(model))
     pos, neg = kit.make_conds("sd15")
     pos2, _ = kit.make_conds("sd15", seed=5)
     out = train(model, pos + pos2, neg, mode=mode, rank=4, learning_rate=1e-3 if mode == "lora" else 1e-4)
     offset, curve, steps = out.result
     assert steps == 3 and curve.shape[0] == 1 and curve.shape[-1] == 3 and float(curve.min()) >= 0
-    assert kit.state_hash(host.unet_of(model)) == before  # the model it was given never changes
+    assert kit.state_hash(model_facts.unet_of(model)) == before  # the model it was given never changes
     kinds = {type(e) for e in offset.entries.values()}
     assert kinds == ({LowRank} if mode == "lora" else {LowRank, Dense})  # full: compressed to rank 4 (+1-D dense)
     assert offset.is_resolved and offset.base_arch == "SD15" and "self-npo-tdft" in offset.metadata["npo.recipe"]
@@ -49,7 +49,7 @@ def test_train_save_reload_and_sample(mode, tiny, npo_dir, out_dir, monkeypatch)
     # reload through our loader: identical deltas
     with torch.inference_mode():
         loaded = NPOLoadOffset.execute(offset_name=files[0]).result[0]
-    resolved = host.resolve_for_model(loaded, model)
+    resolved = model_facts.resolve_for_model(loaded, model)
     assert set(resolved.entries) == set(offset.entries)
     for k, e in offset.entries.items():
         a = e.delta() if isinstance(e, LowRank) else e.delta
@@ -93,7 +93,7 @@ def test_train_save_reload_and_sample(mode, tiny, npo_dir, out_dir, monkeypatch)
 )
 def test_cancel_stops_within_one_step_and_resume_continues(tiny, out_dir, monkeypatch):
     model = tiny("sd15")
-    before = kit.state_hash(host.unet_of(model))
+    before = kit.state_hash(model_facts.unet_of(model))
     pos, neg = kit.make_conds("sd15")
     updates = []
     armed = [True]
@@ -108,12 +108,12 @@ def test_cancel_stops_within_one_step_and_resume_continues(tiny, out_dir, monkey
                 armed[0] = False
                 comfy.model_management.interrupt_current_processing(True)
 
-    monkeypatch.setattr(host, "progress_bar", Bar)
+    monkeypatch.setattr(runtime, "progress_bar", Bar)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(model, pos, neg, steps=8, save_every=2, filename_prefix="run")
     comfy.model_management.interrupt_current_processing(False)
     assert len(updates) == 5  # no step ran after the cancel
-    assert kit.state_hash(host.unet_of(model)) == before and kit.hooked_modules(host.unet_of(model)) == []
+    assert kit.state_hash(model_facts.unet_of(model)) == before and kit.hooked_modules(model_facts.unet_of(model)) == []
     ckpts = sorted(os.listdir(out_dir / "npo_training"))
     assert ckpts == ["run_00001_.pt"]
     state = torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)
@@ -172,7 +172,7 @@ def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
     m.diffusion_model.load_state_dict({k: v.half() for k, v in tiny.weights("sd15").items()})
     model = kit.patcher(m)
     assert model.model.get_dtype() == torch.float16
-    before = kit.state_hash(host.unet_of(model))
+    before = kit.state_hash(model_facts.unet_of(model))
     seen = []
     real = node_train.train
     monkeypatch.setattr(node_train, "train", lambda *a, **k: seen.append(a[4].fp16_loss_scaling) or real(*a, **k))
@@ -181,7 +181,7 @@ def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
     assert seen == [True] and '"fp16_loss_scaling": true' in offset.metadata["npo.recipe"]
     ups = [e.up for e in offset.entries.values()]
     assert all(torch.isfinite(u).all() for u in ups) and any(torch.count_nonzero(u) for u in ups)
-    assert kit.state_hash(host.unet_of(model)) == before
+    assert kit.state_hash(model_facts.unet_of(model)) == before
 
 
 def test_user_latents_replace_the_pool(tiny, out_dir):
@@ -196,7 +196,7 @@ def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:
     """Patch the training denoiser so that its first call appends ``snapshot(unet)`` (default: a dict of
     parameter data pointers) of the UNet as training sees it; returns that list."""
     seen = []
-    real = host.training_denoiser
+    real = training_session.training_denoiser
     take = snapshot or (lambda unet: {n: p.data_ptr() for n, p in unet.named_parameters()})
 
     def spy(mp, dtype):
@@ -204,12 +204,12 @@ def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:
 
         def call(x, nu, cond):
             if not seen:
-                seen.append(take(host.unet_of(mp)))
+                seen.append(take(model_facts.unet_of(mp)))
             return den(x, nu, cond)
 
         return call
 
-    monkeypatch.setattr(host, "training_denoiser", spy)
+    monkeypatch.setattr(training_session, "training_denoiser", spy)
     return seen
 
 
@@ -218,7 +218,7 @@ def test_lora_mode_trains_on_the_loaded_weights_without_a_copy(mode, tiny, out_d
     """lora: the UNet weights autograd sees share memory with the loaded ones (no second UNet); full: the
     student is a copy. Either way the loaded Parameters are back, unchanged, afterwards."""
     model = tiny("sd15")
-    unet = host.unet_of(model)
+    unet = model_facts.unet_of(model)
     before = kit.state_hash(unet)
     loaded = {n: p.data_ptr() for n, p in unet.named_parameters()}
     pointers = _unet_at_first_denoiser_call(monkeypatch)  # data pointers of the weights training sees
@@ -235,7 +235,7 @@ def test_a_model_with_weight_patches_trains_on_the_patched_weights(mode, tiny, o
     """A checkpoint + LoRA (weight patches, as LoraLoader adds them) is the model the user connected:
     teacher and student start from the patched weights, and a full-mode offset is relative to them."""
     model = tiny("sd15")
-    unet = host.unet_of(model)
+    unet = model_facts.unet_of(model)
     pristine = kit.state_hash(unet)
     name = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     base = unet.get_parameter(name).detach().clone()
@@ -272,7 +272,7 @@ def test_sampling_patches_are_not_run_in_training_and_the_node_says_so(tiny, out
 def test_autograd_alias_gives_the_gradient_of_a_copy():
     with torch.inference_mode():
         w = torch.randn(6, 5)
-    alias = host._autograd_alias(w)
+    alias = training_session._autograd_alias(w)
     assert not alias.is_inference() and alias.data_ptr() == w.data_ptr()
     x1 = torch.randn(3, 5, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)

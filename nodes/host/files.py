@@ -1,0 +1,90 @@
+"""Where the pack reads and writes files: the ``npo`` model folder, offset names, save paths.
+
+Names given by the user stay inside their folder (no ``..``, no absolute paths); a file reached through
+a symlink in a model folder loads, as with ComfyUI's own loaders.
+"""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ...npo_core.errors import NPOError
+
+NPO_FOLDER = "npo"
+
+
+def register_npo_folder() -> None:
+    """Add ComfyUI's ``models/npo`` folder (created if missing) for offsets."""
+    if NPO_FOLDER not in folder_paths.folder_names_and_paths:
+        path = os.path.join(folder_paths.models_dir, NPO_FOLDER)
+        folder_paths.folder_names_and_paths[NPO_FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+    for p in folder_paths.folder_names_and_paths[NPO_FOLDER][0]:
+        os.makedirs(p, exist_ok=True)
+
+
+def offset_file_list() -> list[str]:
+    """Files of the ``npo`` folder first, then ``loras`` (a name in both resolves to ``npo``)."""
+    register_npo_folder()
+    names = list(folder_paths.get_filename_list(NPO_FOLDER))
+    seen = set(names)
+    names += [n for n in folder_paths.get_filename_list("loras") if n not in seen]
+    return names
+
+
+def check_relative_name(name: str, input_name: str) -> None:
+    """Refuse names that could leave their folder: absolute paths, drive letters, '..' parts."""
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise NPOError(
+            f"{input_name}: '{name}' must be a file name inside its folder (no '..', no absolute path); "
+            "put the file into the folder instead."
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath((path, folder)) == folder
+    except ValueError:  # other drive (Windows)
+        return False
+
+
+def offset_file_path(name: str) -> str:
+    register_npo_folder()
+    check_relative_name(name, "offset_name")
+    for folder in (NPO_FOLDER, "loras"):
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            return path
+    raise NPOError(
+        f"offset_name: '{name}' is in neither models/npo nor models/loras. Put the file there and "
+        "refresh (press R in the browser)."
+    )
+
+
+def output_dir() -> str:
+    return folder_paths.get_output_directory()
+
+
+def npo_dir() -> str:
+    register_npo_folder()
+    return folder_paths.get_folder_paths(NPO_FOLDER)[0]
+
+
+def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_prefix") -> tuple[str, str, int]:
+    """(folder, base filename, next counter) inside ``base_dir``; refuses prefixes that leave it."""
+    if os.path.isabs(filename_prefix) or ".." in filename_prefix.replace("\\", "/").split("/"):
+        raise NPOError(
+            f"{input_name}: '{filename_prefix}' must be a relative name without '..' (files are written "
+            f"inside {base_dir})."
+        )
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, base_dir)
+    except Exception as e:
+        raise NPOError(f"{input_name}: '{filename_prefix}' is not allowed ({e}).") from None
+    if not _inside(os.path.realpath(folder), os.path.realpath(base_dir)):
+        raise NPOError(
+            f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name."
+        )
+    return folder, filename, counter

@@ -1,0 +1,158 @@
+"""Sampling with NPO: Apply NPO's per-row injection, NPO Negative Model's weight patches, NPO CFG Guider.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import comfy.lora
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+from ...npo_core import formats
+from ...npo_core.errors import NPOError
+from ...npo_core.inject import UNCOND, chunk_row_mask
+from ...npo_core.offset import NPOOffset
+from .dual_model import add_dual_model_support
+from .injection import NegativeRowsOffset, patch_difference, transformer_options_of, unet_running
+from .model_facts import PREFIX, check_unet_model, model_arch, resolve_for_model, unet_of
+
+
+def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of ``model`` whose negative/uncond rows (``cond_or_uncond == 1``) run θ + strength·δ,
+    between ``start_percent`` and ``end_percent`` of the schedule. One batched UNet call per step."""
+    offset = resolve_for_model(offset, model)
+    mp = model.clone()
+    ms = mp.get_model_object("model_sampling")
+    action = NegativeRowsOffset(
+        offset,
+        strength,
+        float(ms.percent_to_sigma(start_percent)),
+        float(ms.percent_to_sigma(end_percent)),
+        start_percent <= 0.0 and end_percent >= 1.0,
+    )
+
+    def npo_apply_model(executor, x, t, *args, **kwargs):
+        cond_or_uncond = transformer_options_of(args, kwargs).get("cond_or_uncond")
+        rows = action.rows(chunk_row_mask(cond_or_uncond, x.shape[0], UNCOND), t)
+        if not rows:
+            return executor(x, t, *args, **kwargs)
+        with action.active(unet_running(executor, mp), rows):
+            return executor(x, t, *args, **kwargs)
+
+    npo_apply_model.npo_action = action
+    key = f"npo_offset_{uuid.uuid4().hex[:8]}"
+    mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, npo_apply_model)
+    mp.set_injections(
+        key,
+        [
+            comfy.patcher_extension.PatcherInjection(
+                inject=lambda patcher: action.injector.attach(unet_of(patcher)),
+                eject=lambda patcher: action.injector.detach(unet_of(patcher)),
+            )
+        ],
+    )
+    add_dual_model_support(mp)
+    return mp
+
+
+def add_offset_patches(model, offset: NPOOffset, strength: float):
+    """A clone of ``model`` with θ + strength·δ as ComfyUI weight patches (resolved offset)."""
+    sd = formats.to_comfy_state_dict(offset)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = (
+        comfy.lora.load_lora(sd, key_map, log_missing=False)
+        if _accepts_log_missing()
+        else comfy.lora.load_lora(sd, key_map)
+    )
+    expected = {PREFIX + k for k in offset.entries}
+    landed = {k if isinstance(k, str) else k[0] for k in patches}
+    missing = sorted(expected - landed)
+    if missing:
+        raise NPOError(f"npo_offset: {len(missing)} offset tensors did not land as weight patches, e.g. {missing[:3]}")
+    mp = model.clone()
+    mp.add_patches(patches, strength)
+    add_dual_model_support(mp)
+    return mp
+
+
+def _accepts_log_missing() -> bool:
+    import inspect
+
+    return "log_missing" in inspect.signature(comfy.lora.load_lora).parameters
+
+
+class NPOCFGGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose negative pass runs NPO weights.
+
+    - an offset (or a ``negative_model`` that shares weights with ``model``): the model is wrapped by
+      ``apply_offset``, so cond and uncond stay in one batch;
+    - an independent ``negative_model``: the uncond pass runs on it, the cond pass on ``model``
+      (two UNet calls per step), with pre-/post-CFG functions applied as ComfyUI does.
+    """
+
+    def __init__(self, model_patcher, negative_patcher=None):
+        if negative_patcher is not None:
+            model_patcher = model_patcher.clone()
+            model_patcher.set_additional_models("npo_negative_model", [negative_patcher])
+        super().__init__(model_patcher)
+        self.negative_patcher = negative_patcher
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        if self.negative_patcher is None:
+            return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
+        pos = self.conds.get("positive", None)
+        neg = self.conds.get("negative", None)
+        if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
+            neg = None
+        cond_out = comfy.samplers.calc_cond_batch(self.inner_model, [pos], x, timestep, model_options)[0]
+        # like sampling_function: a skipped uncond (cfg 1) is a zero prediction, never None
+        out = [cond_out, torch.zeros_like(cond_out)]
+        if neg is not None:
+            neg_model = self.negative_patcher.model
+            if hasattr(neg_model, "current_patcher"):
+                neg_model.current_patcher = self.negative_patcher
+            out[1] = comfy.samplers.calc_cond_batch(neg_model, [neg], x, timestep, model_options)[0]
+        conds = [pos, neg]
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            args = {
+                "conds": conds,
+                "conds_out": out,
+                "cond_scale": self.cfg,
+                "timestep": timestep,
+                "input": x,
+                "sigma": timestep,
+                "model": self.inner_model,
+                "model_options": model_options,
+            }
+            out = fn(args)
+        return comfy.samplers.cfg_function(
+            self.inner_model, out[0], out[1], self.cfg, x, timestep, model_options=model_options, cond=pos, uncond=neg
+        )
+
+
+def make_guider(
+    model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0, negative_model=None
+) -> NPOCFGGuider:
+    if (offset is None) == (negative_model is None):
+        raise NPOError("NPO CFG Guider: connect exactly one of npo_offset or negative_model.")
+    if offset is not None:
+        guider = NPOCFGGuider(apply_offset(model, offset, strength))
+    elif negative_model.is_clone(model):
+        # Two clones of one module cannot both be loaded (COMFYUI.md §3 row D): express the negative
+        # model as an offset over ``model`` and inject it on the uncond rows instead.
+        diff = patch_difference(model, negative_model)
+        guider = NPOCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)
+    else:
+        check_unet_model(negative_model, "negative_model")
+        if model_arch(negative_model) != model_arch(model):
+            raise NPOError(
+                f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "
+                "be the same architecture."
+            )
+        guider = NPOCFGGuider(model, negative_model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
