@@ -2,10 +2,10 @@
 
 Paths: names with '..' and absolute names are refused by every node that reads or writes a file (a
 symlinked file in a model folder loads, as with ComfyUI's own loaders); nothing is written outside
-the model and output folders and no file is overwritten. Memory: an out-of-memory error in the pool sampling or in training becomes an
-error naming the knobs that lower memory, the last checkpoint stays resumable and the model given to
-the node stays bit-identical. Isolation: two models patched with different offsets in one workflow
-each give their own, independently computed result."""
+the model and output folders and no file is overwritten. Memory: an out-of-memory error in the pool
+sampling or in training becomes an error naming the knobs that lower memory, the last checkpoint
+stays resumable and the model given to the node stays bit-identical. Isolation: two models patched
+with different offsets in one workflow each give their own, independently computed result."""
 
 from __future__ import annotations
 
