@@ -1,7 +1,9 @@
 """Atomic file writes: a hidden temporary in the same folder, then a rename.
 
-A crash leaves the old file or the new one, never half of one. A hard kill (SIGKILL, power loss)
-can leave the hidden temporary ``.<name>.<pid>-<random>.tmp`` behind. The next write into the same
+A crash leaves the old file or the new one, never half of one. The file gets the permissions any
+program's new file gets (0o666 less the process umask, as ComfyUI's own outputs), not mkstemp's
+0o600. A hard kill (SIGKILL, power loss) can leave the hidden temporary
+``.<name>.<pid>-<random>.tmp`` behind. The next write into the same
 folder removes such leftovers of files with the same extension (a new run writes a new name, so
 same-name clean-up alone would rarely happen) when their writer is gone: its process no longer
 exists (POSIX), or nobody has touched the file for ``STALE_AFTER_S`` (everywhere).
@@ -66,6 +68,12 @@ def remove_stale_temporaries(path: str | os.PathLike, max_age_s: float = STALE_A
     return removed
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, then rename the temporary onto ``path``. On any error the
     temporary is removed and ``path`` is untouched."""
@@ -76,6 +84,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -99,6 +100,10 @@ def test_demo_runs_end_to_end_on_the_tiny_checkpoint(tmp_path):
     from PIL import Image
     from safetensors import safe_open
 
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("self_npo_offset.safetensors", "self_npo_on.png", "training.txt"):  # as ComfyUI's own outputs
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
     for name in ("self_npo_on.png", "self_npo_off.png"):
         with Image.open(out / name) as im:
             assert im.size == (64, 64)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +87,14 @@ def test_temporary_names_carry_the_writer_pid(tmp_path):
     seen = []
     atomic_write(tmp_path / "a.safetensors", lambda tmp: seen.append(os.path.basename(tmp)) or open(tmp, "w").close())
     assert seen[0].startswith(f".a.safetensors.{os.getpid()}-") and seen[0].endswith(".tmp")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """As ComfyUI's own outputs (0o666 less the umask), not mkstemp's owner-only 0o600."""
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "f.safetensors", lambda t: Path(t).write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
