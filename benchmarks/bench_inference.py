@@ -66,7 +66,7 @@ SD15_UNET = {
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 ATTN_PROJ = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-RELEASED_SD15_PARAMS = 1_594_368  # METHOD.md §5: sd15_beta500_2kiter.safetensors, rank 8, fp32 6.41 MB
+RELEASED_SD15_PARAMS = 1_594_368  # the authors' sd15_beta500_2kiter.safetensors: rank 8, fp32, 6.41 MB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,8 @@ class Bench:
         if not path.is_file():
             t0 = time.perf_counter()
             svd, energy = model_facts.resolve_for_model(dense, self.mp).compressed(64)
-            formats.save_offset(svd, path, {"npo.bench_seconds": f"{time.perf_counter() - t0:.1f}"})
+            seconds = {"npo.bench_seconds": f"{time.perf_counter() - t0:.1f}"}
+            formats.save_offset(svd.replace(metadata={**svd.metadata, **seconds}), path)
             del svd
         out = formats.load_offset(path)
         self.info["svd64_energy"] = float(out.metadata.get("npo.svd_energy", "nan"))

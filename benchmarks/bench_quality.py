@@ -9,7 +9,7 @@ Everything runs on the CPU, offline, in about 11 minutes on one core (more when 
   null token, the unconditional/negative conditioning, used for 15 % of the training samples), the discrete
   VP ``scaled_linear`` schedule with T = 1000 (SD's), 2000 AdamW steps, EMA weights. It is deliberately
   small: CFG helps it (as it helps real text-to-image models), and plain CFG's best scale is about 1.2–1.4;
-- sampler: deterministic DDIM (= Euler in ν, VE space), 20 steps, CFG as in METHOD.md §1.1:
+- sampler: deterministic DDIM (= Euler in ν, VE space), 20 steps, CFG with the uncond from the NPO network:
   x0 = x0_neg + s·(x0_pos − x0_neg), x0_pos from the base model with the class, x0_neg from the negative
   model with the null token. Plain CFG: negative model = base model. Self-NPO: negative model = θ + β·δ,
   δ = TDFT student − base, trained with the pack's ``training.trainer.train`` (all weights, K = 5, w = −1,
@@ -20,7 +20,7 @@ Everything runs on the CPU, offline, in about 11 minutes on one core (more when 
   "FD": all samples against all real images (the usual FID set-up). "accuracy": the classifier agrees with
   the label the sample was drawn for. Samples are clipped to the pixel range first, like written images.
 
-Self-NPO variants (METHOD.md §2.4 items 1 and 5): the student conditioned on the class ("prompt", the
+Self-NPO variants (where the paper and the authors' code differ): the student conditioned on the class ("prompt", the
 authors' code) or on the null token ("negative", the branch NPO later queries), the truncated rollouts
 starting from the training images ("data", the authors' code) or from 2000 samples of the base model
 drawn with plain CFG 1.5 ("self", the pack's data-free pool). Controls: "placebo", a random δ with the

@@ -7,8 +7,8 @@ def node_list() -> list:
     from .guider import NPOCFGGuider
     from .host import files
     from .models import NPOApply, NPONegativeModel
-    from .offsets import NPOCompressOffset, NPOLoadOffset
-    from .train import NPOSaveOffset, SelfNPOTrain
+    from .offsets import NPOCompressOffset, NPOLoadOffset, NPOSaveOffset
+    from .train import SelfNPOTrain
 
     files.register_npo_folder()
     return [NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset]

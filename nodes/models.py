@@ -114,7 +114,6 @@ class NPONegativeModel(io.ComfyNode):
         resolved = model_facts.resolve_for_model(npo_offset, model, reference=base_model)
         positive = base = None
         if m > 0:
-            model_facts.check_unet_model(base_model, "base_model")
             names = list(model_facts.param_shapes(model))
             positive, base = model_facts.model_weights(model, names), model_facts.model_weights(base_model, names)
         offset = negative_offset(resolved, strength, m, positive, base)

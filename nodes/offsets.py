@@ -1,4 +1,4 @@
-"""Load NPO Offset and Compress NPO Offset: files in, NPO_OFFSET out."""
+"""Load NPO Offset, Compress NPO Offset and Save NPO Offset: offset files in and out."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from comfy_api.latest import io, ui
 
 from ..npo_core import formats
+from ..npo_core.errors import NPOError
 from ..npo_core.inject import dense_cost_note
 from .common import CATEGORY, NPOOffsetType
 from .host import files, model_facts, runtime
@@ -95,3 +96,54 @@ class NPOCompressOffset(io.ComfyNode):
         text += out.summary()
         runtime.log.info("NPO offset compressed: %s", text.splitlines()[0])
         return io.NodeOutput(out, ui=ui.PreviewText(text))
+
+
+class NPOSaveOffset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOSaveOffset",
+            display_name="Save NPO Offset",
+            category=CATEGORY,
+            description="Writes an NPO *negative* offset into models/npo in ComfyUI's LoRA key format, with NPO "
+            "metadata and modelspec.* keys that LoRA managers show. It is meant for the negative CFG pass only "
+            "(Apply NPO, NPO CFG Guider): loaded with an ordinary LoRA loader it changes both passes and "
+            "degrades the images. Never overwrites: a counter is added.",
+            inputs=[
+                NPOOffsetType.Input(
+                    "npo_offset", tooltip="From Self-NPO Train, Load NPO Offset or Compress NPO Offset."
+                ),
+                io.String.Input(
+                    "filename_prefix",
+                    default="self_npo",
+                    tooltip="File name inside models/npo (subfolders allowed, no '..').",
+                ),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="Needed only when the offset still has diffusers/kohya key names or full "
+                    "weights: the model it belongs to, to convert them.",
+                ),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, npo_offset, filename_prefix: str, model=None) -> io.NodeOutput:
+        offset = npo_offset
+        if not offset.is_resolved:
+            if model is None:
+                raise NPOError(
+                    "npo_offset: this offset still has non-ComfyUI key names or full weights; connect model "
+                    "so they can be converted before saving."
+                )
+            offset = model_facts.resolve_for_model(offset, model)
+        folder, name, counter = files.save_path(files.npo_dir(), filename_prefix)
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        if os.path.lexists(path):  # a dangling symlink counts as taken too
+            raise NPOError(f"filename_prefix: '{os.path.basename(path)}' exists already; choose another prefix.")
+        formats.save_offset(offset, path)
+        rel = os.path.relpath(path, files.npo_dir())
+        runtime.log.info("NPO offset saved to %s", path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved models/npo/{rel}\n{offset.summary()}"))

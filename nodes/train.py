@@ -1,7 +1,8 @@
-"""Self-NPO Train and Save NPO Offset."""
+"""Self-NPO Train."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -9,7 +10,6 @@ import os
 import torch
 from comfy_api.latest import io, ui
 
-from ..npo_core import formats
 from ..npo_core.errors import NPOError
 from ..npo_core.offset import Dense, NPOOffset
 from ..npo_core.schedule import DiscreteSchedule
@@ -39,12 +39,14 @@ POOL_OOM_REMEDIES = "Lower width/height, or connect latents (e.g. VAE Encode of 
 
 
 def checkpoint_files() -> list[str]:
+    """Checkpoints under output/npo_training, subfolders included (a prefix like ``sd15/run`` writes there),
+    as paths relative to that folder with '/' separators."""
     folder = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR)
-    try:
-        names = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
-    except OSError:
-        names = []
-    return [NONE, *names]
+    names = []
+    for here, _dirs, found in os.walk(folder, followlinks=True):
+        rel = os.path.relpath(here, folder)
+        names += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in found if f.endswith(".pt")]
+    return [NONE, *sorted(names)]
 
 
 class SelfNPOTrain(io.ComfyNode):
@@ -64,9 +66,9 @@ class SelfNPOTrain(io.ComfyNode):
                 ),
                 io.Conditioning.Input(
                     "positive",
-                    tooltip="Training prompts. Several prompts: combine them with "
-                    "Conditioning (Combine); each entry is one prompt, cycled "
-                    "over the batch.",
+                    tooltip="Training prompts. Several prompts: combine them with Conditioning (Combine); each "
+                    "entry is one prompt. With latents, latent i trains with prompt i (cycling when there are "
+                    "fewer prompts); the data-free pool is sampled with the prompts in turn.",
                 ),
                 io.Conditioning.Input(
                     "negative",
@@ -93,15 +95,11 @@ class SelfNPOTrain(io.ComfyNode):
                     max=256,
                     tooltip="Samples per step (the authors: 20 for SD1.5, 10 for SDXL, on 80 GB GPUs).",
                 ),
-                io.Float.Input(
+                io.String.Input(
                     "learning_rate",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=1e-7,
-                    round=1e-9,
-                    tooltip="0 = the mode's default: full 1e-6 (SD1.5) / 1e-7 (SDXL) as the authors; "
-                    "lora 1e-4 (SD1.5) / 2e-5 (SDXL).",
+                    default="auto",
+                    tooltip="auto = the mode's default: full 1e-6 (SD1.5) / 1e-7 (SDXL) as the authors; "
+                    "lora 1e-4 (SD1.5) / 2e-5 (SDXL). Or a number, e.g. 5e-5.",
                 ),
                 io.Combo.Input(
                     "mode",
@@ -203,8 +201,8 @@ class SelfNPOTrain(io.ComfyNode):
                     options=checkpoint_files(),
                     default=NONE,
                     optional=True,
-                    tooltip="A checkpoint from output/npo_training to continue (same model, mode, rank, "
-                    "layers). Training continues to `steps` in total.",
+                    tooltip="A checkpoint from output/npo_training (subfolders included) to continue (same model, "
+                    "mode, rank, layers). Training continues to `steps` in total.",
                 ),
                 io.Int.Input(
                     "pool_size",
@@ -266,7 +264,7 @@ class SelfNPOTrain(io.ComfyNode):
         negative,
         steps: int,
         batch_size: int,
-        learning_rate: float,
+        learning_rate,
         mode: str,
         rank: int,
         truncation_steps: int,
@@ -288,186 +286,262 @@ class SelfNPOTrain(io.ComfyNode):
         pool_steps: int = 20,
         pool_cfg: float = 7.0,
     ) -> io.NodeOutput:
-        training_session.check_trainable(model)
-        if mode not in ("lora", "full"):
-            raise NPOError(f"mode: '{mode}' is not one of lora, full.")
-        if mode == "lora" and rank < 1:
-            raise NPOError("rank: lora mode needs rank ≥ 1.")
-        if training_dtype not in DTYPES:
-            raise NPOError(f"training_dtype: '{training_dtype}' is not one of {list(DTYPES)}.")
-        arch = model_facts.model_arch(model)
-        lr = learning_rate or AUTO_LR[(mode, "SDXL" if arch.startswith("SDXL") else "other")]
-        wd = 1e-3 if (mode == "full" and not arch.startswith("SDXL")) else 0.0
-        tcfg = tdft.TDFTConfig(
-            truncation_steps=truncation_steps,
-            teacher_guidance=float(teacher_guidance),
-            loss=loss,
-            student_cond=student_cond,
+        run = _plan(
+            model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps,
+            teacher_guidance, ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents,
+            lora_layers, student_cond, resume_from, width, height,
         )
-        cfg = TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            learning_rate=lr,
-            weight_decay=wd,
-            ema_decay=ema_decay,
-            seed=seed,
-            save_every=save_every,
-            tdft=tcfg,
-        )
-        try:
-            tcfg.validate(1000)
-        except ValueError as e:
-            raise NPOError(str(e)) from None
-        channels = training_session.latent_channels(model)
-        if latents is not None:
-            samples = latents["samples"]
-            if samples.dim() != 4 or samples.shape[1] != channels:
-                raise NPOError(
-                    f"latents: expected a LATENT batch with {channels} channels for this model, got shape "
-                    f"{tuple(samples.shape)}. Encode images with this model's VAE."
-                )
-        elif width % 8 or height % 8:
-            raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
-
-        unet = model_facts.unet_of(model)
-        layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
-        if not layer_names:
-            raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
-        signature = _signature(arch, mode, rank, lora_layers, model_facts.param_shapes(model))
-        resume_path = None
-        if resume_from and resume_from != NONE:
-            files.check_relative_name(resume_from, "resume_from")
-            resume_path = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR, resume_from)
-            if not os.path.isfile(resume_path):
-                raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
-            try:  # checked before any sampling: a wrong file or a too-small `steps` fails at once
-                done = int(load_checkpoint(resume_path, signature)["step"])
-            except TrainingError as e:
-                raise NPOError(str(e)) from None
-            if steps < done:
-                raise NPOError(
-                    f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
-                )
-
-        prefix_folder, prefix_name, counter = files.save_path(  # checked before any sampling, like the rest
-            os.path.join(files.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
-        )
-        pos_entries = training_session.conditioning_entries(positive, "positive")
-        neg_entries = training_session.conditioning_entries(negative, "negative")
         mp = model.clone()
-        pbar = runtime.progress_bar(steps + (0 if latents is not None else pool_size))
+        pool = 0 if latents is not None else pool_size
+        pbar = runtime.progress_bar(pool + steps)
         device = training_session.load_for_training(mp)
         if latents is None:
-            with runtime.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
-                samples, prompt_of = training_session.sample_pool(
-                    mp,
-                    pos_entries,
-                    neg_entries[:1],
-                    pool_size,
-                    width,
-                    height,
-                    pool_steps,
-                    pool_cfg,
-                    seed,
-                    lambda i: (pbar.update(1), runtime.throw_if_interrupted()),
-                )
-            device = training_session.load_for_training(mp)
+            samples, prompt_of, device = _sample_pool(
+                mp, run, pool_size, width, height, pool_steps, pool_cfg, seed, pbar
+            )
         else:
-            prompt_of = None
-        shape = (1, channels, samples.shape[2], samples.shape[3])
-        schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(mp))
-        compute_dtype = mp.model.get_dtype()
-        ignored = training_session.ignored_sampling_patches(mp)
-        if ignored:
-            runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
-        cfg.fp16_loss_scaling = compute_dtype == torch.float16  # fp16 activation gradients underflow unscaled
-        ckpt_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
-        if resume_path is None:
-            _check_free_name(ckpt_path)
-
+            samples = latents["samples"]
+            # latent i trains with prompt i (cycling when there are fewer prompts), as the authors train each
+            # image with its own caption
+            prompt_of = torch.arange(samples.shape[0]) % len(run.positive)
+        pbar.update_absolute(pool + run.done, pool + steps)  # a resumed run starts at the steps already done
         with torch.inference_mode(False), torch.enable_grad():
-            z0 = training_session.latent_to_model_space(mp, samples.clone().float()).to(device)
-            conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in pos_entries]
-            cond_neg = _plain(training_session.model_conds(mp, neg_entries[0], shape, device, "negative"))
-            data = StartData(z0, conds_pos, cond_neg, prompt_of, seed)
-            denoiser = training_session.training_denoiser(mp, compute_dtype)
-            callbacks = Callbacks(on_step=lambda s, total, value: pbar.update(1), should_stop=runtime.interrupted)
-            with training_session.TrainingSession(mp, gradient_checkpointing, copy_weights=mode == "full") as session:
-                lset = None
-                if mode == "lora":
-                    lset = LoRASet(
-                        unet,
-                        layer_names,
-                        rank,
-                        dtype=DTYPES[training_dtype],
-                        device=device,
-                        generator=torch.Generator().manual_seed(seed),
-                    )
-                    lset.attach()
-                    params = lset.named_trainable()
-                else:
-                    params = session.full_params(DTYPES[training_dtype])
-                try:
-                    with runtime.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
-                        result = train(
-                            denoiser,
-                            schedule,
-                            params,
-                            data,
-                            cfg,
-                            callbacks,
-                            _path(ckpt_path) if save_every > 0 else None,
-                            resume_path,
-                            signature,
-                        )
-                except TrainingError as e:
-                    raise NPOError(str(e)) from None
-                finally:
-                    if lset is not None:
-                        lset.detach()
-                if result.stopped_early:
-                    runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
-                meta = {
-                    "npo.recipe": json.dumps(
-                        {
-                            "method": "self-npo-tdft",
-                            "mode": mode,
-                            "rank": rank,
-                            "lora_layers": lora_layers if mode == "lora" else "all",
-                            **cfg.as_dict(),
-                        }
-                    ),
-                    "npo.steps": str(result.steps_done),
-                    "npo.base_model": arch,
-                }
-                if mode == "lora":
-                    offset = lset.to_offset(
-                        source_format="self-npo", base_arch=_arch_name(arch), source="Self-NPO Train", metadata=meta
-                    )
-                else:
-                    entries = {}
-                    for name, p in params.items():
-                        d = p.detach().float() - session.original(name).float()
-                        if torch.count_nonzero(d):
-                            entries[name] = Dense(d.cpu())
-                    offset = NPOOffset(
-                        entries,
-                        source_format="self-npo",
-                        base_arch=_arch_name(arch),
-                        source="Self-NPO Train",
-                        metadata=meta,
-                    )
+            data = _start_data(mp, run, samples, prompt_of, seed, device)
+            callbacks = Callbacks(
+                on_step=lambda done, total, value: pbar.update_absolute(pool + done, pool + steps),
+                should_stop=runtime.interrupted,
+            )
+            result, offset = _train(mp, run, data, callbacks, gradient_checkpointing, device)
+        if result.stopped_early:
+            runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
         if mode == "full" and rank > 0 and offset.entries:
             offset, energy = offset.compressed(rank)
             runtime.log.info("Self-NPO full offset compressed to rank %d, energy kept %.4f", rank, energy)
-        curve = loss_curve_image(result.losses)
-        last = result.losses[-1] if result.losses else float("nan")
-        text = f"Self-NPO ({mode}) {result.steps_done}/{steps} steps, last loss {last:.5f}, lr {lr:g}" + (
-            f"\ncheckpoint: {result.last_checkpoint.name}" if result.last_checkpoint else ""
+        return io.NodeOutput(
+            offset, loss_curve_image(result.losses), result.steps_done, ui=ui.PreviewText(_report(run, result))
         )
-        if ignored:
-            text += f"\nnote: {IGNORED_PATCHES_NOTE} ({', '.join(ignored)})"
-        return io.NodeOutput(offset, curve, result.steps_done, ui=ui.PreviewText(text))
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything Self-NPO Train checked before any sampling."""
+
+    cfg: TrainConfig
+    mode: str
+    rank: int
+    lora_layers: str
+    training_dtype: str
+    arch: str
+    lr_text: str
+    layer_names: list[str]
+    signature: str
+    positive: list
+    negative: list
+    channels: int
+    checkpoint_path: str
+    resume_path: str | None
+    resume_state: dict | None
+    ignored_patches: list[str]
+
+    @property
+    def done(self) -> int:
+        return int(self.resume_state["step"]) if self.resume_state else 0
+
+
+def _plan(
+    model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps, teacher_guidance,
+    ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents, lora_layers, student_cond,
+    resume_from, width, height,
+) -> _Run:
+    """Validate every input and read the resume checkpoint (once), so that bad input fails before sampling."""
+    training_session.check_trainable(model)
+    if mode not in ("lora", "full"):
+        raise NPOError(f"mode: '{mode}' is not one of lora, full.")
+    if mode == "lora" and rank < 1:
+        raise NPOError("rank: lora mode needs rank ≥ 1.")
+    if training_dtype not in DTYPES:
+        raise NPOError(f"training_dtype: '{training_dtype}' is not one of {list(DTYPES)}.")
+    arch = model_facts.model_arch(model)
+    chosen = parse_learning_rate(learning_rate)
+    lr = chosen or AUTO_LR[(mode, "SDXL" if arch.startswith("SDXL") else "other")]
+    lr_text = f"{lr:g}" if chosen else f"auto ({lr:g})"
+    tcfg = tdft.TDFTConfig(
+        truncation_steps=truncation_steps,
+        teacher_guidance=float(teacher_guidance),
+        loss=loss,
+        student_cond=student_cond,
+    )
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        weight_decay=1e-3 if (mode == "full" and not arch.startswith("SDXL")) else 0.0,
+        ema_decay=ema_decay,
+        seed=seed,
+        save_every=save_every,
+        tdft=tcfg,
+        fp16_loss_scaling=model_facts.compute_dtype(model) == torch.float16,  # fp16 gradients underflow unscaled
+    )
+    try:
+        tcfg.validate(len(training_session.schedule_sigmas(model)))
+    except ValueError as e:
+        raise NPOError(str(e)) from None
+    channels = training_session.latent_channels(model)
+    if latents is not None:
+        samples = latents["samples"]
+        if samples.dim() != 4 or samples.shape[1] != channels:
+            raise NPOError(
+                f"latents: expected a LATENT batch with {channels} channels for this model, got shape "
+                f"{tuple(samples.shape)}. Encode images with this model's VAE."
+            )
+    elif width % 8 or height % 8:
+        raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
+    unet = model_facts.unet_of(model)
+    layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
+    if not layer_names:
+        raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
+    signature = _signature(arch, mode, rank, lora_layers, model_facts.param_shapes(model))
+    resume_path, resume_state = _read_resume(resume_from, signature, steps)
+    prefix_folder, prefix_name, counter = files.save_path(
+        os.path.join(files.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
+    )
+    checkpoint_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
+    if resume_path is None:
+        _check_free_name(checkpoint_path)
+    ignored = training_session.ignored_sampling_patches(model)
+    if ignored:
+        runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
+    return _Run(
+        cfg, mode, rank, lora_layers, training_dtype, arch, lr_text, layer_names, signature,
+        training_session.conditioning_entries(positive, "positive"),
+        training_session.conditioning_entries(negative, "negative"),
+        channels, checkpoint_path, resume_path, resume_state, ignored,
+    )
+
+
+def parse_learning_rate(value) -> float:
+    """The learning_rate input: 'auto' (or 0, or empty) → 0.0, meaning the mode's default; else a number > 0."""
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "auto", "0"):
+            return 0.0
+        try:
+            number = float(text)
+        except ValueError:
+            raise NPOError(f"learning_rate: '{value}' is neither 'auto' nor a number (e.g. 1e-4).") from None
+    if not (number >= 0.0 and number < 1.0):
+        raise NPOError(f"learning_rate: {value} is out of range; use 'auto' or a value in (0, 1), e.g. 1e-4.")
+    return number
+
+
+def _read_resume(resume_from: str, signature: str, steps: int) -> tuple[str | None, dict | None]:
+    """(path, checkpoint state) of ``resume_from``, read and checked once; (None, None) for a fresh run."""
+    if not resume_from or resume_from == NONE:
+        return None, None
+    files.check_relative_name(resume_from, "resume_from")
+    path = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR, resume_from)
+    if not os.path.isfile(path):
+        raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
+    try:
+        with torch.inference_mode(False):  # training updates these tensors in place: no inference tensors
+            state = load_checkpoint(path, signature)
+    except TrainingError as e:
+        raise NPOError(str(e)) from None
+    done = int(state["step"])
+    if steps < done:
+        raise NPOError(
+            f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
+        )
+    return path, state
+
+
+def _sample_pool(mp, run: _Run, pool_size, width, height, pool_steps, pool_cfg, seed, pbar):
+    """The data-free start pool sampled from the frozen model; returns (latents, prompt per latent, device)."""
+    with runtime.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
+        samples, prompt_of = training_session.sample_pool(
+            mp, run.positive, run.negative[:1], pool_size, width, height, pool_steps, pool_cfg, seed,
+            lambda i: (pbar.update(1), runtime.throw_if_interrupted()),
+        )
+    return samples, prompt_of, training_session.load_for_training(mp)
+
+
+def _start_data(mp, run: _Run, samples, prompt_of, seed, device) -> StartData:
+    shape = (1, run.channels, samples.shape[2], samples.shape[3])
+    z0 = training_session.latent_to_model_space(mp, samples.clone().float()).to(device)
+    conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in run.positive]
+    cond_neg = _plain(training_session.model_conds(mp, run.negative[0], shape, device, "negative"))
+    return StartData(z0, conds_pos, cond_neg, prompt_of, seed)
+
+
+def _train(mp, run: _Run, data: StartData, callbacks: Callbacks, gradient_checkpointing: bool, device):
+    """TDFT on the model's trainable weights (LoRA adapters or all UNet weights); returns (result, offset)."""
+    schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(mp))
+    denoiser = training_session.training_denoiser(mp, model_facts.compute_dtype(mp))
+    unet = model_facts.unet_of(mp)
+    with training_session.TrainingSession(mp, gradient_checkpointing, copy_weights=run.mode == "full") as session:
+        lset = None
+        if run.mode == "lora":
+            lset = LoRASet(
+                unet, run.layer_names, run.rank, dtype=DTYPES[run.training_dtype], device=device,
+                generator=torch.Generator().manual_seed(run.cfg.seed),
+            )
+            lset.attach()
+            params = lset.named_trainable()
+        else:
+            params = session.full_params(DTYPES[run.training_dtype])
+        try:
+            with runtime.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
+                result = train(
+                    denoiser, schedule, params, data, run.cfg, callbacks,
+                    _path(run.checkpoint_path) if run.cfg.save_every > 0 else None,
+                    run.resume_path, run.signature, resume_state=run.resume_state,
+                )
+        except TrainingError as e:
+            raise NPOError(str(e)) from None
+        finally:
+            if lset is not None:
+                lset.detach()
+        meta = {
+            "npo.recipe": json.dumps(
+                {
+                    "method": "self-npo-tdft",
+                    "mode": run.mode,
+                    "rank": run.rank,
+                    "lora_layers": run.lora_layers if run.mode == "lora" else "all",
+                    **run.cfg.as_dict(),
+                }
+            ),
+            "npo.steps": str(result.steps_done),
+            "npo.base_model": run.arch,
+        }
+        base_arch = _arch_name(run.arch)
+        if run.mode == "lora":
+            offset = lset.to_offset(
+                source_format="self-npo", base_arch=base_arch, source="Self-NPO Train", metadata=meta
+            )
+        else:
+            entries = {}
+            for name, p in params.items():
+                d = p.detach().float() - session.original(name).float()
+                if torch.count_nonzero(d):
+                    entries[name] = Dense(d.cpu())
+            offset = NPOOffset(
+                entries, source_format="self-npo", base_arch=base_arch, source="Self-NPO Train", metadata=meta
+            )
+    return result, offset
+
+
+def _report(run: _Run, result) -> str:
+    last = result.losses[-1] if result.losses else float("nan")
+    text = f"Self-NPO ({run.mode}) {result.steps_done}/{run.cfg.steps} steps, last loss {last:.5f}, lr {run.lr_text}"
+    if result.last_checkpoint:
+        folder = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR)
+        text += f"\ncheckpoint: {os.path.relpath(result.last_checkpoint, folder).replace(os.sep, '/')}"
+    if run.ignored_patches:
+        text += f"\nnote: {IGNORED_PATCHES_NOTE} ({', '.join(run.ignored_patches)})"
+    return text
 
 
 def _plain(cond: dict) -> dict:
@@ -493,51 +567,3 @@ def _signature(arch: str, mode: str, rank: int, layers: str, shapes: dict) -> st
     h = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:12]
     detail = f"r{rank}-{layers}" if mode == "lora" else "all"
     return f"{arch}/{mode}/{detail}/{h}"
-
-
-class NPOSaveOffset(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="NPOSaveOffset",
-            display_name="Save NPO Offset",
-            category=CATEGORY,
-            description="Writes an NPO offset into models/npo in ComfyUI's LoRA key format (readable by the stock "
-            "LoraLoader too) with NPO metadata. Never overwrites: a counter is added.",
-            inputs=[
-                NPOOffsetType.Input(
-                    "npo_offset", tooltip="From Self-NPO Train, Load NPO Offset or Compress NPO Offset."
-                ),
-                io.String.Input(
-                    "filename_prefix",
-                    default="self_npo",
-                    tooltip="File name inside models/npo (subfolders allowed, no '..').",
-                ),
-                io.Model.Input(
-                    "model",
-                    optional=True,
-                    tooltip="Needed only when the offset still has diffusers/kohya key names or full "
-                    "weights: the model it belongs to, to convert them.",
-                ),
-            ],
-            outputs=[],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def execute(cls, npo_offset, filename_prefix: str, model=None) -> io.NodeOutput:
-        offset = npo_offset
-        if not offset.is_resolved:
-            if model is None:
-                raise NPOError(
-                    "npo_offset: this offset still has non-ComfyUI key names or full weights; connect model "
-                    "so they can be converted before saving."
-                )
-            offset = model_facts.resolve_for_model(offset, model)
-        folder, name, counter = files.save_path(files.npo_dir(), filename_prefix)
-        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
-        _check_free_name(path)
-        formats.save_offset(offset, path)
-        rel = os.path.relpath(path, files.npo_dir())
-        runtime.log.info("NPO offset saved to %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved models/npo/{rel}\n{offset.summary()}"))

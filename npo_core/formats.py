@@ -1,6 +1,6 @@
 """Reading, recognising, converting and writing NPO offset files.
 
-Understood (METHOD.md §5, COMFYUI.md §2):
+Understood:
 - diffusers / PEFT LoRA: ``[unet.|base_model.model.]<diffusers module>.{lora.up|lora.down|lora_B|lora_A|
   lora_linear_layer.up|...}.weight`` (no alpha → scale 1; the authors' released files);
 - kohya: ``lora_unet_<module with _>.{lora_up,lora_down}.weight`` + ``.alpha``;
@@ -476,18 +476,41 @@ def to_comfy_state_dict(offset: NPOOffset, dtype: torch.dtype = torch.float32) -
     return sd
 
 
-def save_offset(
-    offset: NPOOffset,
-    path: str | os.PathLike,
-    extra_metadata: Mapping[str, str] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write atomically (temporary name in the same folder, then rename) with NPO metadata."""
+# SAI model-spec architecture ids (what LoRA managers show); other bases keep the pack's own name.
+MODELSPEC_ARCH = {"SD15": "stable-diffusion-v1/lora", "SD2": "stable-diffusion-v2/lora",
+                  "SDXL": "stable-diffusion-xl-v1-base/lora"}
+NEGATIVE_OFFSET_NOTE = (
+    "NPO negative offset: for the negative (unconditional) CFG pass only, with the NPO nodes (Apply NPO, "
+    "NPO CFG Guider, NPO Negative Model). Not a style LoRA: loaded with an ordinary LoRA loader it changes "
+    "both passes and degrades the images."
+)
+
+
+def modelspec_metadata(offset: NPOOffset, title: str) -> dict[str, str]:
+    """The ``modelspec.*`` header keys (SAI model spec 1.0.0) that LoRA managers read, marking the file
+    as an NPO negative offset."""
+    import datetime
+
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH.get(offset.base_arch, f"{offset.base_arch or 'unknown'}/lora"),
+        "modelspec.title": f"{title} (NPO negative offset)",
+        "modelspec.description": NEGATIVE_OFFSET_NOTE,
+        "modelspec.tags": "npo,negative-offset,negative-cfg-pass-only",
+        "modelspec.usage_hint": "Apply NPO or NPO CFG Guider (ComfyUI-NPO); not a LoRA for the positive pass",
+        "modelspec.date": datetime.date.today().isoformat(),
+    }
+
+
+def save_offset(offset: NPOOffset, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write atomically (temporary name in the same folder, then rename) in ComfyUI's LoRA key format,
+    with NPO metadata and the ``modelspec.*`` keys that mark it as a negative offset."""
     from safetensors.torch import save_file
 
     p = Path(path)
     sd = to_comfy_state_dict(offset, dtype)
-    meta = {k: str(v) for k, v in offset.metadata.items()}
+    meta = modelspec_metadata(offset, p.stem)
+    meta.update({k: str(v) for k, v in offset.metadata.items()})
     meta.update(
         {
             "npo.format_version": FORMAT_VERSION,
@@ -495,5 +518,4 @@ def save_offset(
             "npo.source_format": offset.source_format,
         }
     )
-    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     return atomic_write(p, lambda tmp: save_file(sd, tmp, metadata=meta))

@@ -1,6 +1,6 @@
 """NPO offsets: per-parameter weight deltas δ that the negative CFG pass adds to the model.
 
-Sign convention (METHOD.md §6.1): the negative/uncond pass runs θ_neg = θ_pos + strength·δ.
+Sign convention: the negative/uncond pass runs θ_neg = θ_pos + strength·δ.
 δ is *added*; the "negative" effect comes from sitting in the uncond slot of CFG.
 
 Keys are parameter names relative to the UNet ("<module>.weight" / "<module>.bias") in the

@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--size", type=int, help="image size (pool and comparison), a multiple of 8 (workflow: 512)")
     t.add_argument("--mode", choices=["lora", "full"], help="lora (workflow) or full (all UNet weights)")
     t.add_argument("--rank", type=int, help="LoRA rank (workflow: 16)")
-    t.add_argument("--learning-rate", type=float, help="0 = auto (lora: 1e-4 SD1.5, 2e-5 SDXL)")
+    t.add_argument("--learning-rate", help="auto (workflow; lora: 1e-4 SD1.5, 2e-5 SDXL) or a number, e.g. 5e-5")
     t.add_argument("--teacher-guidance", type=float, help="workflow: -1 (SD1.5); the authors used -5 for SDXL")
     t.add_argument("--seed", type=int, help="training seed (workflow: 0)")
     t.add_argument("--save-every", type=int, default=0,

@@ -41,11 +41,3 @@ def where(mask: torch.Tensor, a: Cond, b: Cond) -> Cond:
     if isinstance(a, dict):
         return {k: where(mask, a[k], b[k]) for k in a}
     raise TypeError(f"unsupported cond type {type(a).__name__}")
-
-
-def batch_size(cond: Cond) -> int:
-    if isinstance(cond, torch.Tensor):
-        return int(cond.shape[0])
-    if isinstance(cond, dict):
-        return batch_size(next(iter(cond.values())))
-    raise TypeError(f"unsupported cond type {type(cond).__name__}")

@@ -59,7 +59,6 @@ class TrainResult:
     steps_done: int
     losses: list[float]
     stopped_early: bool
-    ema: EMATeacher
     last_checkpoint: Path | None
 
 
@@ -121,8 +120,10 @@ def train(
     checkpoint_path: Path | None = None,
     resume_from: str | os.PathLike | None = None,
     signature: str = "",
+    resume_state: dict | None = None,
 ) -> TrainResult:
-    """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``."""
+    """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``.
+    ``resume_state``: the checkpoint at ``resume_from`` when the caller has already read (and checked) it."""
     cb = callbacks or Callbacks()
     cfg.tdft.validate(schedule.num_timesteps)
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -138,7 +139,7 @@ def train(
     losses: list[float] = []
     start = 0
     if resume_from:
-        state = load_checkpoint(resume_from, signature)
+        state = resume_state if resume_state is not None else load_checkpoint(resume_from, signature)
         start = int(state["step"])
         if start > cfg.steps:
             raise TrainingError(
@@ -207,4 +208,4 @@ def train(
         cb.on_checkpoint(last_ckpt, done)  # the final state too, so `steps` can be raised and training resumed
     for p in plist:
         p.requires_grad_(False)
-    return TrainResult(done, losses, stopped, ema, last_ckpt)
+    return TrainResult(done, losses, stopped, last_ckpt)

@@ -36,6 +36,11 @@ def check_unet_model(mp, input_name: str = "model") -> None:
         )
 
 
+def compute_dtype(mp) -> torch.dtype:
+    """The dtype the model's forward runs in (ComfyUI picks float16 for SD1.5/SDXL on most GPUs)."""
+    return mp.model.get_dtype()
+
+
 def context_dim(mp) -> int | None:
     ctx = mp.model.model_config.unet_config.get("context_dim")
     return int(ctx) if ctx is not None else None

@@ -107,14 +107,14 @@ class NPOCFGGuider(comfy.samplers.CFGGuider):
         neg = self.conds.get("negative", None)
         if math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False):
             neg = None
-        cond_out = comfy.samplers.calc_cond_batch(self.inner_model, [pos], x, timestep, model_options)[0]
+        cond_out = _calc_cond_batch(self.inner_model, [pos, None], x, timestep, model_options)[0]
         # like sampling_function: a skipped uncond (cfg 1) is a zero prediction, never None
         out = [cond_out, torch.zeros_like(cond_out)]
         if neg is not None:
             neg_model = self.negative_patcher.model
             if hasattr(neg_model, "current_patcher"):
                 neg_model.current_patcher = self.negative_patcher
-            out[1] = comfy.samplers.calc_cond_batch(neg_model, [neg], x, timestep, model_options)[0]
+            out[1] = _calc_cond_batch(neg_model, [None, neg], x, timestep, model_options)[1]
         conds = [pos, neg]
         for fn in model_options.get("sampler_pre_cfg_function", []):
             args = {
@@ -133,6 +133,16 @@ class NPOCFGGuider(comfy.samplers.CFGGuider):
         )
 
 
+def _calc_cond_batch(model, conds: list, x, timestep, model_options: dict) -> list:
+    """``calc_cond_batch`` as ``sampling_function`` calls it: through the model's
+    ``sampler_calc_cond_batch_function`` when one is set. ``conds`` keeps the [cond, uncond] slots (the
+    slot this model does not compute is None), so a hook sees the layout it expects."""
+    hook = model_options.get("sampler_calc_cond_batch_function")
+    if hook is not None:
+        return hook({"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options})
+    return comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
+
+
 def make_guider(
     model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0, negative_model=None
 ) -> NPOCFGGuider:
@@ -141,7 +151,7 @@ def make_guider(
     if offset is not None:
         guider = NPOCFGGuider(apply_offset(model, offset, strength))
     elif negative_model.is_clone(model):
-        # Two clones of one module cannot both be loaded (COMFYUI.md §3 row D): express the negative
+        # Two clones of one module cannot both hold their weights in one sampling step: express the negative
         # model as an offset over ``model`` and inject it on the uncond rows instead.
         diff = patch_difference(model, negative_model)
         guider = NPOCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)

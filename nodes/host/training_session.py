@@ -77,8 +77,6 @@ def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: s
     for k, v in conds[0]["model_conds"].items():
         if k in ("c_crossattn", "y"):
             out[k] = v.cond.to(device)
-        elif k not in ("c_concat",):
-            continue
     if "c_crossattn" not in out:
         raise NPOError("positive/negative: the conditioning has no cross-attention tensor for this model.")
     return out

@@ -7,7 +7,7 @@ names and shapes, then fills seeded random tensors, so the files match what this
 Written to ``<dir>``:
 - ``tiny_sd15.safetensors`` (fp16): a reduced SD1.5 UNet that ``CheckpointLoaderSimple`` detects as SD15
   (320 channels, ``channel_mult [1]``, 1 res block, 1 transformer + middle transformer, context 768;
-  COMFYUI.md §6) under ``model.diffusion_model.``, a random CLIP-L under
+  SD1.5 is detected from the UNet's shapes) under ``model.diffusion_model.``, a random CLIP-L under
   ``cond_stage_model.transformer.text_model.`` (so ``CLIPTextEncode`` works) and a random TAESD under
   ``first_stage_model.taesd_{encoder,decoder}.`` (ComfyUI's ``VAE`` recognises TAESD weights, so the
   checkpoint's own VAE output decodes and the example workflows run unmodified);

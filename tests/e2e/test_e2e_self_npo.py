@@ -32,7 +32,7 @@ def test_example_structure_and_user_defaults(object_info):
     (train,) = by_class(prompt, "SelfNPOTrain")
     ti = prompt[train]["inputs"]
     # user defaults: LoRA, hundreds of steps, data-free pool at SD1.5 resolution, nothing to resume
-    assert ti["mode"] == "lora" and 100 <= ti["steps"] <= 2000 and ti["learning_rate"] == 0.0
+    assert ti["mode"] == "lora" and 100 <= ti["steps"] <= 2000 and ti["learning_rate"] == "auto"
     assert (ti["width"], ti["height"]) == (512, 512) and ti["pool_size"] >= 4 and ti["resume_from"] == "none"
     assert ti["teacher_guidance"] == -1.0 and ti["truncation_steps"] == 5 and "latents" not in ti
     # several prompts through Conditioning (Combine); the negative is the empty prompt

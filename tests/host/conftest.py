@@ -2,7 +2,7 @@
 
 ComfyUI is found by ``tests/conftest.py``'s ``find_comfyui()`` ($COMFYUI_PATH or ~/comfy/ComfyUI).
 Without it the whole directory is skipped with one loud line. With it, the ComfyUI root goes first
-on ``sys.path`` and ``args.cpu`` is set before ``comfy.model_management`` is imported (COMFYUI.md §5).
+on ``sys.path`` and ``args.cpu`` is set before ``comfy.model_management`` is imported (it picks the device at import).
 """
 
 from __future__ import annotations

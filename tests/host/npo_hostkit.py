@@ -2,7 +2,7 @@
 hand-written references. Imported after tests/host/conftest.py has put ComfyUI on ``sys.path``.
 
 Everything that serves as a reference here is written from the published structure of the models
-(diffusers/LDM block layout, METHOD.md §5) and plain torch: it never calls the pack.
+(the diffusers/LDM block layout of SD1.5 and SDXL) and plain torch: it never calls the pack.
 """
 
 from __future__ import annotations
@@ -464,7 +464,7 @@ def self_npo_train(model, pos, neg, **kw):
     args = dict(
         steps=3,
         batch_size=2,
-        learning_rate=0.0,
+        learning_rate="auto",
         mode="lora",
         rank=4,
         truncation_steps=5,

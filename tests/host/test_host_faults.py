@@ -18,8 +18,7 @@ import torch
 
 from comfyui_npo.nodes.host import model_facts, training_session
 from comfyui_npo.nodes.models import NPOApply
-from comfyui_npo.nodes.offsets import NPOLoadOffset
-from comfyui_npo.nodes.train import NPOSaveOffset
+from comfyui_npo.nodes.offsets import NPOLoadOffset, NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
 from comfyui_npo.npo_core.offset import LowRank, NPOOffset
 

@@ -1,9 +1,10 @@
 """NPO CFG Guider with a negative_model input, against the hand-written two-network reference
-(see test_host_sampling.py). COMFYUI.md §3 row D: two clones of one loaded module cannot both hold
+(see test_host_sampling.py). Two clones of one loaded module cannot both hold
 their weights in one sampling step, so the naive guider is silently wrong; these tests catch it."""
 
 from __future__ import annotations
 
+import comfy.samplers
 import comfy.sd
 import npo_hostkit as kit
 import pytest
@@ -163,3 +164,29 @@ def test_negative_model_equal_to_model_is_plain_cfg(tiny):
     pos, neg = kit.make_conds("sd15")
     guider = _guider(model=base, positive=pos, negative=neg, cfg=CFG, negative_model=base.clone())
     assert torch.equal(kit.guider_sample(guider, 2), kit.ksample(base, pos, neg, CFG, 2))
+
+
+def test_independent_negative_model_goes_through_the_calc_cond_batch_hook(tiny):
+    """A model's sampler_calc_cond_batch_function (what sampling_function calls instead of calc_cond_batch)
+    is called for both passes, each with the [cond, uncond] layout and the model that computes it."""
+    kind, batch = "sd15", 1
+    base = tiny(kind)
+    neg_model = tiny.from_weights(kind, kit.merged(tiny.weights(kind), (1.0, kit.make_lora(kind, "peft", seed=4)[1])))
+    pos, neg = kit.make_conds(kind)
+    seen = []
+
+    def hook(args):
+        slots = tuple(c is not None for c in args["conds"])
+        seen.append((args["model"] is neg_model.model, slots))
+        out = comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                             args["model_options"])
+        return [o * 0.5 for o in out]  # visible in the result
+
+    hooked = base.clone()
+    hooked.model_options["sampler_calc_cond_batch_function"] = hook
+    out = kit.guider_sample(_guider(model=hooked, positive=pos, negative=neg, cfg=CFG, negative_model=neg_model),
+                            batch, steps=2)
+    assert seen == [(False, (True, False)), (True, (False, True))] * 2
+    plain = kit.guider_sample(_guider(model=base, positive=pos, negative=neg, cfg=CFG, negative_model=neg_model),
+                              batch, steps=2)
+    assert not kit.close(out, plain)

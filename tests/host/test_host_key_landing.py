@@ -23,7 +23,7 @@ ARCH = {"sd15_full": "SD15", "sdxl_full": "SDXL"}
 
 
 def test_released_file_sizes_match_the_published_layout():
-    """METHOD.md §5: rank 8 on attn1+attn2 q/k/v/out → 1,594,368 params (SD1.5, 6.41 MB fp32) and
+    """The authors' SD1.5 release: rank 8 on attn1+attn2 q/k/v/out → 1,594,368 params (SD1.5, 6.41 MB fp32) and
     11.61 M (SDXL, 46.6 MB fp32); SDXL attn1 only at rank 64 → 42.6 M (170 MB, spo_npo_10ep)."""
     blocks = {k: sum(d for *_, d in kit.attention_blocks(k)) for k in KINDS}
     assert blocks == {"sd15_full": 16, "sdxl_full": 70}
@@ -97,7 +97,7 @@ def test_every_key_lands(full_models, kind, fmt):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_known_diffusers_to_ldm_landmarks(full_models, kind):
-    """Spot checks from METHOD.md §5 and the SDXL layout."""
+    """Spot checks of the diffusers → LDM names, SD1.5 and SDXL."""
     sd, tags = kit.make_lora(kind, "peft", rank=8, values="tag")
     resolved = model_facts.resolve_for_model(formats.parse_state_dict(sd, {}, "f"), full_models[kind])
     landmarks = {
@@ -124,7 +124,7 @@ def test_known_diffusers_to_ldm_landmarks(full_models, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stock_comfyui_loader_drops_peft_attention_keys(full_models, kind):
-    """Documented fact (COMFYUI.md §2, METHOD.md §5), ComfyUI v0.14.1: the stock LoRA loader maps
+    """ComfyUI (checked on v0.14.1): the stock LoRA loader maps
     ZERO attention layers of the released PEFT-named files (its diffusers key map expects
     ``attn1.processor.to_q``), which is why the pack has its own converter. kohya/ComfyUI names load."""
     model = full_models[kind].model

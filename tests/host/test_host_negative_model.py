@@ -1,6 +1,6 @@
 """NPO Negative Model: the weights ComfyUI materialises (load → patch) equal θ_neg computed by hand,
 
-θ_neg = θ_base + s·δ + (1 − m)·(θ_pos − θ_base)     (METHOD.md §1.2; m = 0 → θ_pos + s·δ)
+θ_neg = θ_base + s·δ + (1 − m)·(θ_pos − θ_base)     (the authors' merge; m = 0 → θ_pos + s·δ)
 """
 
 from __future__ import annotations

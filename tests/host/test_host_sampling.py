@@ -115,7 +115,7 @@ def test_strength_zero_is_plain_cfg(tiny, load_offset):
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_cfg_one_is_positive_only(tiny, load_offset, kind):
-    """cfg 1: no guidance, NPO does nothing (METHOD.md §6.6): equals sampling the positive alone."""
+    """cfg 1: no guidance, NPO does nothing (ComfyUI skips the uncond pass): equals sampling the positive alone."""
     base, _, offset = _setup(tiny, load_offset, kind, "peft", 1.0)
     pos, neg = kit.make_conds(kind)
     basic = Guider_Basic(base)
@@ -181,7 +181,7 @@ def test_full_weight_offset(tiny, load_offset, kind):
 
 @pytest.mark.parametrize("order", ["lora_then_npo", "npo_then_lora"])
 def test_npo_on_a_lora_finetune(tiny, load_offset, order):
-    """θ_pos = base + a stock-loaded LoRA; the negative pass runs θ_pos + δ (METHOD.md §6.2) whichever
+    """θ_pos = base + a stock-loaded LoRA; the negative pass runs θ_pos + δ (a fine-tune keeps its own offset) whichever
     order the LoRA loader and Apply NPO are chained in."""
     import comfy.sd
 

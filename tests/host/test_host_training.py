@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from comfyui_npo.nodes.host import model_facts, runtime, training_session
 from comfyui_npo.nodes.models import NPOApply
-from comfyui_npo.nodes.offsets import NPOLoadOffset
-from comfyui_npo.nodes.train import NPOSaveOffset
+from comfyui_npo.nodes.offsets import NPOLoadOffset, NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
 from comfyui_npo.npo_core.offset import Dense, LowRank
 
@@ -95,33 +94,43 @@ def test_cancel_stops_within_one_step_and_resume_continues(tiny, out_dir, monkey
     model = tiny("sd15")
     before = kit.state_hash(model_facts.unet_of(model))
     pos, neg = kit.make_conds("sd15")
-    updates = []
+    bars = []
     armed = [True]
 
     class Bar:
-        def __init__(self, total):
-            self.total = total
+        """ComfyUI's ProgressBar interface; records every position it is moved to."""
 
-        def update(self, n):
-            updates.append(n)
-            if armed[0] and len(updates) == 2 + 3:  # pool of 2, then the 3rd training step: press Cancel
+        def __init__(self, total):
+            self.total, self.current, self.seen = total, 0, []
+            bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.total = total if total is not None else self.total
+            self.current = min(value, self.total)
+            self.seen.append(self.current)
+            if armed[0] and self.current == 2 + 3:  # pool of 2, then the 3rd training step: press Cancel
                 armed[0] = False
                 comfy.model_management.interrupt_current_processing(True)
+
+        def update(self, n):
+            self.update_absolute(self.current + n)
 
     monkeypatch.setattr(runtime, "progress_bar", Bar)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         train(model, pos, neg, steps=8, save_every=2, filename_prefix="run")
     comfy.model_management.interrupt_current_processing(False)
-    assert len(updates) == 5  # no step ran after the cancel
+    assert max(bars[0].seen) == 5  # no step ran after the cancel
     assert kit.state_hash(model_facts.unet_of(model)) == before and kit.hooked_modules(model_facts.unet_of(model)) == []
     ckpts = sorted(os.listdir(out_dir / "npo_training"))
     assert ckpts == ["run_00001_.pt"]
     state = torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)
     assert state["step"] == 2  # the last checkpoint before the cancel, intact
 
-    updates.clear()
     out = train(model, pos, neg, steps=4, save_every=2, filename_prefix="run", resume_from=ckpts[0])
-    assert out.result[2] == 4 and len(updates) == 2 + 2  # pool + steps 3 and 4 only
+    assert out.result[2] == 4
+    resumed = bars[1]
+    # pool (1, 2), the 2 steps already done, then steps 3 and 4 only: the bar ends full
+    assert resumed.seen == [1, 2, 2 + 2, 2 + 3, 2 + 4] and resumed.current == resumed.total == 2 + 4
     assert torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)["step"] == 4
 
     with pytest.raises(NPOError, match="steps"):
@@ -190,6 +199,50 @@ def test_user_latents_replace_the_pool(tiny, out_dir):
     lat = {"samples": torch.randn(3, 4, 8, 8)}
     out = train(model, pos, neg, steps=2, latents=lat, pool_size=50)  # pool_size ignored: no sampling
     assert out.result[2] == 2
+
+
+def test_user_latents_train_with_their_own_prompts(tiny, out_dir, monkeypatch):
+    """One prompt per latent (Conditioning (Combine) of three prompts, three latents): every batch pairs
+    latent i with prompt i, whatever batch position it lands in."""
+    import comfyui_npo.nodes.train as train_node
+
+    model = tiny("sd15")
+    prompts = [kit.make_conds("sd15", seed=s)[0] for s in (11, 12, 13)]
+    neg = kit.make_conds("sd15")[1]
+    lat = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    made = []
+    real = train_node.StartData
+    monkeypatch.setattr(train_node, "StartData", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    train(model, prompts[0] + prompts[1] + prompts[2], neg, steps=1, batch_size=2, latents=lat)
+    data = made[0]
+    pairs = set()
+    for step in range(6):
+        z0, cond_pos, _ = data.batch(step, 2)
+        for row in range(2):
+            (i,) = [i for i in range(3) if torch.equal(z0[row], data.latents[i])]
+            assert torch.allclose(cond_pos["c_crossattn"][row].float(), prompts[i][0][0][0].float()), (step, row, i)
+            pairs.add((i, row))
+    assert {i for i, _ in pairs} == {0, 1, 2}  # every latent was seen
+
+
+def test_resume_offers_subfolder_checkpoints_and_auto_reads_as_auto(tiny, out_dir):
+    from comfyui_npo.nodes.train import checkpoint_files
+
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    out = train(model, pos, neg, steps=2, save_every=1, filename_prefix="sd15/run")
+    assert "sd15/run_00001_.pt" in checkpoint_files()
+    text = out.ui.as_dict()["text"][0]
+    assert "lr auto (0.0001)" in text and "checkpoint: sd15/run_00001_.pt" in text
+    resumed = train(model, pos, neg, steps=3, save_every=1, resume_from="sd15/run_00001_.pt", learning_rate="2e-4")
+    assert resumed.result[2] == 3 and "lr 0.0002" in resumed.ui.as_dict()["text"][0]
+
+
+@pytest.mark.fault("Self-NPO Train given a learning_rate that is neither 'auto' nor a number", "NPOError naming it")
+@pytest.mark.parametrize("value", ["fast", "-1e-4", "2"])
+def test_learning_rate_text_is_checked(tiny, value):
+    with pytest.raises(NPOError, match="learning_rate"):
+        train(tiny("sd15"), *kit.make_conds("sd15"), learning_rate=value)
 
 
 def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:

@@ -265,9 +265,9 @@ def test_save_roundtrip_in_comfy_keys_atomically(tmp_path):
             "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias": Dense(torch.ones(8)),
         },
         base_arch="SD15",
-        metadata={"npo.recipe": "test"},
+        metadata={"npo.recipe": "test", "npo.steps": "3"},
     )
-    path = formats.save_offset(off, tmp_path / "out" / "o.safetensors", {"npo.steps": 3})
+    path = formats.save_offset(off, tmp_path / "out" / "o.safetensors")
     assert sorted(os.listdir(path.parent)) == ["o.safetensors"]  # no temporary left behind
     sd, meta = formats.read_state_dict(path)
     assert set(sd) == {
@@ -277,6 +277,10 @@ def test_save_roundtrip_in_comfy_keys_atomically(tmp_path):
         "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.diff_b",
     }
     assert meta["npo.format_version"] == "1" and meta["npo.recipe"] == "test" and meta["npo.steps"] == "3"
+    # LoRA managers read modelspec.*: the file shows as an NPO negative offset, not a style LoRA
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.title"] == "o (NPO negative offset)"
+    assert "negative" in meta["modelspec.description"] and "degrades" in meta["modelspec.description"]
     back = formats.load_offset(path)
     assert back.source_format == "npo-pack" and back.base_arch == "SD15"
     e = resolve(back).entries[f"{LDM_Q}.weight"]
