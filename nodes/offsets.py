@@ -26,8 +26,8 @@ class NPOLoadOffset(io.ComfyNode):
                 io.Combo.Input(
                     "offset_name",
                     options=files.offset_file_list(),
-                    tooltip="A file from models/npo or models/loras (.safetensors; .ckpt/.pt only if they "
-                    "hold plain tensors).",
+                    tooltip="A file from models/npo (listed first) or models/loras (marked [loras]); .safetensors, "
+                    ".ckpt/.pt only if they hold plain tensors.",
                 ),
                 io.Model.Input(
                     "base_model",
@@ -54,6 +54,12 @@ class NPOLoadOffset(io.ComfyNode):
         if base_model is not None:
             offset = model_facts.resolve_for_model(offset, base_model, input_name="offset_name")
         text = offset.summary() + "\n" + dense_cost_note(offset)
+        if files.from_loras_folder(offset_name) and "npo.format_version" not in offset.metadata:
+            text += (
+                "\nnote: a LoRA from models/loras without NPO metadata: it will be used as a NEGATIVE offset "
+                "(the negative pass runs θ + δ, so CFG pushes away from what it adds). That is right for the "
+                "authors' NPO files; an ordinary style LoRA belongs in a LoRA loader instead."
+            )
         runtime.log.info("NPO offset loaded:\n%s", text)
         return io.NodeOutput(offset, ui=ui.PreviewText(text))
 

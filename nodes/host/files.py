@@ -24,13 +24,19 @@ def register_npo_folder() -> None:
         os.makedirs(p, exist_ok=True)
 
 
+LORAS_MARK = "[loras] "
+
+
 def offset_file_list() -> list[str]:
-    """Files of the ``npo`` folder first, then ``loras`` (a name in both resolves to ``npo``)."""
+    """Files of ``models/npo`` first, then those of ``models/loras``, marked ``[loras] name``."""
     register_npo_folder()
-    names = list(folder_paths.get_filename_list(NPO_FOLDER))
-    seen = set(names)
-    names += [n for n in folder_paths.get_filename_list("loras") if n not in seen]
-    return names
+    return list(folder_paths.get_filename_list(NPO_FOLDER)) + [
+        LORAS_MARK + n for n in folder_paths.get_filename_list("loras")
+    ]
+
+
+def from_loras_folder(name: str) -> bool:
+    return name.startswith(LORAS_MARK)
 
 
 def check_relative_name(name: str, input_name: str) -> None:
@@ -51,9 +57,13 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def offset_file_path(name: str) -> str:
+    """The file behind an ``offset_file_list`` entry; a plain name (workflows saved before the loras entries
+    were marked) is looked up in models/npo, then models/loras."""
     register_npo_folder()
+    folders = ("loras",) if from_loras_folder(name) else (NPO_FOLDER, "loras")
+    name = name.removeprefix(LORAS_MARK)
     check_relative_name(name, "offset_name")
-    for folder in (NPO_FOLDER, "loras"):
+    for folder in folders:
         path = folder_paths.get_full_path(folder, name)
         if path:
             return path

@@ -26,6 +26,11 @@ class NegativeRowsOffset:
         self.gate = RowGate()
         self.injector = OffsetInjector(offset, strength, self.gate)
         self.sigma_hi, self.sigma_lo, self.full_range = sigma_hi, sigma_lo, full_range
+        self.negative_calls = 0  # UNet calls that had negative rows to act on, since the last reset
+
+    def covers(self, sigma: float) -> bool:
+        """Whether a step at ``sigma`` lies in the start/end range."""
+        return self.full_range or self.sigma_lo * (1 - 1e-5) <= sigma <= self.sigma_hi * (1 + 1e-5)
 
     def rows(self, mask: torch.Tensor, t: torch.Tensor) -> list[slice]:
         """``mask`` (negative rows) narrowed to the rows whose sigma lies in the range."""
@@ -37,6 +42,7 @@ class NegativeRowsOffset:
         return mask_to_slices(mask)
 
     def active(self, unet: torch.nn.Module, rows: list[slice]):
+        self.negative_calls += 1
         stack = contextlib.ExitStack()
         stack.enter_context(self.injector.attached_to(unet))
         stack.enter_context(self.gate.active(rows))

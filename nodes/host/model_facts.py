@@ -6,6 +6,8 @@ ComfyUI's own keys carry ``diffusion_model.`` (``PREFIX``).
 
 from __future__ import annotations
 
+import logging
+
 import comfy.lora
 import comfy.utils
 import torch
@@ -15,6 +17,7 @@ from ...npo_core.errors import NPOError
 from ...npo_core.offset import Dense, FullWeight, NPOOffset
 
 PREFIX = "diffusion_model."
+log = logging.getLogger("comfyui-npo")
 
 
 def unet_of(mp) -> torch.nn.Module:
@@ -83,13 +86,38 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
         raise NPOError(f"{input_name}: {e}") from None
     if any(isinstance(e, FullWeight) for e in out.entries.values()):
         ref = reference if reference is not None else mp
+        full = [k for k, e in out.entries.items() if isinstance(e, FullWeight)]
         out = out.resolved_full_weights(lambda k: patched_weight(ref, k))
+        if reference is None:
+            _warn_if_far(out, full, ref, input_name)
         out = out.replace(
             entries={
                 k: e for k, e in out.entries.items() if not (isinstance(e, Dense) and not torch.count_nonzero(e.delta))
             }
         )
     return out
+
+
+# Self-NPO and Diffusion-NPO move a UNet by well under this (relative L2 over the file's weights); a
+# fine-tune differs from its base by more. A heuristic: the message gives the measured value.
+FAR_FROM_MODEL = 0.05
+
+
+def _warn_if_far(resolved: NPOOffset, names: list[str], model, input_name: str) -> None:
+    """Log when a full-weight file applied without base_model differs from the model by much more than
+    an NPO offset would (a fine-tune: δ = file − fine-tune would then also undo the fine-tune)."""
+    diff = sum(float(resolved.entries[k].delta.float().pow(2).sum()) for k in names if k in resolved.entries)
+    norm = sum(float(patched_weight(model, k).float().pow(2).sum()) for k in names)
+    rel = (diff / norm) ** 0.5 if norm > 0 else 0.0
+    if rel > FAR_FROM_MODEL:
+        log.warning(
+            "NPO: %s is a full-weight NPO UNet that differs from the model it is applied to by %.1f%% (relative "
+            "L2), much more than an NPO offset moves a model. If the model is a fine-tune, connect base_model on "
+            "Load NPO Offset (the base the NPO UNet was trained from): δ is then file − base, and the fine-tune "
+            "keeps its own weights in the negative pass.",
+            input_name,
+            100 * rel,
+        )
 
 
 def model_weights(mp, names) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ torch) supplies the uncond prediction inside a hand-written ``sampler_cfg_functi
 
 from __future__ import annotations
 
+import logging
+
 import npo_hostkit as kit
 import pytest
 import torch
@@ -219,3 +221,40 @@ def test_two_offsets_stack(tiny, load_offset):
         m = NPOApply.execute(model=base, npo_offset=o1, strength=0.5).result[0]
         m = NPOApply.execute(model=m, npo_offset=o2, strength=1.2).result[0]
     _assert_matches(kit.ksample(m, pos, neg, 4.0, 2), ref_out, plain_out, "two Apply NPO")
+
+
+def _npo_warnings(caplog) -> list[str]:
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return [m for m in messages if m.startswith("NPO:")]
+
+
+@pytest.mark.fault(
+    "Apply NPO where it cannot act: cfg 1, a start/end range covering no step, a guider without a negative pass",
+    "one warning per sampling run naming the cause and the fix; the images are those of plain sampling",
+)
+def test_the_user_is_told_once_per_run_when_npo_cannot_act(tiny, load_offset, caplog):
+    import comfy.samplers
+
+    base, cfg = tiny("sd15"), 5.0
+    offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0])
+    pos, neg = kit.make_conds("sd15")
+    with torch.inference_mode():
+        npo = NPOApply.execute(model=base, npo_offset=offset, strength=1.0).result[0]
+        narrow = NPOApply.execute(model=base, npo_offset=offset, strength=1.0, start_percent=0.9,
+                                  end_percent=0.95).result[0]
+    caplog.set_level(logging.WARNING)
+    kit.ksample(npo, pos, neg, 1.0, steps=4)
+    assert [w for w in _npo_warnings(caplog) if "cfg is 1" in w] == _npo_warnings(caplog) != []
+    assert len(_npo_warnings(caplog)) == 1
+    caplog.clear()
+    kit.ksample(narrow, pos, neg, cfg, steps=4)  # 4 steps sit at 0, 25, 50 and 75 % of the schedule
+    assert len(_npo_warnings(caplog)) == 1 and "covers none of this run's 4 steps" in _npo_warnings(caplog)[0]
+    caplog.clear()
+    basic = Guider_Basic(npo)
+    basic.set_conds(pos)
+    comfy.samplers.CFGGuider.set_cfg(basic, cfg)
+    kit.guider_sample(basic, steps=3)
+    assert len(_npo_warnings(caplog)) == 1 and "never evaluated a negative" in _npo_warnings(caplog)[0]
+    caplog.clear()
+    kit.ksample(npo, pos, neg, cfg, steps=3)  # NPO acts: nothing to say
+    assert _npo_warnings(caplog) == []
