@@ -72,28 +72,31 @@ RELEASED_SD15_PARAMS = 1_594_368  # the authors' sd15_beta500_2kiter.safetensors
 # ---------------------------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------------------------
-def _tests_conftest():
-    """tests/conftest.py: finds ComfyUI and registers the repository as the package ``comfyui_npo``."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest
+def _headless():
+    """scripts/npo_headless: finds ComfyUI and registers the repository as the package ``comfyui_npo``."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    import npo_headless
 
-    return conftest
+    return npo_headless
 
 
 def find_comfyui() -> Path:
-    root = _tests_conftest().find_comfyui()
+    root = _headless().find_comfyui()
     if root is None:
         sys.exit("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put it at ~/comfy/ComfyUI).")
     return root
 
 
 def import_env(cpu: bool = True):
-    """Import ComfyUI (CPU mode unless ``cpu`` is False) and the pack (as ``comfyui_npo``, via tests/conftest.py)."""
+    """Import ComfyUI (CPU mode unless ``cpu`` is False) and the pack (as ``comfyui_npo``)."""
     sys.path.insert(0, str(find_comfyui()))
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = cpu
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
+
+    _headless().register_pack()
 
 
 def build_model(seed: int, std: float = 0.02):

@@ -64,9 +64,11 @@ NULL = 10  # the null class token (unconditional / negative conditioning)
 
 
 def import_pack():
-    """Register the repository as the package ``comfyui_npo`` (tests/conftest.py does it) and import it."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401
+    """Register the repository as the package ``comfyui_npo`` (scripts/npo_headless does it) and import it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import npo_headless
+
+    npo_headless.register_pack()
 
     from comfyui_npo.npo_core.schedule import DiscreteSchedule
     from comfyui_npo.training.data import StartData

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -34,10 +33,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-E2E = REPO / "tests" / "e2e"
+from npo_headless import REPO, find_comfyui
+from npo_headless.assets import TINY_CKPT, ensure_assets
+from npo_headless.server import (
+    ComfyServer,
+    execution_error,
+    get_json,
+    post_json,
+    prepare_base_directory,
+    queue_prompt,
+    wait_history,
+)
+from npo_headless.workflows import ui_to_api, validate_against_object_info
+
 WORKFLOW = REPO / "example_workflows" / "self_npo_train_and_compare.json"
-VENV_PYTHON = "~/.cache/comfyui-npo/venv/bin/python"
+VENV_PYTHON = "~/.cache/comfyui-npo/venv-comfy-<version>/bin/python"
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 REQUIRED_MODULES = ("torch", "torchvision", "aiohttp", "safetensors", "yaml", "PIL", "einops", "transformers")
 
@@ -51,7 +61,7 @@ Install it, then run this script again with a Python that has ComfyUI's requirem
     ~/comfy/venv/bin/pip install -r ~/comfy/ComfyUI/requirements.txt   # GPU: see ComfyUI's README for torch
     ~/comfy/venv/bin/python scripts/run_demo.py
 
-(`bash scripts/test.sh` also builds such a Python, {VENV_PYTHON}, and runs the tests.)
+(`bash scripts/test.sh` also builds such Pythons, {VENV_PYTHON}, one per tested ComfyUI version.)
 Or point COMFYUI_PATH (or --comfyui) at an existing ComfyUI checkout."""
 
 # Quick settings for the built-in tiny random checkpoint (a smoke run, not a real training).
@@ -61,15 +71,6 @@ TINY_DEFAULTS = {"steps": 10, "batch_size": 2, "pool_size": 4, "pool_steps": 4, 
 # ---------------------------------------------------------------------------------------------
 # environment
 # ---------------------------------------------------------------------------------------------
-def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
-    """--comfyui, else $COMFYUI_PATH, else ~/comfy/ComfyUI: the first folder with main.py and comfy/."""
-    candidates = [explicit] if explicit else [os.environ.get("COMFYUI_PATH"), Path.home() / "comfy" / "ComfyUI"]
-    for cand in candidates:
-        if cand and (Path(cand).expanduser() / "main.py").is_file() and (Path(cand).expanduser() / "comfy").is_dir():
-            return Path(cand).expanduser().resolve()
-    return None
-
-
 def missing_modules() -> list[str]:
     return [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
 
@@ -86,17 +87,6 @@ def has_accelerator() -> str | None:
     if mps is not None and mps.is_available():
         return "mps"
     return None
-
-
-def load_kit():
-    """tests/e2e/npo_e2ekit.py: the server process, HTTP helpers, the UI→API converter and the tiny assets."""
-    if not (E2E / "npo_e2ekit.py").is_file():
-        sys.exit(f"error: {E2E / 'npo_e2ekit.py'} is missing (it ships with the repository's tests/ folder).")
-    if str(E2E) not in sys.path:
-        sys.path.insert(0, str(E2E))
-    import npo_e2ekit
-
-    return npo_e2ekit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,14 +259,14 @@ class Progress:
         self._write(f"[{fmt_time(time.time() - self.t0)}] finished")
 
 
-async def _run_ws(kit, url: str, prompt: dict, progress: Progress, server) -> str:
+async def _run_ws(url: str, prompt: dict, progress: Progress, server) -> str:
     import aiohttp
 
     client_id = uuid.uuid4().hex
     ws_url = url.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}"
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(ws_url, heartbeat=30, max_msg_size=0) as ws:
-            pid = kit.queue_prompt(url, prompt, client_id=client_id)
+            pid = queue_prompt(url, prompt, client_id=client_id)
             while True:
                 try:
                     msg = await ws.receive(timeout=5)
@@ -304,15 +294,15 @@ async def _run_ws(kit, url: str, prompt: dict, progress: Progress, server) -> st
                     return pid
 
 
-def run_prompt(kit, server, prompt: dict, titles: dict[str, str]) -> dict:
+def run_prompt(server, prompt: dict, titles: dict[str, str]) -> dict:
     """Queue the prompt, show progress from the websocket, return its /history entry."""
     progress = Progress(titles)
     try:
-        pid = asyncio.run(_run_ws(kit, server.url, prompt, progress, server))
+        pid = asyncio.run(_run_ws(server.url, prompt, progress, server))
     except ImportError:  # no aiohttp: poll /history without progress
-        pid = kit.queue_prompt(server.url, prompt)
+        pid = queue_prompt(server.url, prompt)
         print("(no aiohttp: polling /history, no progress display)")
-    entry = kit.wait_history(server.url, pid, timeout=10 ** 7, server=server)
+    entry = wait_history(server.url, pid, timeout=10 ** 7, server=server)
     progress.done()
     return entry
 
@@ -452,7 +442,6 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(o, k) is None:
                 setattr(o, k, v)
 
-    kit = load_kit()
     out = (o.out or Path("self_npo_demo_output") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     accel = None if o.cpu else has_accelerator()
@@ -461,36 +450,30 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         # base directory: this pack + the checkpoint
-        (base / "custom_nodes").mkdir()
-        (base / "custom_nodes" / kit.PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
-        (base / "models" / "checkpoints").mkdir(parents=True)
-        for d in ("input", "output", "temp", "user/default"):
-            (base / d).mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             print("No --checkpoint: using the built-in tiny random SD1.5 checkpoint (a smoke test of the whole "
                   "pipeline; its images are noise).")
-            assets = kit.ensure_assets(comfy, sys.executable)
-            ckpt = assets / kit.TINY_CKPT
-        (base / "models" / "checkpoints" / ckpt.name).symlink_to(ckpt)
+            ckpt = ensure_assets(comfy, sys.executable) / TINY_CKPT
+        prepare_base_directory(base, checkpoints=(ckpt,))
 
         # The tiny model's ops are small: on a CPU one thread is fastest (several spin against each other on a
         # busy machine; measured 10x slower). A real checkpoint gets torch's default unless --threads.
         threads = o.threads or ("1" if accel is None and not o.checkpoint else None)
         print(f"ComfyUI: {comfy}  ({accel or 'CPU'}{', --cpu' if not accel else ''}"
               f"{f', {threads} thread(s)' if threads and not accel else ''})")
-        server = kit.ComfyServer(comfy, sys.executable, base, base / "comfyui.log", port=o.port, cpu=accel is None,
+        server = ComfyServer(comfy, sys.executable, base, base / "comfyui.log", port=o.port, cpu=accel is None,
                                  threads=threads)
         t0 = time.time()
         server.start(timeout=300)
         print(f"server up at {server.url} in {time.time() - t0:.0f} s (log: {server.log_path})")
 
-        object_info = kit.get_json(server.url + "/object_info", timeout=120)
+        object_info = get_json(server.url + "/object_info", timeout=120)
         if "SelfNPOTrain" not in object_info:
             print("error: the pack's nodes did not load in ComfyUI:\n" + server.log_tail(60), file=sys.stderr)
             return 1
         workflow = json.loads(WORKFLOW.read_text())
-        prompt = customize(kit.ui_to_api(workflow, object_info), object_info, ckpt.name, o)
-        problems = kit.validate_against_object_info(prompt, object_info)
+        prompt = customize(ui_to_api(workflow, object_info), object_info, ckpt.name, o)
+        problems = validate_against_object_info(prompt, object_info)
         if problems:
             print("error: the prompt does not validate:\n  " + "\n  ".join(problems), file=sys.stderr)
             return 2
@@ -507,11 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         if accel is None and o.checkpoint:
             print("note: running on the CPU; with a full-size checkpoint this takes hours.")
 
-        entry = run_prompt(kit, server, prompt, {nid: e.get("_meta", {}).get("title") or e["class_type"]
+        entry = run_prompt(server, prompt, {nid: e.get("_meta", {}).get("title") or e["class_type"]
                                                  for nid, e in prompt.items()})
         status = (entry.get("status") or {}).get("status_str")
         if status != "success":
-            err = kit.execution_error(entry) or entry.get("status")
+            err = execution_error(entry) or entry.get("status")
             msg = err.get("exception_message", err) if isinstance(err, dict) else err
             node = err.get("node_type", "?") if isinstance(err, dict) else "?"
             print(f"error: the workflow failed in {node}: {msg}", file=sys.stderr)
@@ -535,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         if server is not None and server.alive():
-            kit.post_json(server.url + "/interrupt", {})
+            post_json(server.url + "/interrupt", {})
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a clear message plus the server's log, not only a traceback
