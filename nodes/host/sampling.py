@@ -122,53 +122,7 @@ def add_offset_patches(model, offset: NPOOffset, strength: float):
     mp = model.clone()
     mp.add_patches(patches, strength)
     add_dual_model_support(mp)
-    if not mp.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY):
-        mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY, _notice_when_idle)
     return mp
-
-
-NOTICE_KEY = "npo_notices"
-
-
-def _notice_when_idle(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: says once per sampling run, in the log, when Apply NPO's offset cannot act:
-    cfg 1 (ComfyUI skips the negative pass), a start/end range that covers no step of the run, or a
-    guider or sampler that never evaluated a negative batch."""
-    guider = getattr(executor, "class_obj", None)
-    actions = npo_actions(guider.model_patcher) if guider is not None else []
-    if not actions:
-        return executor(*args, **kwargs)
-    sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-    steps = [float(s) for s in sigmas[:-1]] if sigmas is not None else []
-    # ``cfg`` is the guidance scale only for guiders that keep CFGGuider's set_cfg (DualCFGGuider, for one,
-    # stores its scales elsewhere and leaves cfg at 1)
-    standard = getattr(type(guider), "set_cfg", None) is comfy.samplers.CFGGuider.set_cfg
-    cfg = getattr(guider, "cfg", None) if standard else None
-    reason = None
-    if isinstance(cfg, (int, float)) and math.isclose(cfg, 1.0) and not guider.model_options.get(
-        "disable_cfg1_optimization", False
-    ):
-        reason = (
-            "cfg is 1, so ComfyUI skips the negative pass (as turbo, LCM and Lightning workflows do) and the "
-            "NPO offset cannot act. Raise cfg (the authors used 7.5 for SD1.5, 5 for SDXL) to use NPO."
-        )
-    elif steps and not any(a.covers(s) for a in actions for s in steps):
-        reason = (
-            f"Apply NPO's start_percent/end_percent covers none of this run's {len(steps)} steps "
-            f"(σ {steps[0]:.3g} … {steps[-1]:.3g}), so the offset changes nothing. Widen the range."
-        )
-    if reason:
-        log.warning("NPO: %s", reason)
-    for a in actions:
-        a.negative_calls = 0
-    out = executor(*args, **kwargs)
-    if reason is None and not any(a.negative_calls for a in actions):
-        log.warning(
-            "NPO: this sampling run never evaluated a negative/unconditional batch, so the NPO offset changed "
-            "nothing. The guider or sampler in use does not run CFG's negative pass (e.g. BasicGuider); "
-            "sample with KSampler, CFGGuider or NPO CFG Guider."
-        )
-    return out
 
 
 def _accepts_log_missing() -> bool:
