@@ -1,4 +1,4 @@
-"""scripts/run_demo.py, the README's "Run the demo" command: as a subprocess on the built-in tiny checkpoint
+"""scripts/run_demo.py, the headless demo the README names: as a subprocess on the built-in tiny checkpoint
 with quick settings (it starts its own ComfyUI server), plus its error exits and its prompt editing.
 
 The subprocess run needs ComfyUI (it is skipped without); the missing-ComfyUI exit runs everywhere.
