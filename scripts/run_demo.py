@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Self-NPO demo, headless: train an NPO offset for a checkpoint and compare same-seed images with and without it.
 
-Runs example_workflows/self_npo_train_and_compare.json on a private ComfyUI server (started here, on
+Runs the example workflow "4 Train a Self-NPO offset and compare" on a private ComfyUI server (started here, on
 127.0.0.1, with a temporary base directory: this pack in custom_nodes/, your checkpoint linked into
 models/checkpoints/), shows progress, and copies the results into an output folder:
 
@@ -44,9 +44,9 @@ from npo_headless.server import (
     queue_prompt,
     wait_history,
 )
-from npo_headless.workflows import ui_to_api, validate_against_object_info
+from npo_headless.workflows import EXAMPLE_SELF_NPO, ui_to_api, validate_against_object_info
 
-WORKFLOW = REPO / "example_workflows" / "self_npo_train_and_compare.json"
+WORKFLOW = REPO / "example_workflows" / f"{EXAMPLE_SELF_NPO}.json"
 VENV_PYTHON = "~/.cache/comfyui-npo/venv-comfy-<version>/bin/python"
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 REQUIRED_MODULES = ("torch", "torchvision", "aiohttp", "safetensors", "yaml", "PIL", "einops", "transformers")

@@ -8,6 +8,13 @@ from typing import Any
 
 from . import EXAMPLES
 
+# The example workflows by role. Their file names are the titles ComfyUI's template browser shows, numbered
+# simplest first.
+EXAMPLE_KSAMPLER = "1 Apply NPO with KSampler"
+EXAMPLE_SDXL = "2 NPO on SDXL with a zeroed negative"
+EXAMPLE_GUIDER = "3 NPO CFG Guider with SamplerCustomAdvanced"
+EXAMPLE_SELF_NPO = "4 Train a Self-NPO offset and compare"
+
 # Nodes that exist only in the frontend: never sent to the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 _KEEP_WIDGET = object()  # a link from a PrimitiveNode: the target's own widget value is the value
@@ -101,7 +108,7 @@ def ui_to_api(workflow: Mapping, object_info: Mapping, substitutions: Mapping[st
     - Note/MarkdownNote/Reroute/PrimitiveNode (frontend-only) and muted nodes are left out; bypassed
       nodes pass their first input of the matching type through;
     - ``substitutions`` {input name: value}: for combo inputs whose value is not offered by this server
-      (e.g. the example's "sd_v1-5.safetensors" on a test server), the value to use instead;
+      (e.g. the example's "v1-5-pruned-emaonly.safetensors" on a test server), the value to use instead;
     - ``overrides`` {(class_type, input name): value}: forced values (e.g. smaller images for speed).
     """
     substitutions = dict(substitutions or {})

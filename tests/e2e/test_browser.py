@@ -7,21 +7,18 @@ and a workflow queued from the page (``app.queuePrompt``) completes on the serve
 
 Needs Debian's Chromium at /usr/bin/chromium (``apt-get install -y chromium``; override the path with
 $NPO_E2E_CHROMIUM). Without it this module is skipped with one loud line. The test never installs it.
-
-``NPO_E2E_WRITE_THUMBNAILS=1`` also writes example_workflows/<name>.jpg: a screenshot of the loaded
-workflow in this frontend (overlays hidden), re-encoded as a JPEG under 100 KB.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import random
 import re
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import npo_e2ekit as kit
@@ -124,7 +121,7 @@ class BrowserSession:
 
     def load_example(self, name: str) -> dict:
         """Load the example from the server's template route; return what the page then holds."""
-        url = f"/api/workflow_templates/{kit.PACK_FOLDER}/{name}.json"
+        url = f"/api/workflow_templates/{kit.PACK_FOLDER}/{urllib.parse.quote(name)}.json"
         return self._load(f"await (await fetch({json.dumps(url)})).json()")
 
     def load_workflow(self, workflow: dict) -> dict:
@@ -205,8 +202,6 @@ def test_example_loads_in_the_frontend(browser, object_info, name):
         assert front[nid]["class_type"] == entry["class_type"]
         assert front[nid]["inputs"] == entry["inputs"], f"{name} node {nid} ({entry['class_type']})"
 
-    if os.environ.get("NPO_E2E_WRITE_THUMBNAILS") == "1":
-        write_thumbnail(browser, name)
 
 
 @pytest.mark.fault(
@@ -215,7 +210,7 @@ def test_example_loads_in_the_frontend(browser, object_info, name):
 )
 def test_frontend_reports_a_missing_node(browser):
     """The checks above are not vacuous: an unknown node type opens the missing-nodes dialog."""
-    wf = kit.load_example("npo_guider_advanced")
+    wf = kit.load_example(kit.EXAMPLE_GUIDER)
     (guider,) = [n for n in wf["nodes"] if n["type"] == "NPOCFGGuider"]
     guider["type"] = "NPODoesNotExist"
     try:
@@ -232,7 +227,7 @@ def test_frontend_reports_a_missing_node(browser):
 
 
 def test_workflow_queued_from_the_frontend_completes(browser, server):
-    name = "npo_ksampler"
+    name = kit.EXAMPLE_KSAMPLER
     browser.load_example(name)
     values = {**TEST_VALUES, "seed": random.randint(1, 2**31)}  # a new seed: nothing comes from the cache
     before = set(kit.get_json(server.url + "/history"))
@@ -260,52 +255,3 @@ def test_workflow_queued_from_the_frontend_completes(browser, server):
     names = sorted(r["filename"].rsplit("_", 2)[0] for r in kit.output_images(entry))
     assert names == ["npo_off", "npo_on"], kit.output_images(entry)
     assert not browser.exceptions(), browser.exceptions()
-
-
-def write_thumbnail(browser: BrowserSession, name: str) -> Path:
-    """Screenshot of the workflow as loaded (sidebars, menus and minimap hidden), cropped to the graph."""
-    from PIL import Image
-
-    browser.js("""(async () => {
-        app.canvas.deselectAll && app.canvas.deselectAll();
-        await app.extensionManager.command.execute('Comfy.Canvas.FitView');
-        document.body.style.visibility = 'hidden';
-        document.getElementById('graph-canvas-container').style.visibility = 'visible';
-        document.querySelectorAll('.minimap-main-container, .p-buttongroup, .p-toast')
-            .forEach(e => { e.style.visibility = 'hidden'; });
-        app.canvas.setDirty(true, true);
-        await new Promise(r => setTimeout(r, 800));
-        return true;
-    })()""")
-    box = browser.js("""(() => {
-        const ds = app.canvas.ds, th = LiteGraph.NODE_TITLE_HEIGHT;
-        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-        const add = (x, y, w, h) => { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w);
-                                      y1 = Math.max(y1, y + h); };
-        for (const n of app.graph._nodes) add(n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th);
-        for (const g of app.graph._groups || []) add(g._bounding ? g._bounding[0] : g.pos[0],
-            g._bounding ? g._bounding[1] : g.pos[1], g._bounding ? g._bounding[2] : g.size[0],
-            g._bounding ? g._bounding[3] : g.size[1]);
-        const r = app.canvas.canvas.getBoundingClientRect();
-        const p0 = ds.convertOffsetToCanvas([x0, y0]), p1 = ds.convertOffsetToCanvas([x1, y1]);
-        return [r.left + p0[0] - 16, r.top + p0[1] - 16, p1[0] - p0[0] + 32, p1[1] - p0[1] + 32];
-    })()""")
-    try:
-        png = browser.run(browser.page.send("Page.captureScreenshot", {
-            "format": "png", "clip": {"x": max(0, box[0]), "y": max(0, box[1]), "width": box[2], "height": box[3],
-                                      "scale": 1}}))["data"]
-    finally:
-        browser.js("document.body.style.visibility = ''; 0")
-    import base64
-
-    im = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
-    im.thumbnail((960, 600), Image.LANCZOS)
-    out = kit.EXAMPLES / f"{name}.jpg"
-    for quality in (88, 80, 72, 64, 56):
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality, optimize=True, progressive=True)
-        if buf.tell() < 95_000:
-            break
-    out.write_bytes(buf.getvalue())
-    print(f"[e2e] wrote {out} ({im.size[0]}x{im.size[1]}, {out.stat().st_size} bytes)", file=sys.stderr)
-    return out

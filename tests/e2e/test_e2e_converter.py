@@ -30,7 +30,7 @@ def node(nid, type_, widgets=(), inputs=(), mode=0):
 def graph():
     return {
         "nodes": [
-            node(1, "Loader", ["sd_v1-5.safetensors"]),
+            node(1, "Loader", ["v1-5-pruned-emaonly.safetensors"]),
             node(2, "Reroute", inputs=[("", "*", 1)]),
             node(3, "Patch", [0.5], inputs=[("model", "MODEL", 2)], mode=4),  # bypassed
             node(4, "Sampler", [7, "fixed", 20, 7.5, "euler", 1.0],
@@ -48,7 +48,7 @@ def graph():
 def test_converts_through_reroute_bypass_mute_and_primitive():
     prompt = kit.ui_to_api(graph(), OBJECT_INFO)
     assert set(prompt) == {"1", "4"}
-    assert prompt["1"] == {"class_type": "Loader", "inputs": {"ckpt_name": "sd_v1-5.safetensors"}}
+    assert prompt["1"] == {"class_type": "Loader", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}}
     # the bypassed Patch and the Reroute pass the loader's MODEL through; the muted Patch's link is dropped;
     # the PrimitiveNode's value is the sampler's own widget value; 'fixed' is the seed's control value
     assert prompt["4"]["inputs"] == {"model": ["1", 0], "seed": 7, "steps": 20, "cfg": 7.5, "name": "euler",
@@ -68,7 +68,7 @@ def test_substitutions_apply_only_to_values_the_server_lacks():
 def test_validation_reports_unknown_combo_values_and_missing_inputs():
     prompt = kit.ui_to_api(graph(), OBJECT_INFO)
     problems = kit.validate_against_object_info(prompt, OBJECT_INFO)
-    assert any("ckpt_name" in p and "sd_v1-5.safetensors" in p for p in problems), problems
+    assert any("ckpt_name" in p and "v1-5-pruned-emaonly.safetensors" in p for p in problems), problems
     del prompt["4"]["inputs"]["steps"]
     assert any("'steps' missing" in p for p in kit.validate_against_object_info(prompt, OBJECT_INFO))
 

@@ -56,7 +56,7 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_prompt_editing(object_info):
     """--prompt replaces the training prompts (old encoders pruned), --sdxl zeroes the negative; the result
     validates against the live server's /object_info."""
-    base = kit.ui_to_api(kit.load_example("self_npo_train_and_compare"), object_info)
+    base = kit.ui_to_api(kit.load_example(kit.EXAMPLE_SELF_NPO), object_info)
     opts = demo.parse_args(["--prompt", "a cat", "--prompt", "a dog", "--prompt", "a car", "--test-prompt", "a boat",
                             "--steps", "7", "--size", "128", "--sdxl", "--strength", "0.5"])
     p = demo.customize(json.loads(json.dumps(base)), object_info, kit.TINY_CKPT, opts)

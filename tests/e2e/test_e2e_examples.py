@@ -10,8 +10,31 @@ import pytest
 EXAMPLES = kit.example_names()
 
 
-def test_the_three_examples_exist():
-    assert {"npo_ksampler", "npo_guider_advanced", "npo_sdxl_zero_negative"} <= set(EXAMPLES)
+def test_the_examples_are_titled_and_numbered_simplest_first():
+    """The template browser shows a pack's workflows by file name: readable titles, numbered in order."""
+    assert EXAMPLES == [kit.EXAMPLE_KSAMPLER, kit.EXAMPLE_SDXL, kit.EXAMPLE_GUIDER, kit.EXAMPLE_SELF_NPO]
+    assert [int(name.split(" ", 1)[0]) for name in EXAMPLES] == [1, 2, 3, 4]
+    assert all(" " in name and "_" not in name for name in EXAMPLES)
+
+
+KNOWN_FILES = {  # the files the examples name, and where the frontend's missing-model dialog fetches them
+    "v1-5-pruned-emaonly.safetensors": "checkpoints",
+    "sd_xl_base_1.0.safetensors": "checkpoints",
+    "sd15_beta500_2kiter.safetensors": "npo",
+    "sdxl_beta2k_2kiter.safetensors": "npo",
+}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_loaders_name_consistent_files_with_download_links(name):
+    for n in kit.load_example(name)["nodes"]:
+        if n["type"] not in ("CheckpointLoaderSimple", "NPOLoadOffset"):
+            continue
+        file = n["widgets_values"][0]
+        assert file in KNOWN_FILES, f"{name}: {n['type']} names {file}"
+        (model,) = n["properties"]["models"]
+        assert model["name"] == file and model["directory"] == KNOWN_FILES[file]
+        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + file)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

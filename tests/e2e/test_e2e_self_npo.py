@@ -11,7 +11,7 @@ import re
 import npo_e2ekit as kit
 from test_e2e_workflows import FAST, SIZE, SUBSTITUTIONS, open_image, run_prompt
 
-NAME = "self_npo_train_and_compare"
+NAME = kit.EXAMPLE_SELF_NPO
 
 
 def by_class(prompt: dict, cls: str) -> list[str]:
@@ -96,8 +96,8 @@ def test_example_trains_saves_and_compares(server, object_info):
     # the saved file is a usable NPO offset: Load NPO Offset lists it and npo_ksampler runs with it
     info = kit.get_json(server.url + "/object_info/NPOLoadOffset")["NPOLoadOffset"]
     assert offset_name in kit.combo_options(*kit.input_spec(info, "offset_name"))
-    reuse = kit.ui_to_api(kit.load_example("npo_ksampler"), object_info, {**SUBSTITUTIONS, "offset_name": offset_name},
-                          {**FAST, ("KSampler", "seed"): seed})
+    reuse = kit.ui_to_api(kit.load_example(kit.EXAMPLE_KSAMPLER), object_info,
+                          {**SUBSTITUTIONS, "offset_name": offset_name}, {**FAST, ("KSampler", "seed"): seed})
     (load,) = by_class(reuse, "NPOLoadOffset")
     reuse[load]["inputs"]["offset_name"] = offset_name
     entry = run_prompt(server, reuse)

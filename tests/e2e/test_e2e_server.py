@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 
 import npo_e2ekit as kit
 
@@ -88,10 +89,10 @@ def test_offset_list_reads_models_npo(object_info):
 
 def test_workflow_templates_lists_and_serves_the_examples(server):
     names = kit.example_names()
-    assert {"npo_ksampler", "npo_guider_advanced", "npo_sdxl_zero_negative"} <= set(names)
+    assert {kit.EXAMPLE_KSAMPLER, kit.EXAMPLE_GUIDER, kit.EXAMPLE_SDXL} <= set(names)
     templates = kit.get_json(server.url + "/workflow_templates")
     assert sorted(templates.get(kit.PACK_FOLDER, [])) == names, templates
     for name in names:
-        route = f"{server.url}/api/workflow_templates/{kit.PACK_FOLDER}/{name}"
+        route = f"{server.url}/api/workflow_templates/{kit.PACK_FOLDER}/{urllib.parse.quote(name)}"
         assert json.loads(kit.get_bytes(route + ".json")) == kit.load_example(name)
         assert kit.get_bytes(route + ".jpg") == (kit.EXAMPLES / f"{name}.jpg").read_bytes()  # the thumbnail

@@ -1,6 +1,6 @@
 """The example workflows, end to end: UI JSON → API prompt → POST /prompt → images on disk.
 
-The examples name the files users have ("sd_v1-5.safetensors", "sd15_beta500_2kiter.safetensors");
+The examples name the files users have ("v1-5-pruned-emaonly.safetensors", "sd15_beta500_2kiter.safetensors");
 the converter swaps in the tiny test assets for combo values this server does not offer, and the
 run uses 64×64 images and 3 steps so a CPU finishes each prompt in seconds. The tiny checkpoint
 carries a TAESD as its VAE, so the examples' VAEDecode(checkpoint VAE) runs unchanged.
@@ -73,7 +73,7 @@ def test_example_converts_and_validates_against_object_info(name, object_info):
 
 
 def test_sdxl_example_uses_a_zeroed_negative_and_cfg_5(object_info):
-    prompt = kit.ui_to_api(kit.load_example("npo_sdxl_zero_negative"), object_info)
+    prompt = kit.ui_to_api(kit.load_example(kit.EXAMPLE_SDXL), object_info)
     (ks,) = [e for e in prompt.values() if e["class_type"] == "KSampler"]
     assert ks["inputs"]["cfg"] == 5.0
     neg_src = prompt[ks["inputs"]["negative"][0]]
@@ -83,7 +83,7 @@ def test_sdxl_example_uses_a_zeroed_negative_and_cfg_5(object_info):
 
 
 def test_ksampler_example_compares_same_seed_with_and_without_npo(object_info):
-    prompt = kit.ui_to_api(kit.load_example("npo_ksampler"), object_info)
+    prompt = kit.ui_to_api(kit.load_example(kit.EXAMPLE_KSAMPLER), object_info)
     samplers = [e for e in prompt.values() if e["class_type"] == "KSampler"]
     assert len(samplers) == 2
     models = sorted(prompt[s["inputs"]["model"][0]]["class_type"] for s in samplers)
@@ -160,7 +160,7 @@ def test_every_pack_node_executes_over_http(server, object_info):
     "the prompt fails with a message naming both architectures (no traceback); the next prompt succeeds",
 )
 def test_sdxl_offset_on_sd15_fails_clearly_and_the_server_recovers(server, object_info):
-    bad = fast_prompt(object_info, "npo_ksampler", seed=random.randint(1, 2**31), offset_name=kit.SDXL_OFFSET)
+    bad = fast_prompt(object_info, kit.EXAMPLE_KSAMPLER, seed=random.randint(1, 2**31), offset_name=kit.SDXL_OFFSET)
     (load,) = [e for e in bad.values() if e["class_type"] == "NPOLoadOffset"]
     assert load["inputs"]["offset_name"] == kit.SDXL_OFFSET
     entry = run_prompt(server, bad)
@@ -173,7 +173,7 @@ def test_sdxl_offset_on_sd15_fails_clearly_and_the_server_recovers(server, objec
     assert "Traceback" not in msg
     assert server.alive()
 
-    good = fast_prompt(object_info, "npo_guider_advanced", seed=random.randint(1, 2**31))
+    good = fast_prompt(object_info, kit.EXAMPLE_GUIDER, seed=random.randint(1, 2**31))
     entry = run_prompt(server, good)
     assert entry["status"]["status_str"] == "success", kit.execution_error(entry)
     assert len(kit.output_images(entry)) == 1
