@@ -1,6 +1,6 @@
 """End-to-end tier: a real ComfyUI server (``main.py --cpu``) on 127.0.0.1 with this pack installed.
 
-ComfyUI is found by ``tests/conftest.py``'s ``find_comfyui()`` ($COMFYUI_PATH or ~/comfy/ComfyUI).
+ComfyUI is found by ``npo_headless.find_comfyui()`` ($COMFYUI_PATH or ~/comfy/ComfyUI).
 Without it the server-based modules are not collected and the terminal summary says so in one
 loud line; the static checks of example_workflows/ (test_e2e_examples.py) still run.
 
@@ -17,7 +17,6 @@ in ``<base>/comfyui.log``; the tail of that log is attached to every failing e2e
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -25,21 +24,10 @@ from pathlib import Path
 import pytest
 
 _HERE = Path(__file__).resolve().parent
-_TESTS = _HERE.parent
+sys.path.insert(0, str(_HERE.parents[1] / "scripts"))  # the pack's headless-ComfyUI helpers
+import npo_headless  # noqa: E402
 
-
-def _shared_conftest():
-    """tests/conftest.py (pytest loads it too, but not when it is run with a rootdir below tests/)."""
-    mod = sys.modules.get("comfyui_npo_tests_conftest")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("comfyui_npo_tests_conftest", _TESTS / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-COMFY_ROOT = _shared_conftest().find_comfyui()
+COMFY_ROOT = npo_headless.find_comfyui()
 SKIP_REASON = "ComfyUI not found (set COMFYUI_PATH or install to ~/comfy/ComfyUI): e2e server tests skipped"
 # Without ComfyUI the server-based modules are not collected (a pytest.skip() in a conftest that is
 # given on the command line aborts the whole run), and the terminal summary says so in one line.

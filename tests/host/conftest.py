@@ -1,35 +1,22 @@
 """Host tier: the pack inside a real ComfyUI, in-process, on the CPU, with tiny random models.
 
-ComfyUI is found by ``tests/conftest.py``'s ``find_comfyui()`` ($COMFYUI_PATH or ~/comfy/ComfyUI).
+ComfyUI is found by ``npo_headless.find_comfyui()`` ($COMFYUI_PATH or ~/comfy/ComfyUI).
 Without it the whole directory is skipped with one loud line. With it, the ComfyUI root goes first
 on ``sys.path`` and ``args.cpu`` is set before ``comfy.model_management`` is imported (it picks the device at import).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parents[1]
-
-
-def _shared_conftest():
-    """tests/conftest.py (pytest loads it too, but not when it is run with a rootdir below tests/)."""
-    mod = sys.modules.get("comfyui_npo_tests_conftest")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("comfyui_npo_tests_conftest", _TESTS / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
-_shared = _shared_conftest()
 _HERE = Path(__file__).resolve().parent
-COMFY_ROOT = _shared.find_comfyui()
+sys.path.insert(0, str(_HERE.parents[1] / "scripts"))  # the pack's headless-ComfyUI helpers
+import npo_headless  # noqa: E402
+
+COMFY_ROOT = npo_headless.find_comfyui()
 SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH or install to ~/comfy/ComfyUI; host tests skipped"
 
 if COMFY_ROOT is None:
@@ -52,7 +39,7 @@ else:
 
     import nodes  # noqa: F401  (ComfyUI's nodes.py, loaded before anything can shadow it with the pack's nodes/)
 
-    _shared.register_pack()
+    npo_headless.register_pack()
 
     import npo_hostkit as kit
 
