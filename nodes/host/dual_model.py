@@ -31,6 +31,7 @@ class NegativePassModel:
         self.__dict__["_inner"] = inner
         self.__dict__["_patcher"] = patcher
         self.__dict__["_diffs"] = {}  # loaded patches_uuid -> NegativeRowsOffset | None
+        self.__dict__["_actions"] = npo_actions(patcher)  # its Apply NPO offsets, read once per sampling run
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -58,7 +59,7 @@ class NegativePassModel:
         return self._diffs[loaded_uuid]
 
     def apply_model(self, x, t, *args, **kwargs):
-        actions = [a for a in [self._weights_difference(), *npo_actions(self._patcher)] if a is not None]
+        actions = [a for a in [self._weights_difference(), *self._actions] if a is not None]
         unet = self._inner.diffusion_model
         every_row = torch.ones(x.shape[0], dtype=torch.bool)
         with contextlib.ExitStack() as stack:
