@@ -10,7 +10,7 @@ import comfy.patcher_extension
 import torch
 
 from ...npo_core.errors import NPOError
-from ...npo_core.inject import OffsetInjector, RowGate, mask_to_slices
+from ...npo_core.inject import UNCOND, OffsetInjector, RowGate, mask_to_slices
 from ...npo_core.offset import Dense, LowRank, NPOOffset
 from .model_facts import PREFIX, original_weight, unet_of
 
@@ -27,6 +27,20 @@ class NegativeRowsOffset:
         self.injector = OffsetInjector(offset, strength, self.gate)
         self.sigma_hi, self.sigma_lo, self.full_range = sigma_hi, sigma_lo, full_range
         self.negative_calls = 0  # UNet calls that had negative rows to act on, since the last reset
+        self.negative_uuids: set = set()  # the uuids of the guider's unconditional conds, this sampling run
+        self.negative_index: int | None = None  # their position in the guider's cond list, once seen
+
+    def negative_chunk(self, cond_or_uncond, uuids) -> int:
+        """The ``cond_or_uncond`` value of the unconditional chunks in this UNet call. CFG lists
+        [cond, uncond] (1); other guiders order their conds otherwise (DualCFGGuider: [negative, middle,
+        positive]), so the position is learned from a chunk that carries one of the unconditional conds'
+        uuids (chunks ComfyUI adds for area prompts carry the positive's uuid but the same position)."""
+        if self.negative_uuids and cond_or_uncond and uuids:
+            for kind, cond_uuid in zip(cond_or_uncond, uuids, strict=False):
+                if cond_uuid in self.negative_uuids:
+                    self.negative_index = kind
+                    break
+        return UNCOND if self.negative_index is None else self.negative_index
 
     def covers(self, sigma: float) -> bool:
         """Whether a step at ``sigma`` lies in the start/end range."""

@@ -13,7 +13,7 @@ import torch
 
 from ...npo_core import formats
 from ...npo_core.errors import NPOError
-from ...npo_core.inject import UNCOND, chunk_row_mask
+from ...npo_core.inject import chunk_row_mask
 from ...npo_core.offset import NPOOffset
 from .dual_model import add_dual_model_support
 from .injection import NegativeRowsOffset, npo_actions, patch_difference, transformer_options_of, unet_running
@@ -36,8 +36,10 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
     )
 
     def npo_apply_model(executor, x, t, *args, **kwargs):
-        cond_or_uncond = transformer_options_of(args, kwargs).get("cond_or_uncond")
-        rows = action.rows(chunk_row_mask(cond_or_uncond, x.shape[0], UNCOND), t)
+        topts = transformer_options_of(args, kwargs)
+        cond_or_uncond = topts.get("cond_or_uncond")
+        negative = action.negative_chunk(cond_or_uncond, topts.get("uuids"))
+        rows = action.rows(chunk_row_mask(cond_or_uncond, x.shape[0], negative), t)
         if not rows:
             return executor(x, t, *args, **kwargs)
         with action.active(unet_running(executor, mp), rows):
@@ -62,12 +64,16 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
 
 
 NOTICE_KEY = "npo_notices"
+# The conds key of the unconditional prediction, for guiders whose key is not "negative". PerpNeg's
+# "negative" is the prompt it projects out; its unconditional is the empty prompt.
+UNCONDITIONAL_KEY = {"Guider_PerpNeg": "empty_negative_prompt"}
 
 
 def _notice_when_idle(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: says once per sampling run, in the log, when Apply NPO's offset cannot act:
-    cfg 1 (ComfyUI skips the negative pass), a start/end range that covers no step of the run, or a
-    guider or sampler that never evaluated a negative batch."""
+    """OUTER_SAMPLE wrapper: tells the offsets which conds are this run's unconditional ones, and says once
+    per sampling run, in the log, when Apply NPO's offset cannot act: cfg 1 (ComfyUI skips the negative
+    pass), a start/end range that covers no step of the run, or a guider or sampler that never evaluated
+    a negative batch."""
     guider = getattr(executor, "class_obj", None)
     actions = npo_actions(guider.model_patcher) if guider is not None else []
     if not actions:
@@ -93,8 +99,10 @@ def _notice_when_idle(executor, *args, **kwargs):
         )
     if reason:
         log.warning("NPO: %s", reason)
+    key = UNCONDITIONAL_KEY.get(type(guider).__name__, "negative")
+    uuids = {c.get("uuid") for c in (getattr(guider, "conds", None) or {}).get(key) or [] if c.get("uuid")}
     for a in actions:
-        a.negative_calls = 0
+        a.negative_calls, a.negative_uuids, a.negative_index = 0, uuids, None
     out = executor(*args, **kwargs)
     if reason is None and not any(a.negative_calls for a in actions):
         log.warning(
