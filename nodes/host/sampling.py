@@ -67,6 +67,7 @@ NOTICE_KEY = "npo_notices"
 # The conds key of the unconditional prediction, for guiders whose key is not "negative". PerpNeg's
 # "negative" is the prompt it projects out; its unconditional is the empty prompt.
 UNCONDITIONAL_KEY = {"Guider_PerpNeg": "empty_negative_prompt"}
+NO_CHUNK = -1  # a cond_or_uncond value no chunk has
 
 
 def _notice_when_idle(executor, *args, **kwargs):
@@ -101,8 +102,11 @@ def _notice_when_idle(executor, *args, **kwargs):
         log.warning("NPO: %s", reason)
     key = UNCONDITIONAL_KEY.get(type(guider).__name__, "negative")
     uuids = {c.get("uuid") for c in (getattr(guider, "conds", None) or {}).get(key) or [] if c.get("uuid")}
+    # Dual Model CFG Guider runs the negative pass on its model_negative (NegativePassModel does the offset
+    # there); this model's own calls then have no unconditional chunk, though they carry the negative uuids.
+    dual = getattr(guider, "uncond_model_patcher", None) is not None
     for a in actions:
-        a.negative_calls, a.negative_uuids, a.negative_index = 0, uuids, None
+        a.negative_calls, a.negative_uuids, a.negative_index = 0, set() if dual else uuids, NO_CHUNK if dual else None
     out = executor(*args, **kwargs)
     if reason is None and not any(a.negative_calls for a in actions):
         log.warning(
