@@ -103,13 +103,14 @@ class NPONegativeModel(io.ComfyNode):
                 "merge_weight to 0."
             )
         if base_model is not None:
-            model_facts.check_unet_model(model)
-            model_facts.check_unet_model(base_model, "base_model")
+            model_facts.check_supported_model(model)
+            model_facts.check_supported_model(base_model, "base_model")
             if model_facts.param_shapes(base_model) != model_facts.param_shapes(model):
                 raise NPOError(
                     f"base_model is {model_facts.model_arch(base_model)} with other layers than model "
                     f"({model_facts.model_arch(model)}); base_model must be the base checkpoint of the same "
-                    "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones)."
+                    "architecture (e.g. SD1.5 for SD1.5 fine-tunes, SDXL base for SDXL ones, the Wan 2.1 base for "
+                    "its fine-tunes)."
                 )
         resolved = model_facts.resolve_for_model(npo_offset, model, reference=base_model)
         positive = base = None

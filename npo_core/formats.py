@@ -253,6 +253,7 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
         )
     peft_alpha = _peft_alpha(metadata)
     entries: dict[str, Entry] = {}
+    file_modules: dict[str, str] = {}
     ignored: list[str] = []
     namings: set[str] = set()
     fmt = _lora_format(sd, metadata)
@@ -262,13 +263,9 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
             ignored.extend(f"{module}.{r}" for r in parts)
             continue
         naming, path = stripped
-        if naming == "unknown":
-            raise NPOError(
-                f"{source}: unknown key format for '{module}': not a UNet module in LDM, diffusers or kohya "
-                "naming. Expected keys like 'diffusion_model.input_blocks.1.1...', "
-                "'unet.down_blocks.0.attentions.0...' or 'lora_unet_...'."
-            )
         namings.add(naming)
+        for leaf in ("weight", "bias"):
+            _claim(file_modules, f"{path}.{leaf}", module, source)
         if "up" in parts or "down" in parts:
             if "up" not in parts or "down" not in parts:
                 raise NPOError(f"{source}: LoRA module '{module}' has only one of up/down; the file is incomplete.")
@@ -287,7 +284,15 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
             entries[f"{path}.weight"] = Dense(parts["diff"])
         if "diff_b" in parts:
             entries[f"{path}.bias"] = Dense(parts["diff_b"])
-    return _finish(entries, namings, fmt, metadata, source, ignored)
+    file_modules = {k: v for k, v in file_modules.items() if k in entries}
+    return _finish(entries, namings, fmt, metadata, source, ignored, file_modules)
+
+
+def _claim(file_modules: dict[str, str], key: str, module: str, source: str) -> None:
+    """Record that entry ``key`` comes from the file's ``module``; two file modules on one key is an error."""
+    other = file_modules.setdefault(key, module)
+    if other != module:
+        raise NPOError(f"{source}: '{other}' and '{module}' name the same layer; the file is inconsistent.")
 
 
 def _lora_format(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
@@ -305,38 +310,39 @@ def _lora_format(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) ->
 
 def _parse_full(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> NPOOffset:
     entries: dict[str, Entry] = {}
+    file_modules: dict[str, str] = {}
     ignored: list[str] = []
     namings: set[str] = set()
     for k, t in sd.items():
-        if not (k.endswith(".weight") or k.endswith(".bias")):
-            raise NPOError(
-                f"{source}: unknown key format: '{k}' is neither a LoRA key nor a '.weight'/'.bias' "
-                "parameter of a UNet state dict."
-            )
-        module, leaf = k.rsplit(".", 1)
+        # parameters of layers end in .weight/.bias; others are bare parameters (Wan's blocks.0.modulation)
+        module, leaf = k.rsplit(".", 1) if k.endswith((".weight", ".bias")) else (k, "")
         stripped = _strip_prefix(module)
         if stripped is None:
             ignored.append(k)
             continue
         naming, path = stripped
-        if naming in ("unknown", "flat"):
-            raise NPOError(f"{source}: unknown key format: '{k}' is not a UNet parameter in LDM or diffusers naming.")
-        namings.add(naming)
-        entries[f"{path}.{leaf}"] = FullWeight(t)
-    return _finish(entries, namings, "full-state-dict", metadata, source, ignored)
+        namings.add("unknown" if naming == "flat" else naming)
+        key = f"{path}.{leaf}" if leaf else path
+        _claim(file_modules, key, module, source)
+        entries[key] = FullWeight(t)
+    return _finish(entries, namings, "full-state-dict", metadata, source, ignored, file_modules)
 
 
 def _finish(
-    entries: dict[str, Entry], namings: set[str], fmt: str, metadata: Mapping[str, str], source: str, ignored: list[str]
+    entries: dict[str, Entry],
+    namings: set[str],
+    fmt: str,
+    metadata: Mapping[str, str],
+    source: str,
+    ignored: list[str],
+    file_modules: dict[str, str],
 ) -> NPOOffset:
     if not entries:
         raise NPOError(
             f"{source}: no UNet offsets in the file ({len(ignored)} text-encoder/VAE keys only). NPO changes "
             "only the UNet."
         )
-    if len(namings) > 1:
-        raise NPOError(f"{source}: mixes key namings {sorted(namings)}; expected one format per file.")
-    naming = namings.pop()
+    naming = namings.pop() if len(namings) == 1 else "mixed"
     arch = metadata.get("npo.base_arch") or detect_base_arch(entries)
     return NPOOffset(
         entries=entries,
@@ -346,6 +352,7 @@ def _finish(
         source=source,
         metadata={k: v for k, v in metadata.items() if k.startswith("npo.")},
         ignored=sorted(ignored),
+        file_modules=file_modules,
     )
 
 
@@ -416,6 +423,8 @@ def resolve(
             f"is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
             "base (SD1.5 offsets on SD1.5 fine-tunes, SDXL offsets on SDXL ones)."
         )
+    if offset.naming == "mixed":
+        raise NPOError(f"{src}: mixes key namings (LDM, diffusers, kohya); expected one format per file.")
     if offset.naming == "ldm":
         mapping = {k: k for k in offset.entries if k in targets}
     elif offset.naming == "diffusers":
@@ -428,15 +437,10 @@ def resolve(
             lookup.setdefault(_flat(dname), lname)
         mapping = {k: lookup[_flat(k)] for k in offset.entries if _flat(k) in lookup}
     else:
-        raise NPOError(f"{src}: unknown key naming '{offset.naming}'.")
+        mapping = {}  # "unknown": no UNet naming; every key is listed below
     unmatched = sorted(k for k in offset.entries if k not in mapping or mapping[k] not in targets)
     if unmatched:
-        shown = "\n  ".join(unmatched[:20])
-        more = f"\n  … and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
-        raise NPOError(
-            f"{src}: {len(unmatched)} of {len(offset.entries)} keys do not land on the model ({model_arch}):\n  "
-            f"{shown}{more}\nThe offset was made for another architecture or uses an unknown key format."
-        )
+        raise_unmatched(src, [file_key(offset, k) for k in unmatched], len(offset.entries), model_arch)
     out: dict[str, Entry] = {}
     for k, e in offset.entries.items():
         name = mapping[k]
@@ -444,6 +448,26 @@ def resolve(
             raise NPOError(f"{src}: two keys map to the same parameter '{name}'; the file is inconsistent.")
         out[name] = _fit_shape(src, k, e, tuple(targets[name]))
     return offset.replace(entries=out, naming="ldm")
+
+
+def file_key(offset: NPOOffset, key: str) -> str:
+    """How entry ``key`` is named in the file (its module, and which parameter of it)."""
+    module = offset.file_modules.get(key)
+    if module is None:
+        return key
+    leaf = key.rsplit(".", 1)[-1] if key.endswith((".weight", ".bias")) else ""
+    return f"{module} ({leaf})" if leaf else module
+
+
+def raise_unmatched(src: str, names: list[str], total: int, model_arch: str) -> None:
+    names = sorted(names)
+    shown = "\n  ".join(names[:20])
+    more = f"\n  … and {len(names) - 20} more" if len(names) > 20 else ""
+    raise NPOError(
+        f"{src}: {len(names)} of {total} keys do not land on the model ({model_arch}):\n  {shown}{more}\nThe "
+        "offset was made for another architecture or uses an unknown key format (expected a LoRA layout "
+        "ComfyUI's LoraLoader reads for this model, or the model's own parameter names)."
+    )
 
 
 def _flat(param_name: str) -> str:

@@ -29,7 +29,7 @@ UNCOND = 1  # ComfyUI's cond_or_uncond value for the negative/uncond chunk (0 = 
 
 class RowGate:
     """Which batch rows the injected offset applies to during the current forward in this thread
-    (None: none)."""
+    (None: none), and the batch size of that forward (to recognise layers that fold the batch)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -38,13 +38,18 @@ class RowGate:
     def rows(self) -> list[slice] | None:
         return getattr(self._local, "rows", None)
 
+    @property
+    def batch(self) -> int | None:
+        return getattr(self._local, "batch", None)
+
     @contextlib.contextmanager
-    def active(self, rows: list[slice] | None) -> Iterator[None]:
-        previous, self._local.rows = self.rows, rows or None
+    def active(self, rows: list[slice] | None, batch: int | None = None) -> Iterator[None]:
+        previous = self.rows, self.batch
+        self._local.rows, self._local.batch = rows or None, batch
         try:
             yield
         finally:
-            self._local.rows = previous
+            self._local.rows, self._local.batch = previous
 
 
 def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int = UNCOND) -> torch.Tensor:
@@ -63,6 +68,32 @@ def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int
         if kind == select:
             mask[i * size : (i + 1) * size] = True
     return mask
+
+
+def layer_rows(name: str, shape: torch.Size, rows: list[slice], batch: int | None) -> list[tuple[slice, ...]]:
+    """Index tuples selecting the negative rows in a layer's input/output of ``shape``.
+
+    Most layers see the batch on dim 0. Some do not, and each layout is recognised by its shape:
+    - [1, B·L, C]: the batch folded into the sequence (PixArt's cross-attention ``kv_linear`` runs on every
+      row's text at once): row i is the i-th run of L positions on dim 1;
+    - [B·L, C]: the batch folded into dim 0 by a ``view(-1, C)`` of [B, L, C] (HunyuanDiT's ``mlp_t5``);
+    - [L, B, C]: sequence first (HunyuanDiT's attention pooler).
+    Any other layout is refused, never guessed."""
+    if batch is None or shape[0] == batch:
+        return [(sl,) for sl in rows]
+    if len(shape) >= 3 and shape[0] == 1 and shape[1] % batch == 0:
+        per_row = shape[1] // batch
+        return [(slice(None), slice(sl.start * per_row, sl.stop * per_row)) for sl in rows]
+    if len(shape) == 2 and shape[0] % batch == 0:
+        per_row = shape[0] // batch
+        return [(slice(sl.start * per_row, sl.stop * per_row),) for sl in rows]
+    if len(shape) >= 3 and shape[1] == batch:
+        return [(slice(None), sl) for sl in rows]
+    raise NPOError(
+        f"'{name}': the layer's input has shape {tuple(shape)} in a model call of batch {batch}: the batch is not on "
+        "dim 0 (nor folded into the sequence), so the negative rows cannot be told apart there. This model "
+        "family is not supported by the per-row negative pass."
+    )
 
 
 def mask_to_slices(mask: torch.Tensor) -> list[slice]:
@@ -151,11 +182,29 @@ class _LayerOffset:
             normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             y = normed * dw if dw is not None else torch.zeros_like(x)
             return y if db is None else y + db
+        if k == "rmsnorm":
+            if db is not None:
+                raise NPOError(f"'{self.name}': RMSNorm has no bias; the offset's bias cannot be applied")
+            return _rms_normalized(module, x) * dw
         raise AssertionError(k)
 
 
+def _rms_normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x) over the normalized dims, with the module's eps (None: the dtype's machine epsilon, as
+    torch's and ComfyUI's RMSNorm do)."""
+    shape = getattr(module, "normalized_shape", None) or (x.shape[-1],)
+    if isinstance(shape, int):
+        shape = (shape,)
+    return F.rms_norm(x, tuple(shape), None, module.eps)
+
+
 def _module_kind(name: str, module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
+    """The layer kind the offset's response is computed for. "linear" covers nn.Linear and the Linear
+    layers of quantized / mixed-precision checkpoints that are plain ``nn.Module``s with
+    ``in_features``/``out_features`` (their weight is never read: Δ(x) needs x and the shapes only)."""
+    if isinstance(module, nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+    ):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
@@ -163,9 +212,18 @@ def _module_kind(name: str, module: nn.Module) -> str:
         return "groupnorm"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
+    if _is_rmsnorm(module):
+        return "rmsnorm"
     raise NPOError(
-        f"'{name}': an offset on a {type(module).__name__} layer is not supported (Linear, Conv, GroupNorm "
-        "and LayerNorm are)."
+        f"'{name}': an offset on a {type(module).__name__} layer is not supported (Linear, quantized Linear, "
+        "Conv, GroupNorm, LayerNorm and RMSNorm are). Leave this layer out of the offset."
+    )
+
+
+def _is_rmsnorm(module: nn.Module) -> bool:
+    rms = getattr(nn, "RMSNorm", None)
+    return (rms is not None and isinstance(module, rms)) or (
+        type(module).__name__ == "RMSNorm" and hasattr(module, "eps") and hasattr(module, "weight")
     )
 
 
@@ -201,6 +259,14 @@ class OffsetInjector:
             by_module.setdefault(module, {})[leaf] = e
         out = []
         for name, parts in sorted(by_module.items()):
+            bare = sorted(set(parts) - {"weight", "bias"})
+            if bare:
+                raise NPOError(
+                    f"{self.offset.source or 'offset'}: a delta on the bare parameter '{name}.{bare[0]}' (not a "
+                    "layer's weight or bias, e.g. Wan's modulation or LTX's scale_shift_table) cannot be applied "
+                    "to the negative rows only. Remove it from the offset (train or save it without that "
+                    "parameter)."
+                )
             try:
                 module = root.get_submodule(name)
             except AttributeError as err:
@@ -228,8 +294,8 @@ class OffsetInjector:
                     if rows is None:
                         return None
                     x = args[0]
-                    for sl in rows:
-                        out[sl] += layer.response(mod, x[sl])
+                    for index in layer_rows(layer.name, x.shape, rows, gate.batch):
+                        out[index] += layer.response(mod, x[index])
                     return out
 
                 handles.append(module.register_forward_hook(hook))

@@ -3,10 +3,11 @@
 Sign convention: the negative/uncond pass runs θ_neg = θ_pos + strength·δ.
 δ is *added*; the "negative" effect comes from sitting in the uncond slot of CFG.
 
-Keys are parameter names relative to the UNet ("<module>.weight" / "<module>.bias") in the
-naming of ``NPOOffset.naming``: "ldm" (ComfyUI/original SD: ``input_blocks.1.1...``),
-"diffusers" (``down_blocks.0.attentions.0...``) or "flat" (kohya: dots written as underscores).
-Only "ldm" offsets are applied; ``formats.resolve`` converts the others.
+Keys are parameter names relative to the diffusion model ("<module>.weight" / "<module>.bias") in the
+naming of ``NPOOffset.naming``: "ldm" (the model's own names as ComfyUI builds it: ``input_blocks.1.1...``
+for SD UNets, ``blocks.0.self_attn.q`` for Wan, ...), "diffusers" (``down_blocks.0.attentions.0...``),
+"flat" (kohya: dots written as underscores), "unknown" or "mixed" (resolved only through a key map).
+Only "ldm" offsets are applied; ``formats.resolve`` / ``formats.resolve_with_key_map`` convert the others.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class NPOOffset:
     source: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    # entry key -> the module name as the file writes it (before ``.lora_up.weight``, ``.diff``, ...), for
+    # mapping through a host's LoRA key map; empty for offsets made in memory (already in model names)
+    file_modules: dict[str, str] = field(default_factory=dict)
 
     # ---- inspection -------------------------------------------------------------------------
     def modules(self) -> list[str]:

@@ -66,7 +66,7 @@ class NegativePassModel:
             for action in actions:
                 rows = action.rows(every_row, t)
                 if rows:
-                    stack.enter_context(action.active(unet, rows))
+                    stack.enter_context(action.active(unet, rows, x.shape[0]))
             return self._inner.apply_model(x, t, *args, **kwargs)
 
 

@@ -55,11 +55,12 @@ class NegativeRowsOffset:
             mask = mask & (sig <= self.sigma_hi * (1 + 1e-5)) & (sig >= self.sigma_lo * (1 - 1e-5))
         return mask_to_slices(mask)
 
-    def active(self, unet: torch.nn.Module, rows: list[slice]):
+    def active(self, unet: torch.nn.Module, rows: list[slice], batch: int):
+        """Inject on ``rows`` of a model call whose input has ``batch`` rows, for the duration of the block."""
         self.negative_calls += 1
         stack = contextlib.ExitStack()
         stack.enter_context(self.injector.attached_to(unet))
-        stack.enter_context(self.gate.active(rows))
+        stack.enter_context(self.gate.active(rows, batch))
         return stack
 
 

@@ -1,7 +1,8 @@
-"""What the pack reads off a ComfyUI model: its UNet, architecture, parameter names and weights.
+"""What the pack reads off a ComfyUI model: its diffusion model, family, parameter names and weights.
 
-Parameter names passed to ``npo_core`` are relative to the UNet (``input_blocks.1.1...weight``);
-ComfyUI's own keys carry ``diffusion_model.`` (``PREFIX``).
+Parameter names passed to ``npo_core`` are relative to the diffusion model (``input_blocks.1.1...weight``
+for SD UNets, ``blocks.0.self_attn.q.weight`` for Wan); ComfyUI's own keys carry ``diffusion_model.``
+(``PREFIX``). The family is the ComfyUI model config ComfyUI detected (``SD3``, ``WAN21_T2V``, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ...npo_core import formats
 from ...npo_core.errors import NPOError
+from ...npo_core.keymap import resolve_with_key_map
 from ...npo_core.offset import Dense, FullWeight, NPOOffset
 
 PREFIX = "diffusion_model."
@@ -25,17 +27,67 @@ def unet_of(mp) -> torch.nn.Module:
 
 
 def model_arch(mp) -> str:
+    """The model family: the name of the ComfyUI model config detected for the checkpoint."""
     return type(mp.model.model_config).__name__
 
 
-def check_unet_model(mp, input_name: str = "model") -> None:
-    """NPO offsets exist for SD1.x/SD2.x/SDXL-class UNets; refuse other architectures clearly."""
+# unet_config entries that tell variants of one family apart (widths, depths, channels)
+_VARIANT_KEYS = (
+    "model_channels",
+    "context_dim",
+    "hidden_size",
+    "dim",
+    "depth",
+    "num_layers",
+    "n_layers",
+    "depth_single_blocks",
+    "num_single_layers",
+    "in_channels",
+    "in_dim",
+    "out_dim",
+    "num_heads",
+    "n_heads",
+    "ffn_dim",
+    "model_type",
+)
+
+
+def model_variant(mp) -> str:
+    """The architecture's size within its family, e.g. ``dim=1536 in_dim=16 num_layers=30`` (Wan 2.1 1.3B)."""
+    cfg = mp.model.model_config.unet_config
+    return " ".join(f"{k}={cfg[k]}" for k in _VARIANT_KEYS if isinstance(cfg.get(k), (int, str)))
+
+
+def is_unet(mp) -> bool:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    if not isinstance(getattr(mp.model, "diffusion_model", None), UNetModel):
+    return isinstance(getattr(mp.model, "diffusion_model", None), UNetModel)
+
+
+# BaseModel classes the per-row negative pass cannot act on, and why
+UNSUPPORTED = {
+    "CosmosVideo": "Cosmos Predict1 keeps the batch off dim 0 inside its blocks (tensors are T·H·W·B·D), so the "
+    "negative rows cannot be told apart per layer",
+}
+
+
+def check_supported_model(mp, input_name: str = "model") -> None:
+    """Refuse families the per-row negative pass cannot act on, naming the family and the reason."""
+    base = type(mp.model).__name__
+    reason = UNSUPPORTED.get(base)
+    if reason is None and getattr(mp.model, "diffusion_model", None) is None:
+        reason = "it has no diffusion model"
+    if reason is not None:
+        raise NPOError(f"{input_name}: {model_arch(mp)} is not supported by NPO: {reason}.")
+
+
+def check_unet_model(mp, input_name: str = "model") -> None:
+    """Self-NPO training is built for SD1.x/SD2.x/SDXL-class UNets; refuse other architectures clearly."""
+    if not is_unet(mp):
         raise NPOError(
-            f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). NPO offsets are "
-            "defined for those UNets only; this architecture is not supported."
+            f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). Self-NPO Train supports "
+            "those UNets only so far; Apply NPO, NPO Negative Model and NPO CFG Guider take offsets for this "
+            "family."
         )
 
 
@@ -76,12 +128,42 @@ def patched_weight(mp, name: str) -> torch.Tensor:
     return comfy.lora.calculate_weight(patches, w, key)
 
 
+# the pack's names for the SD UNet families an offset file can be detected as (formats.detect_base_arch)
+UNET_ARCHS = ("SD15", "SD2", "SDXL")
+
+
+def check_family(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
+    """An offset recorded (or detected) as made for one family, applied to another, is an error naming both."""
+    made_for = offset.base_arch or "unknown"
+    if made_for.startswith("unknown"):
+        return
+    family = model_arch(mp)
+    unet_offset = made_for in UNET_ARCHS
+    if unet_offset == is_unet(mp) and (unet_offset or made_for == family):
+        return
+    raise NPOError(
+        f"{input_name}: {offset.source or 'the offset'} was made for {made_for} but the model is {family}. An NPO "
+        "offset works only on the family it was made for; load one made for this model, or train one with "
+        "Self-NPO Train."
+    )
+
+
 def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "npo_offset") -> NPOOffset:
-    """Map the offset's keys onto ``mp``'s UNet (error on any key that does not land) and turn full
-    weights into δ = file − reference (``reference`` defaults to ``mp`` with its patches)."""
-    check_unet_model(mp)
+    """Map the offset's keys onto ``mp``'s diffusion model (error on any key that does not land) and turn
+    full weights into δ = file − reference (``reference`` defaults to ``mp`` with its patches).
+
+    SD UNets map LDM, diffusers and kohya names (``comfy.utils.unet_to_diffusers``); every other family maps
+    through ComfyUI's LoRA key map (``comfy.lora.model_lora_keys_unet``), slices of fused weights included."""
+    check_supported_model(mp)
+    check_family(offset, mp, input_name)
     try:
-        out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), model_arch(mp), context_dim(mp))
+        if is_unet(mp):
+            out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), model_arch(mp), context_dim(mp))
+        else:
+            key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
+            out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, model_arch(mp))
+            if out.base_arch.startswith("unknown"):
+                out = out.replace(base_arch=model_arch(mp))
     except NPOError as e:
         raise NPOError(f"{input_name}: {e}") from None
     if any(isinstance(e, FullWeight) for e in out.entries.values()):

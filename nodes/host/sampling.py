@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import uuid
+import weakref
 
 import comfy.lora
 import comfy.patcher_extension
@@ -17,7 +18,7 @@ from ...npo_core.inject import chunk_row_mask
 from ...npo_core.offset import NPOOffset
 from .dual_model import add_dual_model_support
 from .injection import NegativeRowsOffset, npo_actions, patch_difference, transformer_options_of, unet_running
-from .model_facts import PREFIX, check_unet_model, model_arch, resolve_for_model, unet_of
+from .model_facts import PREFIX, check_supported_model, model_arch, resolve_for_model, unet_of
 from .runtime import log
 
 
@@ -42,7 +43,7 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
         rows = action.rows(chunk_row_mask(cond_or_uncond, x.shape[0], negative), t)
         if not rows:
             return executor(x, t, *args, **kwargs)
-        with action.active(unet_running(executor, mp), rows):
+        with action.active(unet_running(executor, mp), rows, x.shape[0]):
             return executor(x, t, *args, **kwargs)
 
     npo_apply_model.npo_action = action
@@ -57,6 +58,9 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
             )
         ],
     )
+    # A patcher dropped while loaded (a workflow edit discards the cached output) is never ejected; the hooks
+    # then leave with it instead of piling up on the shared module.
+    weakref.finalize(mp, action.injector.detach)
     add_dual_model_support(mp)
     if not mp.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY):
         mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY, _notice_when_idle)
@@ -215,7 +219,7 @@ def make_guider(
         diff = patch_difference(model, negative_model)
         guider = NPOCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)
     else:
-        check_unet_model(negative_model, "negative_model")
+        check_supported_model(negative_model, "negative_model")
         if model_arch(negative_model) != model_arch(model):
             raise NPOError(
                 f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "

@@ -54,17 +54,12 @@ def test_offset_keys_that_do_not_land(tiny, load_offset):
     offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0], "other.safetensors")
     with pytest.raises(NPOError, match=r"do not land on the model \(SDXL\)") as info:
         _apply(tiny("sdxl"), offset)
-    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" in str(info.value)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q (weight)" in str(info.value)
 
 
 @pytest.mark.parametrize(
     "sd,want",
     [
-        (
-            {"foo.bar.lora_up.weight": torch.ones(4, 2), "foo.bar.lora_down.weight": torch.ones(2, 4)},
-            "unknown key format",
-        ),
-        ({"some_model.layer.weight": torch.ones(4, 4)}, "unknown key format"),
         (
             {
                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.ones(32, 4),
@@ -79,6 +74,24 @@ def test_unknown_key_format(load_offset, sd, want):
     with pytest.raises(NPOError, match=want) as info:
         load_offset(sd, "weird.safetensors")
     assert "weird.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "sd,listed",
+    [
+        (
+            {"foo.bar.lora_up.weight": torch.ones(4, 2), "foo.bar.lora_down.weight": torch.ones(2, 4)},
+            "foo.bar (weight)",
+        ),
+        ({"some_model.layer.weight": torch.ones(4, 4)}, "some_model.layer (weight)"),
+    ],
+)
+@pytest.mark.fault("key names no model layout knows", "NPOError when applied, listing the file's keys that do not land")
+def test_unknown_keys_are_listed_when_applied(load_offset, tiny, sd, listed):
+    offset = load_offset(sd, "weird.safetensors")
+    with pytest.raises(NPOError, match="do not land") as info:
+        _apply(tiny("sd15"), offset)
+    assert "weird.safetensors" in str(info.value) and listed in str(info.value)
 
 
 @pytest.mark.fault(
@@ -179,15 +192,16 @@ def _tiny_flux_on_meta():
 
 
 @pytest.mark.fault(
-    "a Flux (non-UNet) model given to Apply NPO, NPO Negative Model or the guider",
-    "NPOError: not a UNet model",
+    "an SD1.5 offset given with a Flux model to Apply NPO, NPO Negative Model or the guider; a Flux model as "
+    "the guider's negative_model for an SD1.5 model",
+    "NPOError naming both families",
 )
-def test_not_a_unet_model(load_offset, tiny):
+def test_offset_of_another_family(load_offset, tiny):
     flux = _tiny_flux_on_meta()
-    offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0])
-    with pytest.raises(NPOError, match="Flux is not a UNet model"):
+    offset = load_offset(kit.make_lora("sd15", "peft", rank=4)[0], metadata={"npo.base_arch": "SD15"})
+    with pytest.raises(NPOError, match="made for SD15 but the model is Flux"):
         _apply(flux, offset)
-    with pytest.raises(NPOError, match="not a UNet model"):
+    with pytest.raises(NPOError, match="made for SD15 but the model is Flux"):
         NPONegativeModel.execute(model=flux, npo_offset=offset, strength=1.0)
-    with pytest.raises(NPOError, match="negative_model: Flux is not a UNet"):
+    with pytest.raises(NPOError, match="negative_model is Flux but model is SD15"):
         sampling.make_guider(tiny("sd15"), *kit.make_conds("sd15"), 5.0, negative_model=flux)
