@@ -70,29 +70,34 @@ def chunk_row_mask(cond_or_uncond: Sequence[int] | None, batch: int, select: int
     return mask
 
 
-def layer_rows(name: str, shape: torch.Size, rows: list[slice], batch: int | None) -> list[tuple[slice, ...]]:
+def layer_rows(
+    name: str, shape: torch.Size, rows: list[slice], batch: int | None, folded: bool = False
+) -> list[tuple[slice, ...]]:
     """Index tuples selecting the negative rows in a layer's input/output of ``shape``.
 
     Most layers see the batch on dim 0. Some do not, and each layout is recognised by its shape:
     - [1, B·L, C]: the batch folded into the sequence (PixArt's cross-attention ``kv_linear`` runs on every
       row's text at once): row i is the i-th run of L positions on dim 1;
-    - [B·L, C]: the batch folded into dim 0 by a ``view(-1, C)`` of [B, L, C] (HunyuanDiT's ``mlp_t5``);
-    - [L, B, C]: sequence first (HunyuanDiT's attention pooler).
-    Any other layout is refused, never guessed."""
+    - [L, B, C]: sequence first (HunyuanDiT's attention pooler);
+    - [B·L, C] for layers the host declares ``folded`` (a ``view(-1, C)`` of [B, L, C]: HunyuanDiT's
+      ``mlp_t5``); a 2-D input cannot tell this from other layouts by its shape alone.
+    Rows covering the whole call select everything. Any other layout is refused, never guessed."""
     if batch is None or shape[0] == batch:
         return [(sl,) for sl in rows]
+    if len(rows) == 1 and rows[0].start == 0 and rows[0].stop == batch:
+        return [(slice(None),)]
     if len(shape) >= 3 and shape[0] == 1 and shape[1] % batch == 0:
         per_row = shape[1] // batch
         return [(slice(None), slice(sl.start * per_row, sl.stop * per_row)) for sl in rows]
-    if len(shape) == 2 and shape[0] % batch == 0:
-        per_row = shape[0] // batch
-        return [(slice(sl.start * per_row, sl.stop * per_row),) for sl in rows]
     if len(shape) >= 3 and shape[1] == batch:
         return [(slice(None), sl) for sl in rows]
+    if folded and len(shape) == 2 and shape[0] % batch == 0:
+        per_row = shape[0] // batch
+        return [(slice(sl.start * per_row, sl.stop * per_row),) for sl in rows]
     raise NPOError(
         f"'{name}': the layer's input has shape {tuple(shape)} in a model call of batch {batch}: the batch is not on "
-        "dim 0 (nor folded into the sequence), so the negative rows cannot be told apart there. This model "
-        "family is not supported by the per-row negative pass."
+        "dim 0 (nor folded into the sequence), so the negative rows cannot be told apart there. Leave this "
+        "layer out of the offset."
     )
 
 
@@ -234,12 +239,13 @@ class OffsetInjector:
     (and their per-device casts) are shared by every root.
     """
 
-    def __init__(self, offset: NPOOffset, strength: float, gate: RowGate) -> None:
+    def __init__(self, offset: NPOOffset, strength: float, gate: RowGate, folded: frozenset[str] = frozenset()) -> None:
         if not offset.is_resolved:
             raise NPOError(f"{offset.source or 'offset'}: resolve it against the model before injecting")
         self.offset = offset
         self.strength = float(strength)
         self.gate = gate
+        self.folded = folded  # modules whose 2-D input is [B·L, C] (see ``layer_rows``)
         self._lock = threading.Lock()
         self._handles: dict[int, tuple[nn.Module, list]] = {}  # id(root) -> (root, hook handles)
         self._layers: dict[str, _LayerOffset] = {}
@@ -286,15 +292,16 @@ class OffsetInjector:
             gate = self.gate
             handles = []
             for module, layer in self._modules(root):
+                folded = layer.name in self.folded
 
                 def hook(
-                    mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer
+                    mod: nn.Module, args: tuple, out: torch.Tensor, layer: _LayerOffset = layer, folded: bool = folded
                 ) -> torch.Tensor | None:
                     rows = gate.rows
                     if rows is None:
                         return None
                     x = args[0]
-                    for index in layer_rows(layer.name, x.shape, rows, gate.batch):
+                    for index in layer_rows(layer.name, x.shape, rows, gate.batch, folded):
                         out[index] += layer.response(mod, x[index])
                     return out
 

@@ -11,7 +11,7 @@ import torch
 
 from ...npo_core.errors import NPOError
 from .injection import NegativeRowsOffset, npo_actions, patch_difference
-from .model_facts import resolve_for_model
+from .model_facts import folded_layers, resolve_for_model
 
 DUAL_WRAPPER_KEY = "npo_dual_model"
 
@@ -54,7 +54,9 @@ class NegativePassModel:
                 )
             diff = patch_difference(loaded, patcher)
             self._diffs[loaded_uuid] = (
-                NegativeRowsOffset(resolve_for_model(diff, patcher), 1.0, 0.0, 0.0, True) if diff.entries else None
+                NegativeRowsOffset(resolve_for_model(diff, patcher), 1.0, 0.0, 0.0, True, folded_layers(patcher, diff))
+                if diff.entries
+                else None
             )
         return self._diffs[loaded_uuid]
 

@@ -22,9 +22,17 @@ class NegativeRowsOffset:
     negative pass every row is negative (see ``NegativePassModel``). The injector is attached to
     whichever UNet runs the call (the model, or a multi-GPU clone of it)."""
 
-    def __init__(self, offset: NPOOffset, strength: float, sigma_hi: float, sigma_lo: float, full_range: bool):
+    def __init__(
+        self,
+        offset: NPOOffset,
+        strength: float,
+        sigma_hi: float,
+        sigma_lo: float,
+        full_range: bool,
+        folded: frozenset[str] = frozenset(),
+    ):
         self.gate = RowGate()
-        self.injector = OffsetInjector(offset, strength, self.gate)
+        self.injector = OffsetInjector(offset, strength, self.gate, folded)
         self.sigma_hi, self.sigma_lo, self.full_range = sigma_hi, sigma_lo, full_range
         self.negative_calls = 0  # UNet calls that had negative rows to act on, since the last reset
         self.negative_uuids: set = set()  # the uuids of the guider's unconditional conds, this sampling run

@@ -71,6 +71,35 @@ UNSUPPORTED = {
 }
 
 
+# per BaseModel class: module-name parts of layers whose 2-D input is the batch folded into dim 0, [B·L, C]
+FOLDED_ROWS = {"HunyuanDiT": ("mlp_t5.",)}
+# per BaseModel class: module-name parts of layers that see tokens of every row mixed, and why
+MIXED_ROWS = {
+    "HiDream": (
+        (".experts.",),
+        "HiDream's routed mixture-of-experts layers (…ff_i.experts.N) each see the tokens routed to them from every "
+        "row at once, so an offset there cannot act on the negative rows only",
+    )
+}
+
+
+def folded_layers(mp, offset: NPOOffset) -> frozenset[str]:
+    """The offset's modules (names relative to the diffusion model) whose 2-D input folds the batch into dim 0."""
+    parts = FOLDED_ROWS.get(type(mp.model).__name__, ())
+    return frozenset(m for m in offset.modules() if any(p in f".{m}." for p in parts))
+
+
+def check_rows(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
+    """Refuse an offset on layers whose rows mix the batch, naming the layers."""
+    parts, reason = MIXED_ROWS.get(type(mp.model).__name__, ((), ""))
+    bad = [m for m in offset.modules() if any(p in f".{m}." for p in parts)]
+    if bad:
+        raise NPOError(
+            f"{input_name}: {len(bad)} layers of the offset, e.g. '{bad[0]}', cannot take it: {reason}. Use an "
+            "offset without those layers (attention and shared-expert layers work)."
+        )
+
+
 def check_supported_model(mp, input_name: str = "model") -> None:
     """Refuse families the per-row negative pass cannot act on, naming the family and the reason."""
     base = type(mp.model).__name__
@@ -166,6 +195,7 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
                 out = out.replace(base_arch=model_arch(mp))
     except NPOError as e:
         raise NPOError(f"{input_name}: {e}") from None
+    check_rows(out, mp, input_name)
     if any(isinstance(e, FullWeight) for e in out.entries.values()):
         ref = reference if reference is not None else mp
         full = [k for k, e in out.entries.items() if isinstance(e, FullWeight)]

@@ -18,7 +18,7 @@ from ...npo_core.inject import chunk_row_mask
 from ...npo_core.offset import NPOOffset
 from .dual_model import add_dual_model_support
 from .injection import NegativeRowsOffset, npo_actions, patch_difference, transformer_options_of, unet_running
-from .model_facts import PREFIX, check_supported_model, model_arch, resolve_for_model, unet_of
+from .model_facts import PREFIX, check_supported_model, folded_layers, model_arch, resolve_for_model, unet_of
 from .runtime import log
 
 
@@ -34,6 +34,7 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
         float(ms.percent_to_sigma(start_percent)),
         float(ms.percent_to_sigma(end_percent)),
         start_percent <= 0.0 and end_percent >= 1.0,
+        folded_layers(model, offset),
     )
 
     def npo_apply_model(executor, x, t, *args, **kwargs):

@@ -60,12 +60,25 @@ def tiny_model(fam: TinyFamily, seed: int = 0):
     return model_from(fam, pristine(fam, seed))
 
 
-def attention_lora(fam: TinyFamily, mp, rank: int = 4, seed: int = 3, magnitude: float = 0.5):
-    """{module: (up, down)} on the family's attention linears, shapes read off the model's weights."""
+def all_linears(mp, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every Linear-like module (``in_features``/``out_features``) of the diffusion model, but ``skip`` parts."""
+    return [
+        n
+        for n, m in mp.model.diffusion_model.named_modules()
+        if isinstance(getattr(m, "in_features", None), int)
+        and isinstance(getattr(m, "out_features", None), int)
+        and not any(p in f".{n}." for p in skip)
+    ]
+
+
+def attention_lora(
+    fam: TinyFamily, mp, rank: int = 4, seed: int = 3, magnitude: float = 0.5, modules: list[str] | None = None
+):
+    """{module: (up, down)} on the family's attention linears (or ``modules``), shapes read off the weights."""
     g = torch.Generator().manual_seed(seed)
     sd = mp.model.diffusion_model.state_dict()
     out = {}
-    for m in fam.attention_linears:
+    for m in fam.attention_linears if modules is None else modules:
         o, i = sd[f"{m}.weight"].shape
         down = torch.randn(rank, i, generator=g) / i**0.5
         up = torch.randn(o, rank, generator=g) * (magnitude / rank**0.5)
@@ -101,7 +114,16 @@ def noise_and_latent(fam: TinyFamily, batch: int, seed: int = 7):
     return torch.zeros(shape), torch.randn(shape, generator=g)
 
 
-def sample(mp, fam: TinyFamily, batch: int = 1, steps: int = 2, cfg: float | None = None, conds=None, seed: int = 1):
+def sample(
+    mp,
+    fam: TinyFamily,
+    batch: int = 1,
+    steps: int = 2,
+    cfg: float | None = None,
+    conds=None,
+    seed: int = 1,
+    sampler: str = "euler",
+):
     """comfy.sample.sample (KSampler's function) with the family's latent, under inference_mode."""
     pos, neg = conds if conds is not None else fam.conds(seed)
     latent, noise = noise_and_latent(fam, batch)
@@ -119,6 +141,25 @@ def sample(mp, fam: TinyFamily, batch: int = 1, steps: int = 2, cfg: float | Non
             seed=0,
             disable_pbar=True,
         )
+
+
+def with_reference_batch(base_mp, ref_mp):
+    """A clone of ``base_mp`` whose CFG batch computes the cond chunk on ``base_mp`` and the uncond chunk on the
+    separately built ``ref_mp`` (ComfyUI's sampler_calc_cond_batch_function), so everything downstream (CFG,
+    post-CFG functions, CFG++ samplers, extra guidance passes on the model) sees the reference's uncond."""
+    import comfy.samplers
+
+    def calc(args):
+        conds, x, sigma, opts = args["conds"], args["input"], args["sigma"], args["model_options"]
+        out = comfy.samplers.calc_cond_batch(args["model"], [conds[0], None], x, sigma, opts)
+        if len(conds) > 1 and conds[1] is not None:
+            ref_mp.model.current_patcher = ref_mp
+            out[1] = comfy.samplers.calc_cond_batch(ref_mp.model, [None, conds[1]], x, sigma, {})[1]
+        return out
+
+    m = base_mp.clone()
+    m.model_options["sampler_calc_cond_batch_function"] = calc
+    return m
 
 
 def key_map(mp) -> dict:

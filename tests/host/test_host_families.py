@@ -104,6 +104,60 @@ def test_apply_npo_equals_a_hand_merged_negative_model(name, batch, load_offset,
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_lora_on_every_linear_layer_changes_only_the_negative_rows(name, load_offset, plain_runs):
+    """Every Linear of the family, whatever its input layout (PixArt's kv_linear sees [1, B·L, C], HunyuanDiT's
+    pooler [L, B, C] and mlp_t5 [B·L, C]), at batch 2: still the hand-merged reference. HiDream's routed
+    experts mix rows and are refused (test below), so they are left out here."""
+    fam = _family(name)
+    model = fk.tiny_model(fam)
+    mixed = model_facts.MIXED_ROWS.get(type(model.model).__name__, ((), ""))[0]
+    factors = fk.attention_lora(fam, model, rank=2, magnitude=0.2, modules=fk.all_linears(model, skip=mixed))
+    offset = load_offset(fk.comfy_lora_file(factors), f"{name}_all.safetensors")
+    got = fk.sample(sampling.apply_offset(model, offset, 1.0), fam, 2)
+    reference = fk.model_from(fam, fk.merged(fk.pristine(fam), fk.dense_truth(factors), 1.0))
+    want = fk.sample(kit.with_reference_cfg(fk.tiny_model(fam), reference), fam, 2)
+    assert fk.max_err(plain_runs(fam, 2), want) > 1e-3
+    assert fk.close(got, want), f"{name}: all linears, batch 2: {fk.max_err(got, want):.2e}"
+    if mixed:
+        experts = fk.all_linears(model)
+        experts = [m for m in experts if any(p in f".{m}." for p in mixed)]
+        bad = load_offset(fk.comfy_lora_file(fk.attention_lora(fam, model, modules=experts[:1])), "experts.safetensors")
+        with pytest.raises(NPOError, match="cannot take it") as info:
+            sampling.apply_offset(model, bad, 1.0)
+        assert experts[0] in str(info.value)
+
+
+@pytest.mark.parametrize("extra", ["skip_layer_guidance", "cfg_pp_sampler", "both"])
+@pytest.mark.parametrize("name", ["sd3", "wan21"])
+def test_extra_single_cond_passes_and_cfg_pp_keep_the_positive_weights(name, extra, load_offset):
+    """SkipLayerGuidanceDiT adds a cond-only pass (index 0) that must run θ; a CFG++ sampler reads the uncond
+    prediction after CFG, which must be the NPO one. Reference: the uncond chunk computed on a hand-merged
+    model inside the CFG batch."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    fam = _family(name)
+    model = fk.tiny_model(fam)
+    factors = fk.attention_lora(fam, model)
+    offset = load_offset(fk.comfy_lora_file(factors), f"{name}.safetensors")
+    reference = fk.model_from(fam, fk.merged(fk.pristine(fam), fk.dense_truth(factors), 1.0))
+    slg = extra in ("skip_layer_guidance", "both")
+    sampler = "euler_cfg_pp" if extra in ("cfg_pp_sampler", "both") else "euler"
+
+    def guided(m):
+        if not slg:
+            return m
+        return SkipLayerGuidanceDiT.execute(
+            model=m, scale=3.0, start_percent=0.0, end_percent=1.0, double_layers="0", single_layers=""
+        ).result[0]
+
+    got = fk.sample(guided(sampling.apply_offset(model, offset, 1.0)), fam, 2, sampler=sampler, cfg=2.0)
+    want = fk.sample(guided(fk.with_reference_batch(fk.tiny_model(fam), reference)), fam, 2, sampler=sampler, cfg=2.0)
+    plain = fk.sample(guided(fk.tiny_model(fam)), fam, 2, sampler=sampler, cfg=2.0)
+    assert fk.max_err(plain, want) > 1e-3
+    assert fk.close(got, want), f"{name} {extra}: {fk.max_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_strength_zero_is_plain_cfg_and_weights_survive_a_raise(name, load_offset, plain_runs):
     fam = _family(name)
     model = fk.tiny_model(fam)
