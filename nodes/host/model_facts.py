@@ -53,9 +53,12 @@ _VARIANT_KEYS = (
 
 
 def model_variant(mp) -> str:
-    """The architecture's size within its family, e.g. ``dim=1536 in_dim=16 num_layers=30`` (Wan 2.1 1.3B)."""
+    """The architecture's size within its family: the config's widths and depths and the parameter count,
+    e.g. ``dim=1536 in_dim=16 num_layers=30 params=1418996800`` (Wan 2.1 1.3B)."""
     cfg = mp.model.model_config.unet_config
-    return " ".join(f"{k}={cfg[k]}" for k in _VARIANT_KEYS if isinstance(cfg.get(k), (int, str)))
+    sizes = [f"{k}={cfg[k]}" for k in _VARIANT_KEYS if isinstance(cfg.get(k), (int, str))]
+    params = sum(p.numel() for p in unet_of(mp).parameters())
+    return " ".join([*sizes, f"params={params}"])
 
 
 def is_unet(mp) -> bool:
@@ -169,6 +172,12 @@ def check_family(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
     family = model_arch(mp)
     unet_offset = made_for in UNET_ARCHS
     if unet_offset == is_unet(mp) and (unet_offset or made_for == family):
+        variant = offset.metadata.get("npo.base_variant")
+        if variant and not unet_offset and variant != model_variant(mp):
+            raise NPOError(
+                f"{input_name}: {offset.source or 'the offset'} was made for {made_for} ({variant}) but the model is "
+                f"{family} ({model_variant(mp)}): another size of the family. Use an offset made for this model."
+            )
         return
     raise NPOError(
         f"{input_name}: {offset.source or 'the offset'} was made for {made_for} but the model is {family}. An NPO "
@@ -193,6 +202,8 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
             out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, model_arch(mp))
             if out.base_arch.startswith("unknown"):
                 out = out.replace(base_arch=model_arch(mp))
+            if "npo.base_variant" not in out.metadata:
+                out = out.replace(metadata={**out.metadata, "npo.base_variant": model_variant(mp)})
     except NPOError as e:
         raise NPOError(f"{input_name}: {e}") from None
     check_rows(out, mp, input_name)

@@ -263,6 +263,7 @@ def test_saved_offsets_record_the_family_and_load_in_the_stock_loader(name, load
         meta = f.metadata()
         sd = {k: f.get_tensor(k) for k in f.keys()}
     assert meta["npo.base_arch"] == fam.config_class
+    assert meta["npo.base_variant"] == model_facts.model_variant(model) != ""
     assert meta["modelspec.architecture"] == f"{fam.config_class}/lora"
     patches = comfy.lora.load_lora(sd, fk.key_map(model))
     assert {k if isinstance(k, str) else k[0] for k in patches} == {f"{fk.PREFIX}{m}.weight" for m in factors}
@@ -281,6 +282,9 @@ def test_an_offset_of_one_family_on_another_names_both(load_offset):
     )
     with pytest.raises(NPOError, match=f"made for {a.config_class} but the model is {b.config_class}"):
         sampling.apply_offset(model_b, resolved, 1.0)
+    other_size = resolved.replace(metadata={**resolved.metadata, "npo.base_variant": "dim=4096 num_layers=40"})
+    with pytest.raises(NPOError, match=r"another size of the family"):
+        sampling.apply_offset(model_a, other_size, 1.0)
     sd15 = load_offset(kit.make_lora("sd15", "peft", rank=2)[0], "sd.safetensors", metadata={"npo.base_arch": "SD15"})
     with pytest.raises(NPOError, match=f"made for SD15 but the model is {b.config_class}"):
         sampling.apply_offset(model_b, sd15, 1.0)
