@@ -66,15 +66,22 @@ def conditioning_entries(conditioning, input_name: str) -> list:
     return [[c[0], dict(c[1])] for c in conditioning]
 
 
-def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str) -> dict[str, torch.Tensor]:
-    """Batch-1 model inputs for one conditioning entry: ``{"c_crossattn": ..., "y": ...}`` (SDXL adds y)."""
+def _cond_objects(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str) -> dict:
+    """ComfyUI's model-cond objects (CONDRegular, CONDCrossAttn, ...) for one conditioning entry, as
+    ``encode_model_conds`` makes them for sampling: c_crossattn, y, attention masks, pooled vectors, ..."""
     import comfy.sampler_helpers
+    import comfy.samplers
 
     conds = comfy.sampler_helpers.convert_cond([entry])
     noise = torch.zeros(latent_shape)
     conds = comfy.samplers.encode_model_conds(mp.model.extra_conds, conds, noise, device, prompt_type)
+    return conds[0]["model_conds"]
+
+
+def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str) -> dict[str, torch.Tensor]:
+    """Batch-1 model inputs for one conditioning entry: ``{"c_crossattn": ..., "y": ...}`` (SDXL adds y)."""
     out = {}
-    for k, v in conds[0]["model_conds"].items():
+    for k, v in _cond_objects(mp, entry, latent_shape, device, prompt_type).items():
         if k in ("c_crossattn", "y"):
             out[k] = v.cond.to(device)
     if "c_crossattn" not in out:
@@ -82,23 +89,48 @@ def model_conds(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: s
     return out
 
 
-def training_denoiser(mp, compute_dtype: torch.dtype):
-    """D(x_ve, ν, cond) -> x0 over the ComfyUI model (apply_model converts eps/v to x0). A float16 or
-    bfloat16 model runs under autocast (CUDA or CPU), so fp32 LoRA weights and fp32 masters mix with it;
-    the returned x0 is float32."""
+def batched_model_conds(mp, entries: list, prompt_types: list[str], latent_shape, device) -> tuple[list[dict], dict]:
+    """Model inputs for several conditioning entries (prompts and the negative), made the same length the
+    way ComfyUI batches conds for sampling (``CONDCrossAttn.concat`` repeats text to a common length).
+    Returns (one batch-1 dict of tensors per entry, the inputs that are not per-row tensors, e.g. constants)."""
+    objs = [_cond_objects(mp, e, latent_shape, device, t) for e, t in zip(entries, prompt_types, strict=True)]
+    keys = set(objs[0])
+    if any(set(o) != keys for o in objs):
+        raise NPOError("positive/negative: the prompts give the model different inputs; encode them the same way.")
+    rows: dict[str, torch.Tensor] = {}
+    constants: dict = {}
+    for k in sorted(keys):
+        first = objs[0][k]
+        value = getattr(first, "cond", None)
+        if not (torch.is_tensor(value) and value.shape[:1] == (1,)):
+            constants[k] = value
+            continue
+        others = [o[k] for o in objs[1:]]
+        if not all(first.can_concat(o) for o in others):
+            raise NPOError(
+                f"positive/negative: the prompts' '{k}' inputs cannot be batched (their lengths differ too much); "
+                "use prompts of similar length."
+            )
+        try:
+            rows[k] = first.concat(others).to(device)
+        except RuntimeError as e:
+            raise NPOError(f"positive/negative: the prompts' '{k}' inputs differ in shape ({e}).") from None
+    return [{k: v[i : i + 1] for k, v in rows.items()} for i in range(len(objs))], constants
+
+
+def training_denoiser(mp, compute_dtype: torch.dtype, constants: dict | None = None):
+    """D(x, σ, cond) -> x0 over the ComfyUI model, in the model's own x-space and sigma (``apply_model``
+    converts eps / v / flow velocity to x0). ``cond`` holds per-row tensors (``c_crossattn``, ``y``, masks,
+    ...); ``constants`` the inputs shared by every row. A float16 or bfloat16 model runs under autocast
+    (CUDA or CPU), so fp32 LoRA weights and fp32 masters mix with it; the returned x0 is float32."""
     base = mp.model
+    constants = constants or {}
 
     def denoise(x, sigma, cond):
-        kwargs = {"y": cond["y"].to(compute_dtype)} if "y" in cond else {}
+        kwargs = {k: (v.to(compute_dtype) if v.is_floating_point() else v) for k, v in cond.items()}
         autocast = x.device.type in ("cuda", "cpu") and compute_dtype in (torch.float16, torch.bfloat16)
         with torch.autocast(x.device.type, dtype=compute_dtype, enabled=autocast):
-            out = base.apply_model(
-                x.to(compute_dtype),
-                sigma.float(),
-                c_crossattn=cond["c_crossattn"].to(compute_dtype),
-                transformer_options={},
-                **kwargs,
-            )
+            out = base.apply_model(x.to(compute_dtype), sigma.float(), transformer_options={}, **constants, **kwargs)
         return out.float()
 
     return denoise
@@ -154,6 +186,24 @@ def sample_pool(
     return torch.cat(out), torch.tensor(prompt_of)
 
 
+def checkpoint_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules gradient checkpointing wraps: a UNet's transformer and residual blocks; a DiT's
+    transformer blocks (the members of its block lists: ``blocks``, ``joint_blocks``, ``double_blocks``,
+    ``single_blocks``, ``transformer_blocks``, ``layers``, ...)."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+    if isinstance(model, UNetModel):
+        return [m for m in model.modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
+    out = []
+    for _, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) and all(
+            any(True for _ in b.parameters()) for b in child
+        ):
+            out.extend(child)
+    return out
+
+
 def _autograd_alias(t: torch.Tensor) -> torch.Tensor:
     """A normal tensor sharing ``t``'s memory. Inference tensors (what ComfyUI loads weights as, since
     nodes run under ``torch.inference_mode``) cannot be saved for backward; an alias made outside
@@ -199,20 +249,17 @@ class TrainingSession:
 
     def _checkpoint_blocks(self) -> None:
         import torch.utils.checkpoint as ckpt
-        from comfy.ldm.modules.attention import BasicTransformerBlock
-        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-        for m in self.unet.modules():
-            if isinstance(m, (BasicTransformerBlock, ResBlock)):
-                inner = m.forward
+        for m in checkpoint_units(self.unet):
+            inner = m.forward
 
-                def forward(*args, _inner=inner, **kwargs):
-                    if not torch.is_grad_enabled():
-                        return _inner(*args, **kwargs)
-                    return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            def forward(*args, _inner=inner, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _inner(*args, **kwargs)
+                return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
-                m.forward = forward
-                self._forwards.append(m)
+            m.forward = forward
+            self._forwards.append(m)
 
     def full_params(self, dtype: torch.dtype) -> dict[str, torch.nn.Parameter]:
         """All UNet weights as trainable Parameters in ``dtype`` (the student of full fine-tuning)."""

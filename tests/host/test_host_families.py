@@ -240,7 +240,7 @@ def test_every_lora_layout_of_comfyuis_key_map_lands(name, load_offset):
         clone = model.clone()
         clone.add_patches(patches, 1.0)
         for k, d in truth.items():
-            w0 = model_facts.original_weight(model, k).float()
+            w0 = model_facts.original_weight(model, k).detach().float()
             merged = comfy.lora.calculate_weight(clone.patches[fk.PREFIX + k], w0.clone(), fk.PREFIX + k)
             assert fk.close(merged - w0, d, atol=1e-6), f"{name} {layout} {k}: ComfyUI reads the file otherwise"
 
