@@ -1,7 +1,10 @@
 """One step of truncated diffusion fine-tuning (TDFT), as in the authors' ``Self-NPO/train.py``.
 
-Everything runs in k-diffusion (VE) space: x_ve = x_0 + ν·ε, and a denoiser D(x_ve, ν, cond)
-returns the x0 estimate (works for eps and v models alike; the host converts). Per sample:
+The schedule (``training.schedules``: discrete VP, zero-terminal-SNR VP or flow, built from the model's
+own sigma table) supplies the levels, the start noising, the teacher step and the re-noising; a denoiser
+D(x, sigma, cond) returns the x0 estimate in the model's own x-space (VP: VE space x_ve = x_0 + ν·ε,
+sigma = ν, eps and v alike, the host converts; flow: x_t = t·ε + (1 − t)·x_0, sigma = t). Levels are
+indices into the table. Per sample, on the discrete VP schedule (the authors' case):
 
 1. start: k ~ U{0..N−1} on the grid t_k = 40(k+1) − 1; x = z0 + ν_{t_k}·ε   (the authors' data start)
 2. teacher (EMA of the student, no grad), K deterministic DDIM steps with guidance weight w:
@@ -9,6 +12,11 @@ returns the x0 estimate (works for eps and v models alike; the host converts). P
 3. target = the teacher's guided x0 at the truncated state (x_t, t_end)         — not the clean latent
 4. s ~ U{t_end+1 .. T−1}; x_s = x_t + √(ν_s² − ν_t²)·ξ                         — re-noise x_t, not x0
 5. loss = pseudo-Huber(D_student(x_s, ν_s, c_student) − target), c = 1e-3 (or MSE)
+
+On a flow schedule the same five steps run on the model's table of L shifted sigmas: grid index
+⌊(k+1)L/N⌋ − 1; start x = (1 − t)·z0 + t·ε; K Euler steps x ← x + (t' − t)·(x − x0_g)/t (deterministic DDIM
+on the interpolation); s ~ U{t_end+1 .. L−1}; x_s = ((1 − s)/(1 − t))·x_t + √(s² − t²(1 − s)²/(1 − t)²)·ξ;
+the student's x0 = D(x_s, s) = x_s − s·v.
 
 With w = −1 the guided prediction equals the unconditional one, so the conditional pass is skipped;
 otherwise cond and uncond run as one batch (the authors' code makes 12 unbatched calls per sample).
@@ -21,10 +29,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..npo_core.schedule import DiscreteSchedule, ddim_grid, ddim_step, renoise
+from ..npo_core.schedule import DiscreteSchedule
 from . import conds as C
+from .schedules import TDFTSchedule, as_schedule, sample_level_above
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, C.Cond], torch.Tensor]  # (x_ve, ν [B], cond) -> x0
+Denoiser = Callable[[torch.Tensor, torch.Tensor, C.Cond], torch.Tensor]  # (x, sigma [B], cond) -> x0
+Schedule = DiscreteSchedule | TDFTSchedule
 
 STUDENT_CONDS = ("prompt", "negative", "mix")
 LOSSES = ("pseudo_huber", "mse")
@@ -34,21 +44,25 @@ LOSSES = ("pseudo_huber", "mse")
 class TDFTConfig:
     truncation_steps: int = 5  # K
     grid_points: int = 25  # N
-    grid_stride: int = 40
+    grid_stride: int = 40  # VP grid only; a flow grid spans its whole table (N points, spacing L/N)
     teacher_guidance: float = -1.0  # w: −1 (SD1.5 code), −5 (SDXL code)
     loss: str = "pseudo_huber"
     huber_c: float = 1e-3
     student_cond: str = "prompt"  # what the student is conditioned on: the prompt (authors), the negative, or a mix
     mix_prob: float = 0.5  # P(prompt) per sample when student_cond == "mix"
 
-    def validate(self, num_timesteps: int) -> None:
+    def validate(self, num_timesteps: int | Schedule) -> None:
+        """Checks against a schedule, or (as before flow support) against a VP table of ``num_timesteps``."""
         if self.truncation_steps < 1:
             raise ValueError(f"truncation_steps must be ≥ 1, got {self.truncation_steps}")
-        if self.grid_points < 1 or self.grid_stride < 1 or self.grid_points * self.grid_stride > num_timesteps:
-            raise ValueError(
-                f"the DDIM grid ({self.grid_points} points, stride {self.grid_stride}) does not fit "
-                f"{num_timesteps} timesteps"
-            )
+        if isinstance(num_timesteps, int):
+            if self.grid_points < 1 or self.grid_stride < 1 or self.grid_points * self.grid_stride > num_timesteps:
+                raise ValueError(
+                    f"the DDIM grid ({self.grid_points} points, stride {self.grid_stride}) does not fit "
+                    f"{num_timesteps} timesteps"
+                )
+        else:
+            as_schedule(num_timesteps).check_grid(self.grid_points, self.grid_stride)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.student_cond not in STUDENT_CONDS:
@@ -60,8 +74,8 @@ class TDFTConfig:
 
 @dataclass
 class Rollout:
-    x_t: torch.Tensor  # truncated state (VE space)
-    t_end: torch.Tensor  # its integer timestep per sample
+    x_t: torch.Tensor  # truncated state (the model's x-space: VE for VP, x_t for flow)
+    t_end: torch.Tensor  # its level index (VP: integer timestep) per sample
     target: torch.Tensor  # teacher's guided x0 estimate at (x_t, t_end)
     t_start: torch.Tensor
     teacher_calls: int  # denoiser calls made
@@ -82,31 +96,34 @@ def guided_x0(
 
 
 def sample_start(
-    z0: torch.Tensor, schedule: DiscreteSchedule, cfg: TDFTConfig, gen: torch.Generator
+    z0: torch.Tensor, schedule: Schedule, cfg: TDFTConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid index k per sample and the noised start x = z0 + ν_{t_k}·ε (randomness from ``gen``, on CPU)."""
+    """Grid index k per sample and the noised start (VP: x = z0 + ν_{t_k}·ε; flow: (1 − t)·z0 + t·ε),
+    randomness from ``gen``, on CPU."""
+    sched = as_schedule(schedule)
     b = z0.shape[0]
     k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
     eps = torch.randn(z0.shape, generator=gen, dtype=torch.float32).to(z0.device, z0.dtype)
-    t = ddim_grid(cfg.grid_points, cfg.grid_stride)[k]
-    nu = schedule.nu(t).to(z0.device, z0.dtype)
-    return k, z0 + nu.view(-1, *([1] * (z0.dim() - 1))) * eps
+    t = sched.grid(cfg.grid_points, cfg.grid_stride)[k]
+    return k, sched.noise(z0, t, eps)
 
 
 @torch.no_grad()
 def teacher_rollout(
     teacher: Denoiser,
-    schedule: DiscreteSchedule,
+    schedule: Schedule,
     z0: torch.Tensor,
     cond_pos: C.Cond,
     cond_neg: C.Cond,
     cfg: TDFTConfig,
     gen: torch.Generator,
 ) -> Rollout:
-    """K guided DDIM steps from the noised start, then the target. Samples that reached t = 0 are
-    frozen (as in the authors' code) and, unlike there, not evaluated again until the final target."""
-    grid = ddim_grid(cfg.grid_points, cfg.grid_stride)
-    k, x = sample_start(z0, schedule, cfg, gen)
+    """K guided DDIM (VP) / Euler (flow) steps from the noised start, then the target. Samples that
+    reached level 0 are frozen (as in the authors' code) and, unlike there, not evaluated again until the
+    final target."""
+    sched = as_schedule(schedule)
+    grid = sched.grid(cfg.grid_points, cfg.grid_stride)
+    k, x = sample_start(z0, sched, cfg, gen)
     t = grid[k]
     t_start = t.clone()
     dev, dt = z0.device, z0.dtype
@@ -121,7 +138,7 @@ def teacher_rollout(
         x0_g, n = guided_x0(
             teacher,
             xa,
-            schedule.nu(ta).to(dev, dt),
+            sched.sigma(ta).to(dev, dt),
             C.index(cond_pos, idx),
             C.index(cond_neg, idx),
             cfg.teacher_guidance,
@@ -129,20 +146,16 @@ def teacher_rollout(
         calls, rows = calls + 1, rows + n
         ka = k[idx]
         t_prev = torch.where(ka >= 1, grid[(ka - 1).clamp_min(0)], torch.zeros_like(ta))
-        x = x.index_copy(
-            0, idx.to(dev), ddim_step(xa, x0_g, schedule.nu(ta).to(dev, dt), schedule.nu(t_prev).to(dev, dt))
-        )
+        x = x.index_copy(0, idx.to(dev), sched.step(xa, x0_g, ta, t_prev))
         t = t.index_copy(0, idx, t_prev)
         k = k.index_copy(0, idx, ka - 1)
-    target, n = guided_x0(teacher, x, schedule.nu(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
+    target, n = guided_x0(teacher, x, sched.sigma(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
     return Rollout(x, t, target, t_start, calls + 1, rows + n)
 
 
 def sample_student_level(t_end: torch.Tensor, num_timesteps: int, gen: torch.Generator) -> torch.Tensor:
     """s ~ U{t_end+1, …, T−1} per sample (strictly noisier than t_end; t_end = T−1 cannot occur on the grid)."""
-    lo = (t_end + 1).clamp_max(num_timesteps - 1)
-    u = torch.rand(t_end.shape, generator=gen, dtype=torch.float64)
-    return (lo + (u * (num_timesteps - lo).double()).long()).clamp_max(num_timesteps - 1)
+    return sample_level_above(t_end, num_timesteps, gen)
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor, cfg: TDFTConfig) -> torch.Tensor:
@@ -163,13 +176,15 @@ def student_cond(cond_pos: C.Cond, cond_neg: C.Cond, cfg: TDFTConfig, batch: int
 
 
 def student_loss(
-    student: Denoiser, schedule: DiscreteSchedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig, gen: torch.Generator
+    student: Denoiser, schedule: Schedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of the student on the re-noised truncated state; returns (loss, s)."""
+    """Loss of the student on the re-noised truncated state; returns (loss, s). The student's x0 comes
+    from the denoiser at level s (flow: x_s − s·v), the loss is in x0 space."""
+    sched = as_schedule(schedule)
     x_t = roll.x_t
     dev, dt = x_t.device, x_t.dtype
-    s = sample_student_level(roll.t_end, schedule.num_timesteps, gen)
+    s = sched.sample_level(roll.t_end, gen)
     xi = torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(dev, dt)
-    x_s = renoise(x_t, schedule.nu(roll.t_end).to(dev, dt), schedule.nu(s).to(dev, dt), xi)
-    pred = student(x_s, schedule.nu(s).to(dev, dt), cond)
+    x_s = sched.renoise(x_t, roll.t_end, s, xi)
+    pred = student(x_s, sched.sigma(s).to(dev, dt), cond)
     return loss_fn(pred, roll.target, cfg), s

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..npo_core.atomic import atomic_write
-from ..npo_core.schedule import DiscreteSchedule
 from .data import StartData
 from .ema import EMATeacher
-from .tdft import Denoiser, TDFTConfig, student_cond, student_loss, teacher_rollout
+from .schedules import as_schedule
+from .tdft import Denoiser, Schedule, TDFTConfig, student_cond, student_loss, teacher_rollout
 
 CHECKPOINT_FORMAT = "comfyui-npo-train/1"
 MAX_SKIPPED_STEPS = 30  # overflowing steps in a row (scale halved each time) before training is given up
@@ -73,6 +73,7 @@ def save_checkpoint(
     cfg: TrainConfig,
     signature: str,
     scaler: torch.amp.GradScaler | None = None,
+    schedule: str = "",
 ) -> Path:
     """Atomic write (``npo_core.atomic``): a crash leaves the old file or the new one."""
     state = {
@@ -86,6 +87,7 @@ def save_checkpoint(
         "config": json.dumps(cfg.as_dict()),
         "signature": signature,
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "schedule": schedule,
     }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -112,7 +114,7 @@ def _last(ckpt: Path | None) -> str:
 
 def train(
     denoiser: Denoiser,
-    schedule: DiscreteSchedule,
+    schedule: Schedule,
     params: dict[str, nn.Parameter],
     data: StartData,
     cfg: TrainConfig,
@@ -123,9 +125,14 @@ def train(
     resume_state: dict | None = None,
 ) -> TrainResult:
     """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``.
-    ``resume_state``: the checkpoint at ``resume_from`` when the caller has already read (and checked) it."""
+    ``schedule``: a ``training.schedules`` schedule (``make_schedule(kind, model_sampling.sigmas)``: VP, zero
+    terminal SNR VP or flow), or a bare ``DiscreteSchedule`` (= VP). ``denoiser`` works in that schedule's
+    x-space and sigma. ``resume_state``: the checkpoint at ``resume_from`` when the caller has already read
+    (and checked) it; a checkpoint made on another schedule (kind or sigma table) is refused."""
     cb = callbacks or Callbacks()
-    cfg.tdft.validate(schedule.num_timesteps)
+    schedule = as_schedule(schedule)
+    cfg.tdft.validate(schedule)
+    fingerprint = schedule.fingerprint()
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("steps and batch_size must be ≥ 1")
     plist = list(params.values())
@@ -141,6 +148,13 @@ def train(
     if resume_from:
         state = resume_state if resume_state is not None else load_checkpoint(resume_from, signature)
         start = int(state["step"])
+        made_on = state.get("schedule", "")
+        if made_on and made_on != fingerprint:  # checkpoints written before flow support carry none
+            raise TrainingError(
+                f"resume_from: '{Path(resume_from).name}' was trained on another noise schedule ({made_on}; this "
+                f"model's is {fingerprint}): a ModelSampling node or the shift changed. Resume with the same "
+                "schedule, or start fresh."
+            )
         if start > cfg.steps:
             raise TrainingError(
                 f"steps ({cfg.steps}) is smaller than the {start} steps already done in resume_from; "
@@ -197,14 +211,16 @@ def train(
         cb.on_step(step + 1, cfg.steps, value)
         if checkpoint_path is not None and cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
             last_ckpt = save_checkpoint(
-                checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature, scaler
+                checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature, scaler, fingerprint
             )
             cb.on_checkpoint(last_ckpt, step + 1)
     else:
         step = cfg.steps
     done = step if stopped else cfg.steps
     if checkpoint_path is not None and cfg.save_every > 0 and not stopped and done > start and done % cfg.save_every:
-        last_ckpt = save_checkpoint(checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature, scaler)
+        last_ckpt = save_checkpoint(
+            checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature, scaler, fingerprint
+        )
         cb.on_checkpoint(last_ckpt, done)  # the final state too, so `steps` can be raised and training resumed
     for p in plist:
         p.requires_grad_(False)
