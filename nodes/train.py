@@ -12,10 +12,10 @@ from comfy_api.latest import io, ui
 
 from ..npo_core.errors import NPOError
 from ..npo_core.offset import Dense, NPOOffset
-from ..npo_core.schedule import DiscreteSchedule
 from ..training import tdft
 from ..training.data import StartData
-from ..training.lora import TARGET_PRESETS, LoRASet, select_modules
+from ..training.lora import TARGET_PRESETS, LoRASet
+from ..training.schedules import make_schedule
 from ..training.trainer import Callbacks, TrainConfig, TrainingError, load_checkpoint, train
 from .common import CATEGORY, NPOOffsetType
 from .host import files, model_facts, runtime, training_session
@@ -231,6 +231,16 @@ class SelfNPOTrain(io.ComfyNode):
                     tooltip="Data-free pool: image height (a multiple of 8; SDXL: 1024).",
                 ),
                 io.Int.Input(
+                    "frames",
+                    default=1,
+                    min=1,
+                    max=1024,
+                    step=4,
+                    optional=True,
+                    tooltip="Data-free pool, video models (Wan, HunyuanVideo, LTX-Video, ...): frames per pool "
+                    "sample (Wan: 4k+1, e.g. 1, 5, 9); image models ignore it.",
+                ),
+                io.Int.Input(
                     "pool_steps",
                     default=20,
                     min=1,
@@ -285,12 +295,14 @@ class SelfNPOTrain(io.ComfyNode):
         height: int = 512,
         pool_steps: int = 20,
         pool_cfg: float = 7.0,
+        frames: int = 1,
     ) -> io.NodeOutput:
         run = _plan(
             model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps,
             teacher_guidance, ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents,
             lora_layers, student_cond, resume_from, width, height,
         )
+        run.frames = frames
         mp = model.clone()
         pool = 0 if latents is not None else pool_size
         pbar = runtime.progress_bar(pool + steps)
@@ -300,18 +312,18 @@ class SelfNPOTrain(io.ComfyNode):
                 mp, run, pool_size, width, height, pool_steps, pool_cfg, seed, pbar
             )
         else:
-            samples = latents["samples"]
+            samples = training_session.sampler_latent(mp, latents["samples"])
             # latent i trains with prompt i (cycling when there are fewer prompts), as the authors train each
             # image with its own caption
             prompt_of = torch.arange(samples.shape[0]) % len(run.positive)
         pbar.update_absolute(pool + run.done, pool + steps)  # a resumed run starts at the steps already done
         with torch.inference_mode(False), torch.enable_grad():
-            data = _start_data(mp, run, samples, prompt_of, seed, device)
+            data, constants = _start_data(mp, run, samples, prompt_of, seed, device)
             callbacks = Callbacks(
                 on_step=lambda done, total, value: pbar.update_absolute(pool + done, pool + steps),
                 should_stop=runtime.interrupted,
             )
-            result, offset = _train(mp, run, data, callbacks, gradient_checkpointing, device)
+            result, offset = _train(mp, run, data, constants, callbacks, gradient_checkpointing, device)
         if result.stopped_early:
             runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
         if mode == "full" and rank > 0 and offset.entries:
@@ -342,6 +354,8 @@ class _Run:
     resume_path: str | None
     resume_state: dict | None
     ignored_patches: list[str]
+    schedule_kind: str = "vp"  # training.schedules kind: vp, vp_zsnr or flow
+    frames: int = 1  # data-free pool, video models
 
     @property
     def done(self) -> int:
@@ -354,7 +368,7 @@ def _plan(
     resume_from, width, height,
 ) -> _Run:
     """Validate every input and read the resume checkpoint (once), so that bad input fails before sampling."""
-    training_session.check_trainable(model)
+    kind, sigmas, noise_scale = training_session.schedule_kind_and_table(model)
     if mode not in ("lora", "full"):
         raise NPOError(f"mode: '{mode}' is not one of lora, full.")
     if mode == "lora" and rank < 1:
@@ -383,21 +397,30 @@ def _plan(
         fp16_loss_scaling=model_facts.compute_dtype(model) == torch.float16,  # fp16 gradients underflow unscaled
     )
     try:
-        tcfg.validate(len(training_session.schedule_sigmas(model)))
+        tcfg.validate(make_schedule(kind, sigmas, noise_scale))
     except ValueError as e:
         raise NPOError(str(e)) from None
     channels = training_session.latent_channels(model)
+    rank_wanted = training_session.latent_rank(model)
+    factor = training_session.spatial_factor(model)
     if latents is not None:
         samples = latents["samples"]
-        if samples.dim() != 4 or samples.shape[1] != channels:
+        ok_rank = samples.dim() == rank_wanted or (rank_wanted == 5 and samples.dim() == 4)
+        if not ok_rank or samples.shape[1] != channels:
+            kind_text = "video [B, C, frames, h, w]" if rank_wanted == 5 else "image [B, C, h, w]"
             raise NPOError(
-                f"latents: expected a LATENT batch with {channels} channels for this model, got shape "
-                f"{tuple(samples.shape)}. Encode images with this model's VAE."
+                f"latents: {arch} takes {kind_text} latents with {channels} channels, got shape "
+                f"{tuple(samples.shape)}. Encode with this model's VAE (an image latent does not fit a video "
+                "model's channels, nor the reverse)."
             )
-    elif width % 8 or height % 8:
-        raise NPOError(f"width/height: {width}×{height} is not divisible by the latent factor 8.")
+    elif width % factor or height % factor:
+        raise NPOError(f"width/height: {width}×{height} is not divisible by this model's latent factor {factor}.")
     unet = model_facts.unet_of(model)
-    layer_names = select_modules(unet, lora_layers) if mode == "lora" else [n for n, _ in unet.named_parameters()]
+    layer_names = (
+        training_session.training_layers(model, lora_layers)
+        if mode == "lora"
+        else [n for n, _ in unet.named_parameters()]
+    )
     if not layer_names:
         raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
     signature = _signature(arch, mode, rank, lora_layers, model_facts.param_shapes(model))
@@ -415,7 +438,7 @@ def _plan(
         cfg, mode, rank, lora_layers, training_dtype, arch, lr_text, layer_names, signature,
         training_session.conditioning_entries(positive, "positive"),
         training_session.conditioning_entries(negative, "negative"),
-        channels, checkpoint_path, resume_path, resume_state, ignored,
+        channels, checkpoint_path, resume_path, resume_state, ignored, kind,
     )
 
 
@@ -462,23 +485,33 @@ def _sample_pool(mp, run: _Run, pool_size, width, height, pool_steps, pool_cfg, 
     with runtime.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
         samples, prompt_of = training_session.sample_pool(
             mp, run.positive, run.negative[:1], pool_size, width, height, pool_steps, pool_cfg, seed,
-            lambda i: (pbar.update(1), runtime.throw_if_interrupted()),
+            lambda i: (pbar.update(1), runtime.throw_if_interrupted()), frames=run.frames,
         )
     return samples, prompt_of, training_session.load_for_training(mp)
 
 
-def _start_data(mp, run: _Run, samples, prompt_of, seed, device) -> StartData:
-    shape = (1, run.channels, samples.shape[2], samples.shape[3])
+def _start_data(mp, run: _Run, samples, prompt_of, seed, device) -> tuple[StartData, dict]:
+    """The start latents in model space and the model inputs per prompt; (data, inputs shared by every row)."""
+    shape = (1, run.channels, *samples.shape[2:])
     z0 = training_session.latent_to_model_space(mp, samples.clone().float()).to(device)
-    conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in run.positive]
-    cond_neg = _plain(training_session.model_conds(mp, run.negative[0], shape, device, "negative"))
-    return StartData(z0, conds_pos, cond_neg, prompt_of, seed)
+    if model_facts.is_unet(mp):
+        conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in run.positive]
+        cond_neg = _plain(training_session.model_conds(mp, run.negative[0], shape, device, "negative"))
+        return StartData(z0, conds_pos, cond_neg, prompt_of, seed), {}
+    entries = [*run.positive, run.negative[0]]
+    types = ["positive"] * len(run.positive) + ["negative"]
+    per_entry, constants = training_session.batched_model_conds(mp, entries, types, shape, device)
+    conds = [_plain(c) for c in per_entry]
+    return StartData(z0, conds[:-1], conds[-1], prompt_of, seed), constants
 
 
-def _train(mp, run: _Run, data: StartData, callbacks: Callbacks, gradient_checkpointing: bool, device):
-    """TDFT on the model's trainable weights (LoRA adapters or all UNet weights); returns (result, offset)."""
-    schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(mp))
-    denoiser = training_session.training_denoiser(mp, model_facts.compute_dtype(mp))
+def _train(
+    mp, run: _Run, data: StartData, constants: dict, callbacks: Callbacks, gradient_checkpointing: bool, device
+):
+    """TDFT on the model's trainable weights (LoRA adapters or all weights); returns (result, offset)."""
+    kind, sigmas, noise_scale = training_session.schedule_kind_and_table(mp)
+    schedule = make_schedule(kind, sigmas, noise_scale)
+    denoiser = training_session.training_denoiser(mp, model_facts.compute_dtype(mp), constants)
     unet = model_facts.unet_of(mp)
     with training_session.TrainingSession(mp, gradient_checkpointing, copy_weights=run.mode == "full") as session:
         lset = None
@@ -516,6 +549,8 @@ def _train(mp, run: _Run, data: StartData, callbacks: Callbacks, gradient_checkp
             "npo.steps": str(result.steps_done),
             "npo.base_model": run.arch,
         }
+        if not model_facts.is_unet(mp):
+            meta["npo.base_variant"] = model_facts.model_variant(mp)
         base_arch = _arch_name(run.arch)
         if run.mode == "lora":
             offset = lset.to_offset(

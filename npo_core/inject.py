@@ -302,7 +302,7 @@ class OffsetInjector:
                         return None
                     x = args[0]
                     for index in layer_rows(layer.name, x.shape, rows, gate.batch, folded):
-                        out[index] += layer.response(mod, x[index])
+                        out[index].add_(layer.response(mod, x[index]))  # indices are slices: a view
                     return out
 
                 handles.append(module.register_forward_hook(hook))

@@ -23,14 +23,23 @@ TARGET_PRESETS = {
 }
 
 
+def is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or a Linear of a quantized / mixed-precision checkpoint (an ``nn.Module`` with
+    ``in_features``/``out_features``): the adapter needs only the input and the shapes."""
+    return isinstance(m, nn.Linear) or (
+        isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)
+    )
+
+
 def select_modules(root: nn.Module, pattern: str) -> list[str]:
-    """Names of Linear / Conv2d (groups 1) modules of ``root`` matching ``pattern`` (a preset name or regex)."""
+    """Names of Linear (quantized ones included) / Conv2d (groups 1) modules of ``root`` matching ``pattern``
+    (a preset name or regex)."""
     rx = re.compile(TARGET_PRESETS.get(pattern, pattern))
     out = []
     for name, m in root.named_modules():
         if not name or not rx.search(name):
             continue
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
+        if is_linear(m) or (isinstance(m, nn.Conv2d) and m.groups == 1):
             out.append(name)
     return out
 
@@ -58,7 +67,7 @@ class LoRASet(nn.Module):
         for m in self.modules_:
             w = m.weight
             dev = device if device is not None else w.device
-            if isinstance(m, nn.Linear):
+            if is_linear(m):
                 down = torch.empty(rank, m.in_features, dtype=torch.float32)
                 up = torch.zeros(m.out_features, rank, dtype=dtype, device=dev)
             else:
@@ -89,7 +98,7 @@ class LoRASet(nn.Module):
 
             def hook(mod, args, out, d=d, u=u):
                 x = args[0]
-                if isinstance(mod, nn.Linear):
+                if is_linear(mod):
                     h = F.linear(F.linear(x.to(d.dtype), d), u)
                 else:
                     h = F.conv2d(F.conv2d(x.to(d.dtype), d, None, mod.stride, mod.padding, mod.dilation), u)

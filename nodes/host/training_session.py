@@ -6,27 +6,77 @@ from __future__ import annotations
 import torch
 
 from ...npo_core.errors import NPOError
-from .model_facts import check_unet_model, unet_of
+from .model_facts import MIXED_ROWS, check_supported_model, is_unet, model_arch, unet_of
 
 
-def check_trainable(mp, input_name: str = "model") -> None:
-    """TDFT needs a discrete VP schedule (eps, v or x0 prediction); flow matching and continuous schedules
-    are refused. Judged on the model_sampling the model will really run with, so a ModelSampling* node
-    that turned an SD model into a flow model is caught too."""
+def check_trainable(mp, input_name: str = "model") -> str:
+    """The TDFT schedule kind of the model: "vp" (discrete eps / v / x0 prediction), "vp_zsnr"
+    (V_PREDICTION_DDPM, zero terminal SNR) or "flow" (CONST: DiscreteFlow and Flux sampling, with the
+    model's shift). Judged on the model_sampling the model will really run with, so a ModelSampling* node
+    counts. Guidance-distilled models (they sample at cfg 1) and unknown schedules are refused."""
     import comfy.model_sampling as ms_types
 
-    check_unet_model(mp, input_name)
-    ms = mp.get_model_object("model_sampling")
-    discrete_vp = isinstance(ms, ms_types.ModelSamplingDiscrete) and isinstance(ms, ms_types.EPS)
-    if not discrete_vp or isinstance(ms, ms_types.CONST):
-        bases = type(ms).__bases__  # ModelSampling* nodes build a class from (schedule, prediction type)
-        kind = " + ".join(b.__name__ for b in bases) if len(bases) > 1 else type(ms).__name__
+    check_supported_model(mp, input_name)
+    config = mp.model.model_config
+    if config.unet_config.get("guidance_embed") or type(config).__name__ in GUIDANCE_DISTILLED:
         raise NPOError(
-            f"{input_name}: Self-NPO training supports discrete eps-, v- and x0-prediction models (SD1.5/SD2/"
-            f"SDXL); this model samples with {kind} (flow matching or a continuous schedule, e.g. "
-            "after a ModelSampling node), which TDFT's DDIM rollout does not handle. Connect the model "
-            "without that node, or a model of a supported family."
+            f"{input_name}: {model_arch(mp)} is guidance-distilled: it samples at cfg 1, where there is no negative "
+            "pass for an NPO offset to act on, so Self-NPO has nothing to train for. Use a model sampled with "
+            "real CFG (e.g. Chroma or Flux.2 klein base instead of Flux.1 dev/schnell)."
         )
+    ms = mp.get_model_object("model_sampling")
+    table = getattr(ms, "sigmas", None)
+    zsnr = getattr(ms_types, "V_PREDICTION_DDPM", None)
+    if table is not None and table.dim() == 1 and table.shape[0] >= 100:
+        if isinstance(ms, ms_types.CONST):
+            return "flow"
+        if zsnr is not None and isinstance(ms, zsnr) and isinstance(ms, ms_types.ModelSamplingDiscrete):
+            return "vp_zsnr"
+        if isinstance(ms, ms_types.ModelSamplingDiscrete) and isinstance(ms, ms_types.EPS):
+            return "vp"
+    bases = type(ms).__bases__  # ModelSampling* nodes build a class from (schedule, prediction type)
+    kind = " + ".join(b.__name__ for b in bases) if len(bases) > 1 else type(ms).__name__
+    raise NPOError(
+        f"{input_name}: Self-NPO training knows discrete eps/v/x0 schedules, zero-terminal-SNR v-prediction and "
+        f"flow matching (DiscreteFlow, Flux); this model samples with {kind}, a schedule the trainer does not "
+        "know (e.g. a continuous EDM schedule). Use a model of another family, or without that ModelSampling node."
+    )
+
+
+# ComfyUI model configs of guidance- or step-distilled models that sample at cfg 1
+GUIDANCE_DISTILLED = ("FluxSchnell",)
+
+
+def schedule_kind_and_table(mp) -> tuple[str, torch.Tensor, float]:
+    """(kind, the model's sigma table, noise scale) for ``training.schedules.make_schedule``."""
+    ms = mp.get_model_object("model_sampling")
+    return check_trainable(mp), schedule_sigmas(mp), float(getattr(ms, "noise_scale", 1.0))
+
+
+def lora_pattern(mp, preset: str) -> str:
+    """The module-name regex of a lora_layers preset for this model: the authors' UNet attention projections,
+    or a DiT's attention linears (children of a module named *attn* / *attention*) and, with "+ff", its
+    feed-forward linears."""
+    from ...training.lora import TARGET_PRESETS
+
+    if is_unet(mp) or preset not in DIT_PRESETS:
+        return TARGET_PRESETS.get(preset, preset)
+    return DIT_PRESETS[preset]
+
+
+_DIT_ATTENTION = r"(^|\.)[a-z0-9_]*(attn|attention)[a-z0-9_]*\.[a-z0-9_]+(\.0)?$"
+_DIT_FF = r"(^|\.)(mlp|ff|ffn|feed_forward|ff_[a-z]+|[a-z_]*_mlp)(\.[a-z0-9_]+)+$"
+DIT_PRESETS = {"attention": _DIT_ATTENTION, "attention+ff": f"({_DIT_ATTENTION})|({_DIT_FF})", "all": r".*"}
+
+
+def training_layers(mp, preset: str) -> list[str]:
+    """Linear layers (quantized ones included) the LoRA trains, leaving out layers whose rows mix the batch
+    (an offset there could not be applied later)."""
+    from ...training.lora import select_modules
+
+    parts = MIXED_ROWS.get(type(mp.model).__name__, ((), ""))[0]
+    names = select_modules(unet_of(mp), lora_pattern(mp, preset))
+    return [n for n in names if not any(p in f".{n}." for p in parts)]
 
 
 def ignored_sampling_patches(mp) -> list[str]:
@@ -144,6 +194,34 @@ def latent_channels(mp) -> int:
     return int(mp.model.latent_format.latent_channels)
 
 
+def spatial_factor(mp) -> int:
+    return int(getattr(mp.model.latent_format, "spacial_downscale_ratio", 8))
+
+
+def latent_rank(mp) -> int:
+    """4 for image latents [B, C, h, w], 5 for video latents [B, C, t, h, w] (the sampler's view)."""
+    return 2 + int(getattr(mp.model.latent_format, "latent_dimensions", 2))
+
+
+def pool_latent_shape(mp, width: int, height: int, frames: int) -> tuple[int, ...]:
+    """The latent a data-free pool sample has, as ComfyUI's empty-latent nodes make it for the family."""
+    fmt = mp.model.latent_format
+    f = spatial_factor(mp)
+    spatial = (height // f, width // f)
+    if latent_rank(mp) == 5:
+        t = (frames - 1) // int(getattr(fmt, "temporal_downscale_ratio", 1)) + 1
+        return (1, latent_channels(mp), t, *spatial)
+    return (1, latent_channels(mp), *spatial)
+
+
+def sampler_latent(mp, samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT's samples as the sampler gets them (image latents of 3-D families get a time axis, as
+    ComfyUI's KSampler does)."""
+    import comfy.sample
+
+    return comfy.sample.fix_empty_latent_channels(mp, samples)
+
+
 def sample_pool(
     mp,
     positive_entries: list,
@@ -155,13 +233,13 @@ def sample_pool(
     cfg: float,
     seed: int,
     on_sample,
+    frames: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free start pool: ``count`` latents sampled from the frozen model, prompts cycling.
-    Returns (latents in LATENT space [N,C,h,w], prompt index per latent)."""
+    Returns (latents in LATENT space [N,C,h,w] or [N,C,t,h,w], prompt index per latent)."""
     import comfy.sample
 
-    c = latent_channels(mp)
-    shape = (1, c, height // 8, width // 8)
+    shape = pool_latent_shape(mp, width, height, frames)
     out, prompt_of = [], []
     for i in range(count):
         p = i % len(positive_entries)
@@ -184,6 +262,20 @@ def sample_pool(
         prompt_of.append(p)
         on_sample(i + 1)
     return torch.cat(out), torch.tensor(prompt_of)
+
+
+def is_unet_module(model: torch.nn.Module) -> bool:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return isinstance(model, UNetModel)
+
+
+def _with_copied_inputs(fn):
+    def run(*args, **kwargs):
+        copy = lambda v: v.clone() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        return fn(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
+
+    return run
 
 
 def checkpoint_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -234,6 +326,13 @@ class TrainingSession:
         self._forwards: list[torch.nn.Module] = []
 
     def __enter__(self):
+        import comfy.model_management as mm
+
+        # ComfyUI's own flag for training (its LoRA trainer sets it): model code then takes the differentiable
+        # paths instead of fused inference kernels without a backward (comfy-kitchen's rope, for one)
+        self._was_training = getattr(mm, "in_training", None)
+        if self._was_training is not None:
+            mm.in_training = True
         with torch.inference_mode(False):
             for mod_name, module in self.unet.named_modules():
                 for pname, old in list(module._parameters.items()):
@@ -250,13 +349,17 @@ class TrainingSession:
     def _checkpoint_blocks(self) -> None:
         import torch.utils.checkpoint as ckpt
 
+        # DiT blocks update their inputs in place (Flux: ``img += ...``), which would change the tensors the
+        # checkpoint saved for recomputation: they get copies of their tensor inputs instead
+        copy_inputs = not is_unet_module(self.unet)
         for m in checkpoint_units(self.unet):
             inner = m.forward
 
-            def forward(*args, _inner=inner, **kwargs):
+            def forward(*args, _inner=inner, _copy=copy_inputs, **kwargs):
                 if not torch.is_grad_enabled():
                     return _inner(*args, **kwargs)
-                return ckpt.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                run = _with_copied_inputs(_inner) if _copy else _inner
+                return ckpt.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
             m.forward = forward
             self._forwards.append(m)
@@ -277,6 +380,10 @@ class TrainingSession:
         return self._by_name[name].data
 
     def __exit__(self, *exc):
+        import comfy.model_management as mm
+
+        if self._was_training is not None:
+            mm.in_training = self._was_training
         for m in self._forwards:
             del m.forward
         for module, pname, old in self._originals:

@@ -178,8 +178,8 @@ def _student_fault(monkeypatch, at_student_step: int, fault):
     real = training_session.training_denoiser
     seen = [0]
 
-    def make(mp, dtype):
-        inner = real(mp, dtype)
+    def make(mp, dtype, *rest, **kw):
+        inner = real(mp, dtype, *rest, **kw)
 
         def den(x, nu, cond):
             out = inner(x, nu, cond)
