@@ -22,7 +22,8 @@ class NPOApply(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The model to sample with (SD1.5/SDXL family, fine-tunes and LoRA'd models included).",
+                    tooltip="The model to sample with: SD UNets and the supported DiT / video families, fine-tunes and "
+                    "LoRA'd models included.",
                 ),
                 NPOOffsetType.Input("npo_offset", tooltip="From Load NPO Offset or Self-NPO Train."),
                 strength_input(),

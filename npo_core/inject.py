@@ -284,6 +284,12 @@ class OffsetInjector:
             out.append((module, layer))
         return out
 
+    def check(self, root: nn.Module) -> None:
+        """Raise now (not at the first sampling step) for an offset on a layer kind or name the pack cannot
+        take in ``root``."""
+        with self._lock:
+            self._modules(root)
+
     def attach(self, root: nn.Module) -> None:
         with self._lock:
             if self.is_attached(root):

@@ -16,7 +16,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from npo_headless import EXAMPLES  # noqa: E402
-from npo_headless.workflows import EXAMPLE_GUIDER, EXAMPLE_KSAMPLER, EXAMPLE_SDXL, EXAMPLE_SELF_NPO  # noqa: E402
+from npo_headless.workflows import (  # noqa: E402
+    EXAMPLE_GUIDER,
+    EXAMPLE_KSAMPLER,
+    EXAMPLE_SD35,
+    EXAMPLE_SDXL,
+    EXAMPLE_SELF_NPO,
+    EXAMPLE_WAN21,
+)
 
 SIZE = (512, 384)
 BACKGROUND, PANEL, ACCENT, TEXT, MUTED = "#1f2430", "#2d3445", "#7cc4ff", "#f2f4f8", "#a9b1c3"
@@ -31,6 +38,8 @@ CARDS = {
                      "for custom-sampler workflows"),
     EXAMPLE_SELF_NPO: ("Train Self-NPO", ["Checkpoint", "Self-NPO Train", "Apply NPO"],
                        "your own offset, A/B, loss curve"),
+    EXAMPLE_SD35: ("NPO on SD3.5", ["SD3.5 Large", "Apply NPO", "KSampler"], "your own offset, same-seed A/B"),
+    EXAMPLE_WAN21: ("NPO on Wan 2.1", ["Wan 2.1 T2V", "Apply NPO", "KSampler"], "text-to-video, your own offset"),
 }
 
 

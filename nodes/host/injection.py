@@ -12,7 +12,7 @@ import torch
 from ...npo_core.errors import NPOError
 from ...npo_core.inject import UNCOND, OffsetInjector, RowGate, mask_to_slices
 from ...npo_core.offset import Dense, LowRank, NPOOffset
-from .model_facts import PREFIX, original_weight, unet_of
+from .model_facts import PREFIX, dequantized, original_weight, unet_of
 
 
 class NegativeRowsOffset:
@@ -116,7 +116,7 @@ def patch_difference(model, negative) -> NPOOffset:
         if lowrank is not None:
             entries[name] = lowrank
             continue
-        w0 = original_weight(model, name).float()
+        w0 = dequantized(model, name, original_weight(model, name))
         wp = comfy.lora.calculate_weight(pos, w0.clone(), key) if pos else w0
         wn = comfy.lora.calculate_weight(neg, w0.clone(), key) if neg else w0
         d = wn.float() - wp.float()

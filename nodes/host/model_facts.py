@@ -134,7 +134,12 @@ def context_dim(mp) -> int | None:
 
 
 def param_shapes(mp) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in unet_of(mp).state_dict().items()}
+    """Parameter name → the shape the layer computes with. Quantized layers may save another layout than
+    they compute with (ComfyUI-GGUF's state dict holds raw Q-blocks), so parameters win over saved tensors."""
+    unet = unet_of(mp)
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    shapes.update({k: tuple(p.shape) for k, p in unet.named_parameters()})
+    return shapes
 
 
 def diffusers_to_ldm(mp) -> dict[str, str]:
@@ -150,10 +155,23 @@ def original_weight(mp, name: str) -> torch.Tensor:
     return comfy.utils.get_attr(mp.model, key)
 
 
+def dequantized(mp, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float32 as ComfyUI's patcher reads it before patching: a layer's ``convert_<param>``
+    dequantizes (scaled fp8: × scale_weight); mixed-precision weights dequantize on ``.float()``. Detached:
+    the fp8 weights of ComfyUI 0.3.x require grad."""
+    import comfy.model_patcher
+
+    _, _, convert = comfy.model_patcher.get_key_weight(mp.model, PREFIX + name)
+    w = weight.detach().to(dtype=torch.float32, copy=True)
+    if convert is not None:
+        w = convert(w, inplace=True).float()
+    return w
+
+
 def patched_weight(mp, name: str) -> torch.Tensor:
     """The parameter as ``mp`` would have it: original weight + ``mp``'s weight patches (fp32)."""
     key = PREFIX + name
-    w = original_weight(mp, name).float().clone()
+    w = dequantized(mp, name, original_weight(mp, name))
     patches = mp.patches.get(key)
     if not patches:
         return w

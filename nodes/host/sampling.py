@@ -36,6 +36,7 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
         start_percent <= 0.0 and end_percent >= 1.0,
         folded_layers(model, offset),
     )
+    action.injector.check(unet_of(model))
 
     def npo_apply_model(executor, x, t, *args, **kwargs):
         topts = transformer_options_of(args, kwargs)

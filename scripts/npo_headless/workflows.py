@@ -14,6 +14,10 @@ EXAMPLE_KSAMPLER = "1 Apply NPO with KSampler"
 EXAMPLE_SDXL = "2 NPO on SDXL with a zeroed negative"
 EXAMPLE_GUIDER = "3 NPO CFG Guider with SamplerCustomAdvanced"
 EXAMPLE_SELF_NPO = "4 Train a Self-NPO offset and compare"
+EXAMPLE_SD35 = "5 NPO on SD3.5 with a trained offset"
+EXAMPLE_WAN21 = "6 NPO on Wan 2.1 video"
+# The examples for DiT families: no released offset, tiny DiT assets of their own (tests/e2e/test_e2e_dit_examples.py)
+DIT_EXAMPLES = (EXAMPLE_SD35, EXAMPLE_WAN21)
 
 # Nodes that exist only in the frontend: never sent to the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
