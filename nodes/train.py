@@ -231,16 +231,6 @@ class SelfNPOTrain(io.ComfyNode):
                     tooltip="Data-free pool: image height (a multiple of 8; SDXL: 1024).",
                 ),
                 io.Int.Input(
-                    "frames",
-                    default=1,
-                    min=1,
-                    max=1024,
-                    step=4,
-                    optional=True,
-                    tooltip="Data-free pool, video models (Wan, HunyuanVideo, LTX-Video, ...): frames per pool "
-                    "sample (Wan: 4k+1, e.g. 1, 5, 9); image models ignore it.",
-                ),
-                io.Int.Input(
                     "pool_steps",
                     default=20,
                     min=1,
@@ -256,6 +246,16 @@ class SelfNPOTrain(io.ComfyNode):
                     step=0.5,
                     optional=True,
                     tooltip="Data-free pool: CFG scale used to sample the pool.",
+                ),
+                io.Int.Input(
+                    "frames",
+                    default=1,
+                    min=1,
+                    max=1024,
+                    step=4,
+                    optional=True,
+                    tooltip="Data-free pool, video models (Wan, HunyuanVideo, LTX-Video, ...): frames per pool "
+                    "sample (Wan: 4k+1, e.g. 1, 5, 9); image models ignore it.",
                 ),
             ],
             outputs=[

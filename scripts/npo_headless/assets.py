@@ -26,12 +26,16 @@ def asset_cache_dir() -> Path:
 
 
 def ensure_assets(comfy_root: Path, python: str, log=print) -> Path:
-    """The cached asset folder, generated (about 10-30 s, ~310 MB) when any file is missing.
+    """The cached asset folder, generated (about 10-30 s, ~310 MB) when any file is missing."""
+    command = [python, str(HERE / "make_assets.py"), "--comfyui", str(comfy_root)]
+    return _generated(asset_cache_dir(), ASSET_FILES, command, "test assets", log)
 
-    Generation writes to a temporary sibling folder and renames it, under a lock file, so parallel
-    runs neither see half-written files nor generate twice."""
-    target = asset_cache_dir()
-    if all((target / f).is_file() for f in ASSET_FILES):
+
+def _generated(target: Path, names, command: list[str], what: str, log) -> Path:
+    """``target`` holding ``names``; when any is missing, ``command + ["--out", tmp]`` writes them into a
+    temporary sibling folder that is then renamed, under a lock file, so parallel runs neither see
+    half-written files nor generate twice."""
+    if all((target / f).is_file() for f in names):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
@@ -42,21 +46,20 @@ def ensure_assets(comfy_root: Path, python: str, log=print) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # pragma: no cover (not POSIX)
             pass
-        if all((target / f).is_file() for f in ASSET_FILES):
+        if all((target / f).is_file() for f in names):
             return target
         tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.time()
-        log(f"[e2e] generating test assets into {target} (one-off, cached) ...")
-        proc = subprocess.run([python, str(HERE / "make_assets.py"), "--comfyui", str(comfy_root), "--out", str(tmp)],
-                              capture_output=True, text=True, timeout=600)
+        log(f"[e2e] generating {what} into {target} (one-off, cached) ...")
+        proc = subprocess.run([*command, "--out", str(tmp)], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"make_assets.py failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            raise RuntimeError(f"generating {what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-5000:]}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        log(f"[e2e] assets generated in {time.time() - t0:.1f} s: {proc.stdout.strip()[-400:]}")
+        log(f"[e2e] {what} generated in {time.time() - t0:.1f} s: {proc.stdout.strip()[-400:]}")
     return target
 
 
@@ -82,37 +85,10 @@ def dit_asset_cache_dir() -> Path:
 
 
 def ensure_dit_assets(comfy_root: Path, python: str, log=print) -> Path:
-    """The cached DiT asset folder, generated when any file is missing (as ``ensure_assets``: a temporary
-    sibling folder renamed under a lock file)."""
-    target = dit_asset_cache_dir()
-    if all((target / f).is_file() for f in DIT_ASSET_FILES):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover (not POSIX)
-            pass
-        if all((target / f).is_file() for f in DIT_ASSET_FILES):
-            return target
-        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        t0 = time.time()
-        log(f"[e2e] generating DiT test assets into {target} (one-off, cached) ...")
-        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import make_assets; make_assets.main_dit()"
-        proc = subprocess.run([python, "-c", code, "--comfyui", str(comfy_root), "--out", str(tmp)],
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"make_assets.build_dit failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-5000:]}")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        log(f"[e2e] DiT assets generated in {time.time() - t0:.1f} s")
-    return target
+    """The cached DiT asset folder, generated when any file is missing (as ``ensure_assets``)."""
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import make_assets; make_assets.main_dit()"
+    command = [python, "-c", code, "--comfyui", str(comfy_root)]
+    return _generated(dit_asset_cache_dir(), DIT_ASSET_FILES, command, "DiT test assets", log)
 
 
 def place_dit_assets(base: Path, assets: Path) -> None:

@@ -147,7 +147,7 @@ def test_dit_example_says_no_offset_is_released_and_how_to_get_one(name):
     offset = load["widgets_values"][0]
     assert offset.startswith("my_") and f"models/npo/{offset}" in note and "models/loras" in note
     assert "no released NPO offset" in note
-    assert "Self-NPO Train" in note and "SD1.5/SD2/SDXL UNets only" in note
+    assert "Self-NPO Train" in note and "template 4" in note and "frames" in note  # how to train one here
     assert "diffusion_model.<module>.lora_up.weight" in note  # ComfyUI's LoRA format
     # no download link for a file nobody published; the model files have Comfy-Org's
     assert "models" not in load["properties"]

@@ -20,7 +20,7 @@ EXPECTED_NODES = {
     "SelfNPOTrain": (["model", "positive", "negative", "steps", "batch_size", "learning_rate", "mode", "rank",
                       "truncation_steps", "teacher_guidance", "ema_decay", "loss", "seed", "gradient_checkpointing",
                       "training_dtype", "save_every", "filename_prefix", "latents", "lora_layers", "student_cond",
-                      "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg"],
+                      "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg", "frames"],
                      ["NPO_OFFSET", "IMAGE", "INT"]),
     "NPOSaveOffset": (["npo_offset", "filename_prefix", "model"], []),
 }

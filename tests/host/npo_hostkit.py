@@ -17,6 +17,7 @@ import comfy.samplers
 import comfy.supported_models
 import node_helpers
 import torch
+from families import seeded_init as init_weights  # noqa: F401  (seeded normal init, one definition)
 
 CPU = torch.device("cpu")
 
@@ -126,19 +127,6 @@ def build_model(kind: str):
 
 def patcher(model) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(model, CPU, CPU)
-
-
-def init_weights(unet: torch.nn.Module, seed: int) -> None:
-    """Seeded normal init with sane scales (comfy ops leave torch.empty garbage)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
 class TinyFactory:
