@@ -330,6 +330,13 @@ class TrainingSession:
 
         # ComfyUI's own flag for training (its LoRA trainer sets it): model code then takes the differentiable
         # paths instead of fused inference kernels without a backward (comfy-kitchen's rope, for one)
+        if self.copy_weights:  # refused before anything is replaced
+            for name, p in self.unet.named_parameters():
+                if type(p.data) is not torch.Tensor:
+                    raise NPOError(
+                        f"mode: full trains every weight, but '{name}' is quantized ({type(p.data).__name__}); use "
+                        "mode lora on quantized checkpoints."
+                    )
         self._was_training = getattr(mm, "in_training", None)
         if self._was_training is not None:
             mm.in_training = True
@@ -338,6 +345,8 @@ class TrainingSession:
                 for pname, old in list(module._parameters.items()):
                     if old is None:
                         continue
+                    if type(old.data) is not torch.Tensor:  # a quantized weight (ComfyUI's QuantizedTensor)
+                        continue  # its layer dequantizes into a fresh tensor each call: nothing to alias
                     data = old.data.clone() if self.copy_weights else _autograd_alias(old.data)
                     module._parameters[pname] = torch.nn.Parameter(data, requires_grad=False)
                     self._originals.append((module, pname, old))

@@ -463,3 +463,39 @@ def test_an_offset_on_an_embedding_is_refused(load_offset):
     g = torch.Generator().manual_seed(2)
     lora = {layer: (torch.randn(n, 2, generator=g), torch.randn(2, d, generator=g))}
     _refusal(model, fam, load_offset(fk.comfy_lora_file(lora), "embedding.safetensors"), layer, "Embedding")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_self_npo_train_on_fp8_base_layers(fam, fmt, tmp_path, out_dir):
+    """lora mode on a quantized base: the adapters train in the training dtype on top of ComfyUI's quantized
+    Linear layers, whose fp8 storage and scales are bit-identical afterwards."""
+    _format_or_skip(fmt)
+    model, written = load_fp8(fam, fmt, tmp_path)
+    pos, neg = fam.conds(1)
+    shape = fam.latent_shape(1)
+    out = kit.self_npo_train(
+        model, pos, neg, rank=2, truncation_steps=2, pool_cfg=fam.cfg, width=shape[-1] * 8, height=shape[-2] * 8
+    )
+    offset = out.result[0]
+    assert out.result[2] == 3 and offset.entries
+    assert set(m.rsplit(".", 1)[0] for m in offset.entries) <= set(written) | set(_linear_names(fam))
+    assert any(float(e.up.abs().max()) > 0 for e in offset.entries.values()), "the LoRA never moved"
+    assert all(torch.isfinite(e.up).all() and torch.isfinite(e.down).all() for e in offset.entries.values())
+    unload()
+    assert_quantized_layers(model, written)
+    assert not kit.hooked_modules(model.model.diffusion_model)
+
+
+@pytest.mark.fault(
+    "Self-NPO Train in full mode on a checkpoint with quantized (QuantizedTensor) weights",
+    "NPOError naming the quantized weight and mode lora; the weights stay as loaded",
+)
+def test_full_mode_on_quantized_weights_is_refused(fam, tmp_path, out_dir):
+    _format_or_skip("comfy_quant")
+    model, written = load_fp8(fam, "comfy_quant", tmp_path)
+    pos, neg = fam.conds(1)
+    shape = fam.latent_shape(1)
+    with pytest.raises(NPOError, match="is quantized .*use mode lora"):
+        kit.self_npo_train(model, pos, neg, mode="full", pool_cfg=fam.cfg, width=shape[-1] * 8, height=shape[-2] * 8)
+    unload()
+    assert_quantized_layers(model, written)
