@@ -486,6 +486,7 @@ def _sample_pool(mp, run: _Run, pool_size, width, height, pool_steps, pool_cfg, 
         samples, prompt_of = training_session.sample_pool(
             mp, run.positive, run.negative[:1], pool_size, width, height, pool_steps, pool_cfg, seed,
             lambda i: (pbar.update(1), runtime.throw_if_interrupted()), frames=run.frames,
+            on_step=runtime.throw_if_interrupted,
         )
     return samples, prompt_of, training_session.load_for_training(mp)
 

@@ -234,9 +234,12 @@ def sample_pool(
     seed: int,
     on_sample,
     frames: int = 1,
+    on_step=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free start pool: ``count`` latents sampled from the frozen model, prompts cycling.
-    Returns (latents in LATENT space [N,C,h,w] or [N,C,t,h,w], prompt index per latent)."""
+    ``on_sample(i)`` runs after sample i, ``on_step()`` after every sampler step (a cancel check: one
+    video sample can take minutes). Returns (latents in LATENT space [N,C,h,w] or [N,C,t,h,w], prompt
+    index per latent)."""
     import comfy.sample
 
     shape = pool_latent_shape(mp, width, height, frames)
@@ -257,6 +260,7 @@ def sample_pool(
             torch.zeros(shape),
             seed=seed + i,
             disable_pbar=True,
+            callback=None if on_step is None else (lambda step, x0, x, total: on_step()),
         )
         out.append(lat.float().cpu())
         prompt_of.append(p)

@@ -2,20 +2,22 @@
 
 Every family with real CFG: the run finishes, the model is bit-identical afterwards, the offset applies
 (Apply NPO) and its file loads in ComfyUI's stock LoRA loader with every key landing; a flow family
-resumes exactly; bad input (a guidance-distilled model, an image latent for a video model) is refused
-before any sampling.
+resumes exactly, also after a cancel, with the progress bar where it belongs; a cancel during the
+start-pool sampling stops within one sampler step; bad input (a guidance-distilled model, an image
+latent for a video model, a checkpoint of another family in resume_from) is refused before any sampling.
 """
 
 from __future__ import annotations
 
 import comfy.lora
 import comfy.model_management
+import comfy.sample
 import npo_familykit as fk
 import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes.host import model_facts, sampling, training_session
+from comfyui_npo.nodes.host import model_facts, runtime, sampling, training_session
 from comfyui_npo.nodes.offsets import NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
 
@@ -117,3 +119,112 @@ def test_guidance_distilled_model_is_refused(out_dir):
     model.model.model_config.unet_config["guidance_embed"] = True  # what Flux.1 dev's config says
     with pytest.raises(NPOError, match="guidance-distilled"):
         _train(fam, model)
+
+
+class _RecordingBar:
+    """ComfyUI's ProgressBar interface; records every position and can press Cancel at one of them."""
+
+    def __init__(self, total, cancel_at=None):
+        self.total, self.current, self.seen, self.cancel_at = total, 0, [], cancel_at
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.total = total if total is not None else self.total
+        self.current = min(value, self.total)
+        self.seen.append(self.current)
+        if self.current == self.cancel_at:
+            self.cancel_at = None
+            comfy.model_management.interrupt_current_processing(True)
+
+    def update(self, n):
+        self.update_absolute(self.current + n)
+
+
+def _bars(monkeypatch, cancel_at=None) -> list:
+    bars = []
+
+    def make(total):
+        bars.append(_RecordingBar(total, cancel_at if not bars else None))
+        return bars[-1]
+
+    monkeypatch.setattr(runtime, "progress_bar", make)
+    return bars
+
+
+@pytest.mark.fault(
+    "Cancel during Self-NPO Train on a DiT / video model (Wan 2.1), then resume",
+    "stops within one training step; the model stays bit-identical; the last checkpoint resumes to the "
+    "same offset an uninterrupted run gives; the progress bar counts pool samples then steps",
+)
+def test_cancel_on_a_video_model_stops_within_one_step_and_resume_matches_an_uninterrupted_run(
+    out_dir, monkeypatch
+):
+    fam = _family("wan21")
+    model = fk.tiny_model(fam)
+    before = kit.state_hash(model.model.diffusion_model)
+    bars = _bars(monkeypatch, cancel_at=2 + 3)  # pool of 2, then the 3rd training step: press Cancel
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _train(fam, model, steps=6, save_every=2, filename_prefix="wan_cancel")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert bars[0].seen == [1, 2, 2, 3, 4, 5] and bars[0].total == 2 + 6  # pool 1, 2; steps 0..3; none after
+    comfy.model_management.unload_all_models()
+    assert kit.state_hash(model.model.diffusion_model) == before
+    assert not kit.hooked_modules(model.model.diffusion_model)
+    ckpts = sorted(p.name for p in (out_dir / "npo_training").glob("wan_cancel*.pt"))
+    assert len(ckpts) == 1 and torch.load(out_dir / "npo_training" / ckpts[0], weights_only=True)["step"] == 2
+
+    resumed = _train(fam, model, steps=4, save_every=2, filename_prefix="wan_cancel", resume_from=ckpts[0])
+    assert bars[1].seen == [1, 2, 2 + 2, 2 + 3, 2 + 4] and bars[1].current == bars[1].total == 2 + 4
+    whole = _train(fam, fk.tiny_model(fam), steps=4, save_every=2, filename_prefix="wan_whole").result[0]
+    resumed = resumed.result[0]
+    assert set(whole.entries) == set(resumed.entries)
+    for k in whole.entries:
+        assert torch.equal(whole.entries[k].up, resumed.entries[k].up), k
+        assert torch.equal(whole.entries[k].down, resumed.entries[k].down), k
+
+
+@pytest.mark.fault(
+    "Cancel while Self-NPO Train samples its data-free start pool",
+    "ComfyUI's interrupt is raised after the sampler step in which Cancel was pressed, not after the whole "
+    "pool sample (a video sample can take minutes)",
+)
+def test_cancel_during_pool_sampling_stops_within_one_sampler_step(out_dir, monkeypatch):
+    fam = _family("wan21")
+    model = fk.tiny_model(fam)
+    dm = model.model.diffusion_model
+    calls = []
+
+    def pressing_cancel(module, args):
+        calls.append(1)
+        comfy.model_management.interrupt_current_processing(True)  # Cancel during the first model call
+
+    handle = dm.register_forward_pre_hook(pressing_cancel)
+    bars = _bars(monkeypatch)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _train(fam, model, pool_steps=4)
+    finally:
+        handle.remove()
+        comfy.model_management.interrupt_current_processing(False)
+    # one sampler step (cond and uncond in one call), not the pool sample's 4 (ComfyUI ≥ 0.14's ops also check
+    # the interrupt inside the model call; v0.3.64 relies on the node's per-step check)
+    assert len(calls) == 1
+    assert bars[0].seen == []  # no pool sample finished
+
+
+@pytest.mark.fault(
+    "resume_from names a checkpoint trained on another model family (SD3 checkpoint, Wan model)",
+    "NPOError naming resume_from and both setups, before any sampling",
+)
+def test_resume_from_a_checkpoint_of_another_family_is_refused_before_sampling(out_dir, monkeypatch):
+    sd3 = _family("sd3")
+    _train(sd3, fk.tiny_model(sd3), steps=2, save_every=2, filename_prefix="sd3_run")
+    ckpt = sorted(p.name for p in (out_dir / "npo_training").glob("sd3_run*.pt"))[-1]
+    wan = _family("wan21")
+    sampled = []
+    real_sample = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    with pytest.raises(NPOError, match=r"resume_from: .*another model.*SD3.*WAN21_T2V"):
+        _train(wan, fk.tiny_model(wan), steps=4, resume_from=ckpt)
+    assert sampled == []
