@@ -27,6 +27,14 @@ drawn with plain CFG 1.5 ("self", the pack's data-free pool). Controls: "placebo
 per-tensor norms of the negative/self δ (is it Self-NPO or any change of the negative branch?), and plain
 CFG with its scale picked on the test noise itself ("oracle": an optimistic bound for plain CFG).
 
+Flow base (``--base flow``): the same network predicts the velocity v = ε − x0 of rectified flow, x_t =
+(1 − t)·x0 + t·ε, on ComfyUI's ModelSamplingDiscreteFlow table with shift 3 (SD3's: t_i = 3τ / (1 + 2τ),
+τ = i/1000), t drawn uniformly over that table in training (800 steps: see ``full_config``); the sampler is
+ComfyUI's euler on CONST (x ← x0 + (t_next/t)·(x − x0), from pure noise at t = 1), 20 steps evenly spaced
+over the table. Self-NPO runs the pack's flow TDFT (``training.schedules.FlowSchedule``: the teacher's
+Euler rollout on the table's 25-point grid, the marginal-preserving re-noising, the x0 target), lr 1e-4.
+Everything else (data, metric, variants, controls, protocol) is the VP run's.
+
 Protocol. Each objective (class-cond. FD, FD) is tuned separately. Per base-model seed, on *validation*
 noise shared by all methods: plain CFG's scale on a grid (steps of 0.05 around the optimum), every
 Self-NPO variant's (scale, training steps ∈ {50, 200}, strength β ∈ {1, 2, 4}: the nodes' range is 0–4)
@@ -39,7 +47,7 @@ difference with a 95 % t-interval, the paired t-test p-value (units sharing a ba
 independent) and how many units improved.
 
     pip install -r benchmarks/requirements.txt   # scikit-learn (for the digits), scipy
-    python benchmarks/bench_quality.py [--quick] [--json out.json] [--md out.md] [--threads 1]
+    python benchmarks/bench_quality.py [--base vp|flow] [--quick] [--json out.json] [--md out.md] [--threads 1]
 """
 
 from __future__ import annotations
@@ -72,14 +80,14 @@ def import_pack():
 
     from comfyui_npo.npo_core.schedule import DiscreteSchedule
     from comfyui_npo.training.data import StartData
+    from comfyui_npo.training.schedules import make_schedule
     from comfyui_npo.training.tdft import TDFTConfig
     from comfyui_npo.training.trainer import Callbacks, TrainConfig, train
 
-    return DiscreteSchedule, StartData, TDFTConfig, Callbacks, TrainConfig, train
+    return DiscreteSchedule, make_schedule, StartData, TDFTConfig, Callbacks, TrainConfig, train
 
 
-DiscreteSchedule, StartData, TDFTConfig, Callbacks, TrainConfig, train = import_pack()
-SCHED = DiscreteSchedule.scaled_linear()
+DiscreteSchedule, make_schedule, StartData, TDFTConfig, Callbacks, TrainConfig, train = import_pack()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +95,8 @@ SCHED = DiscreteSchedule.scaled_linear()
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Config:
+    base: str = "vp"  # the base model's process: "vp" (eps, discrete VP) or "flow" (rectified flow, v)
+    flow_shift: float = 3.0  # flow only: ComfyUI's ModelSamplingDiscreteFlow shift (SD3's default)
     base_seeds: list[int] = field(default_factory=lambda: [0, 1])
     npo_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the first one is also used for tuning
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -136,9 +146,18 @@ ORACLE = "plain_oracle"  # plain CFG, its scale picked on the test noise itself 
 METRICS = {"cfd": "class-cond. FD ↓", "fd": "FD ↓", "acc": "accuracy ↑"}
 
 
-def quick_config() -> Config:
+def full_config(base: str = "vp") -> Config:
+    """The reported run. The flow base trains 800 steps, not 2000: trained to 2000 steps on these digits, CFG
+    barely helps it (class-cond. FD at cfg 1 within 5 % of the best scale), unlike real text-to-image
+    models; its Self-NPO learning rate, 1e-4, was picked on a development base seed (7) not in the report."""
+    if base == "flow":
+        return Config(base=base, base_steps=800, npo_lr=1e-4)
+    return Config(base=base)
+
+
+def quick_config(base: str = "vp") -> Config:
     """A smoke test (about a minute): one base model, two Self-NPO seeds, few steps and samples."""
-    return Config(base_seeds=[0], npo_seeds=[0, 1], base_steps=400, npo_steps=[10, 30], strengths=[1.0],
+    return Config(base=base, base_seeds=[0], npo_seeds=[0, 1], base_steps=400, npo_steps=[10, 30], strengths=[1.0],
                   extra_strengths=[2.0], scales=[1.0, 1.25, 1.5, 2.0], pool_size=300, n_val=300, n_test=500)
 
 
@@ -221,9 +240,12 @@ class Metric:
 
 
 # ---------------------------------------------------------------------------------------------
-# the diffusion model (eps prediction) as a VE denoiser D(x_ve, ν, cond) -> x0
+# the diffusion model: one network, eps prediction (VP) or velocity prediction (flow), as a denoiser
+# D(x, level, cond) -> x0 through its process
 # ---------------------------------------------------------------------------------------------
 class EpsNet(nn.Module):
+    """The class-conditional MLP; its output is eps (VP) or v (flow), the level enters through log(level)."""
+
     def __init__(self, width: int = 256, depth: int = 3) -> None:
         super().__init__()
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(32.0), 16)), persistent=False)
@@ -244,32 +266,80 @@ class EpsNet(nn.Module):
         return self.out(h).view_as(x)
 
 
-def denoiser_of(net: EpsNet):
-    def denoise(x_ve: torch.Tensor, nu: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (x_ve.dim() - 1)
-        eps = net(x_ve / torch.sqrt(nu**2 + 1).view(shape), nu, cond)  # ComfyUI's eps calculate_input
-        return x_ve - nu.view(shape) * eps
+class VPProcess:
+    """Discrete VP, eps prediction, SD's ``scaled_linear`` table (T = 1000), in VE space: x = x0 + ν·ε, the
+    network sees x / √(ν² + 1) (ComfyUI's EPS ``calculate_input``), x0 = x − ν·eps. Levels are ν."""
 
-    return denoise
+    kind = "vp"
+
+    def __init__(self) -> None:
+        self.schedule = DiscreteSchedule.scaled_linear()  # what TDFT runs on (``training.trainer.train``)
+        self.levels_table = self.schedule.nus.float()
+
+    def training_example(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(network input, level, regression target) for clean x0, level drawn uniformly over the table."""
+        nu = self.levels_table[torch.randint(0, self.levels_table.numel(), (x0.shape[0],), generator=g)]
+        eps = torch.randn(x0.shape, generator=g)
+        return (x0 + nu.view(-1, 1, 1, 1) * eps) / torch.sqrt(nu**2 + 1).view(-1, 1, 1, 1), nu, eps
+
+    def denoiser(self, net: EpsNet):
+        def denoise(x_ve: torch.Tensor, nu: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            shape = (-1,) + (1,) * (x_ve.dim() - 1)
+            eps = net(x_ve / torch.sqrt(nu**2 + 1).view(shape), nu, cond)
+            return x_ve - nu.view(shape) * eps
+
+        return denoise
 
 
-def train_base(x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int) -> EpsNet:
+class FlowProcess:
+    """Rectified flow, v prediction (ComfyUI CONST): x_t = (1 − t)·x0 + t·ε, v = ε − x0, x0 = x_t − t·v, on
+    ComfyUI's ModelSamplingDiscreteFlow table: t_i = shift·τ / (1 + (shift − 1)·τ), τ = i/1000, i = 1..1000.
+    The network sees x_t itself (CONST ``calculate_input`` is the identity). Levels are t."""
+
+    kind = "flow"
+
+    def __init__(self, shift: float) -> None:
+        tau = torch.arange(1, 1001, dtype=torch.float64) / 1000
+        self.levels_table = (shift * tau / (1 + (shift - 1) * tau)).float()
+        self.schedule = make_schedule("flow", shift * tau / (1 + (shift - 1) * tau))
+
+    def training_example(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        t = self.levels_table[torch.randint(0, self.levels_table.numel(), (x0.shape[0],), generator=g)]
+        eps = torch.randn(x0.shape, generator=g)
+        tt = t.view(-1, 1, 1, 1)
+        return (1 - tt) * x0 + tt * eps, t, eps - x0
+
+    def denoiser(self, net: EpsNet):
+        def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return x_t - t.view((-1,) + (1,) * (x_t.dim() - 1)) * net(x_t, t, cond)
+
+        return denoise
+
+
+Process = VPProcess | FlowProcess
+
+
+def process_of(cfg: Config) -> Process:
+    if cfg.base == "vp":
+        return VPProcess()
+    if cfg.base == "flow":
+        return FlowProcess(cfg.flow_shift)
+    raise SystemExit(f"--base must be vp or flow, got {cfg.base!r}")
+
+
+def train_base(proc: Process, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int) -> EpsNet:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     net = EpsNet(cfg.width, cfg.depth)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.base_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.base_lr, total_steps=cfg.base_steps, pct_start=0.05)
-    nus_all = SCHED.nus.float()
     for step in range(cfg.base_steps):
         idx = torch.randint(0, x.shape[0], (cfg.base_batch,), generator=g)
         x0, c = x[idx], y[idx].clone()
         c[torch.rand(cfg.base_batch, generator=g) < cfg.p_uncond] = NULL
-        nu = nus_all[torch.randint(0, SCHED.num_timesteps, (cfg.base_batch,), generator=g)]
-        eps = torch.randn(x0.shape, generator=g)
-        x_ve = x0 + nu.view(-1, 1, 1, 1) * eps
-        pred = net(x_ve / torch.sqrt(nu**2 + 1).view(-1, 1, 1, 1), nu, c)
-        loss = (pred - eps).square().mean()
+        x_in, level, target = proc.training_example(x0, g)
+        loss = (net(x_in, level, c) - target).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -282,31 +352,34 @@ def train_base(x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int) -> EpsN
 
 
 # ---------------------------------------------------------------------------------------------
-# sampling: deterministic DDIM (Euler in ν) with two-network CFG
+# sampling: deterministic DDIM / Euler with two-network CFG
 # ---------------------------------------------------------------------------------------------
-def sampling_nus(steps: int) -> torch.Tensor:
-    t = torch.linspace(SCHED.num_timesteps - 1, 0, steps).round().long()
-    return torch.cat([SCHED.nu(t), torch.zeros(1)])
+def sampling_levels(proc: Process, steps: int) -> torch.Tensor:
+    """``steps`` table levels evenly spaced in index from the noisiest down to the first, then 0."""
+    i = torch.linspace(proc.levels_table.numel() - 1, 0, steps).round().long()
+    return torch.cat([proc.levels_table[i], torch.zeros(1)])
 
 
 @torch.no_grad()
-def sample(pos: EpsNet, neg: EpsNet, labels: torch.Tensor, scale: float, noise: torch.Tensor,
+def sample(proc: Process, pos: EpsNet, neg: EpsNet, labels: torch.Tensor, scale: float, noise: torch.Tensor,
            steps: int) -> torch.Tensor:
-    nus = sampling_nus(steps)
-    d_pos, d_neg = denoiser_of(pos), denoiser_of(neg)
+    """x ← x0 + (l_next / l)·(x − x0): DDIM in VE space (VP) and ComfyUI's euler on CONST (flow) are both
+    this step; the start is l_max·noise (VP: ν_max·ε; flow: t = 1, pure noise)."""
+    levels = sampling_levels(proc, steps)
+    d_pos, d_neg = proc.denoiser(pos), proc.denoiser(neg)
     null = torch.full_like(labels, NULL)
-    x = noise * nus[0]
+    x = noise * levels[0]
     for i in range(steps):
-        nu = nus[i].expand(x.shape[0])
+        lv = levels[i].expand(x.shape[0])
         if scale == 1.0:
-            x0 = d_pos(x, nu, labels)
+            x0 = d_pos(x, lv, labels)
         elif neg is pos:  # one batched call, as a sampler does
-            x0_p, x0_n = d_pos(torch.cat([x, x]), torch.cat([nu, nu]), torch.cat([labels, null])).chunk(2)
+            x0_p, x0_n = d_pos(torch.cat([x, x]), torch.cat([lv, lv]), torch.cat([labels, null])).chunk(2)
             x0 = x0_n + scale * (x0_p - x0_n)
         else:
-            x0_p, x0_n = d_pos(x, nu, labels), d_neg(x, nu, null)
+            x0_p, x0_n = d_pos(x, lv, labels), d_neg(x, lv, null)
             x0 = x0_n + scale * (x0_p - x0_n)
-        x = x0 + (nus[i + 1] / nus[i]) * (x - x0)
+        x = x0 + (levels[i + 1] / levels[i]) * (x - x0)
     return x
 
 
@@ -351,8 +424,8 @@ def placebo_seed(base_seed: int, npo_seed: int, step: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Self-NPO via the pack's trainer
 # ---------------------------------------------------------------------------------------------
-def self_npo(base: EpsNet, start: torch.Tensor, start_labels: torch.Tensor, variant: str, cfg: Config, seed: int,
-             steps: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], list[float]]:
+def self_npo(proc: Process, base: EpsNet, start: torch.Tensor, start_labels: torch.Tensor, variant: str, cfg: Config,
+             seed: int, steps: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], list[float]]:
     """TDFT on a copy of ``base`` (``training.trainer.train``, all weights); its state dicts at ``steps``."""
     student = copy.deepcopy(base)
     params = dict(student.named_parameters())
@@ -368,7 +441,7 @@ def self_npo(base: EpsNet, start: torch.Tensor, start_labels: torch.Tensor, vari
         if step in want:
             snaps[step] = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
-    res = train(denoiser_of(student), SCHED, params, data, tcfg, Callbacks(on_step=on_step))
+    res = train(proc.denoiser(student), proc.schedule, params, data, tcfg, Callbacks(on_step=on_step))
     return snaps, res.losses
 
 
@@ -408,6 +481,7 @@ def run(cfg: Config, log: Log) -> dict:
     methods += [PLACEBO] if cfg.placebo else []
     if PLACEBO in methods and "negative/self" not in cfg.variants:
         raise SystemExit("the placebo takes its norms from the negative/self variant: keep that variant")
+    proc = process_of(cfg)
     x, y = load_digits()
     clf, clf_acc = train_classifier(x, y, cfg.feat_dim)
     metric = Metric(clf, x, y)
@@ -416,14 +490,14 @@ def run(cfg: Config, log: Log) -> dict:
     for b in cfg.base_seeds:
         rec: dict = {"val": {}, "chosen": {}, "units": {}, "train_loss": {}}
         out["bases"][str(b)] = rec
-        base = train_base(x, y, cfg, b)
+        base = train_base(proc, x, y, cfg, b)
         pn, pl = noise_set(cfg.pool_size, 30_000 + b)
-        starts = {"data": (x, y), "self": (sample(base, base, pl, cfg.pool_cfg, pn, cfg.sample_steps), pl)}
+        starts = {"data": (x, y), "self": (sample(proc, base, base, pl, cfg.pool_cfg, pn, cfg.sample_steps), pl)}
         log(f"base {b}: trained, pool sampled")
 
         # ---- validation: tune everything on the same validation noise, Self-NPO seed = npo_seeds[0]
         vn, vl = noise_set(cfg.n_val, 10_000 + b)
-        plain_val = {s: metric(sample(base, base, vl, s, vn, cfg.sample_steps), vl) for s in cfg.scales}
+        plain_val = {s: metric(sample(proc, base, base, vl, s, vn, cfg.sample_steps), vl) for s in cfg.scales}
         rec["val"]["plain"] = [{"scale": s, **rounded(m)} for s, m in plain_val.items()]
         r0 = cfg.npo_seeds[0]
         snaps0: dict[str, dict] = {}
@@ -433,7 +507,7 @@ def run(cfg: Config, log: Log) -> dict:
                          for st in cfg.npo_steps}
                 grid = [(st, beta) for st in cfg.npo_steps for beta in cfg.strengths]
             else:
-                snaps, losses = self_npo(base, *starts[m.split("/")[1]], m, cfg, r0, cfg.npo_steps)
+                snaps, losses = self_npo(proc, base, *starts[m.split("/")[1]], m, cfg, r0, cfg.npo_steps)
                 rec["train_loss"][m] = [round(float(np.mean(losses[i:i + 10])), 5) for i in range(0, len(losses), 10)]
                 grid = [(st, beta) for st in cfg.npo_steps for beta in cfg.strengths + cfg.extra_strengths]
             snaps0[m] = snaps
@@ -441,7 +515,7 @@ def run(cfg: Config, log: Log) -> dict:
             for st, beta in grid:
                 neg = with_offset(base, snaps[st], beta)
                 for s in cfg.scales:
-                    res = plain_val[s] if s == 1.0 else metric(sample(base, neg, vl, s, vn, cfg.sample_steps), vl)
+                    res = plain_val[s] if s == 1.0 else metric(sample(proc, base, neg, vl, s, vn, cfg.sample_steps), vl)
                     rows.append({"scale": s, "steps": st, "beta": beta, **rounded(res)})
             rec["val"][m] = rows
             log(f"base {b}: {m} trained and validated ({len(rows)} settings)")
@@ -464,7 +538,7 @@ def run(cfg: Config, log: Log) -> dict:
             if r == r0:
                 snaps_r = snaps0
             else:
-                snaps_r = {m: self_npo(base, *starts[m.split("/")[1]], m, cfg, r, sorted(need[m]))[0]
+                snaps_r = {m: self_npo(proc, base, *starts[m.split("/")[1]], m, cfg, r, sorted(need[m]))[0]
                            for m in cfg.variants}
                 if PLACEBO in methods:
                     snaps_r[PLACEBO] = {st: placebo_offset(base, snaps_r["negative/self"][st], placebo_seed(b, r, st))
@@ -485,7 +559,7 @@ def run(cfg: Config, log: Log) -> dict:
                             neg = base
                         else:
                             neg = with_offset(base, snaps_r[key[0]][c["steps"]], c["beta"])
-                        cache[key] = rounded(metric(sample(base, neg, tl, c["scale"], tn, cfg.sample_steps), tl))
+                        cache[key] = rounded(metric(sample(proc, base, neg, tl, c["scale"], tn, cfg.sample_steps), tl))
                     unit[obj][m] = cache[key]
                 # plain CFG with its scale picked on this unit's test noise (an optimistic bound for plain CFG:
                 # is the Self-NPO gain more than what a finer or luckier choice of the scale would give?)
@@ -493,7 +567,7 @@ def run(cfg: Config, log: Log) -> dict:
                 cands = [s for s in cfg.scales if abs(s - c0) <= cfg.oracle_window + 1e-9]
                 for sc in cands:
                     if ("plain", sc, None, None) not in cache:
-                        out_s = sample(base, base, tl, sc, tn, cfg.sample_steps)
+                        out_s = sample(proc, base, base, tl, sc, tn, cfg.sample_steps)
                         cache[("plain", sc, None, None)] = rounded(metric(out_s, tl))
                 s_best = min(cands, key=lambda sc, o=obj: cache[("plain", sc, None, None)][o])
                 unit[obj][ORACLE] = {**cache[("plain", s_best, None, None)], "scale": s_best}
@@ -609,13 +683,16 @@ def markdown(res: dict, cfg: Config) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: one base model, tiny settings (~1 min)")
+    ap.add_argument("--base", choices=["vp", "flow"], default="vp",
+                    help="the base model: vp (eps, SD's discrete schedule; default) or flow (rectified flow, v, "
+                         "shift 3 as SD3)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--json", type=Path, help="write the full results (validation curves, units, summary) here")
     ap.add_argument("--md", type=Path, help="write the Markdown tables here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = quick_config() if args.quick else Config()
+    cfg = quick_config(args.base) if args.quick else full_config(args.base)
     log = Log(args.quiet)
     res = run(cfg, log)
     wall = time.time() - log.t0
