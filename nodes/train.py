@@ -300,9 +300,8 @@ class SelfNPOTrain(io.ComfyNode):
         run = _plan(
             model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps,
             teacher_guidance, ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents,
-            lora_layers, student_cond, resume_from, width, height,
+            lora_layers, student_cond, resume_from, width, height, frames,
         )
-        run.frames = frames
         mp = model.clone()
         pool = 0 if latents is not None else pool_size
         pbar = runtime.progress_bar(pool + steps)
@@ -365,7 +364,7 @@ class _Run:
 def _plan(
     model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps, teacher_guidance,
     ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents, lora_layers, student_cond,
-    resume_from, width, height,
+    resume_from, width, height, frames,
 ) -> _Run:
     """Validate every input and read the resume checkpoint (once), so that bad input fails before sampling."""
     kind, sigmas, noise_scale = training_session.schedule_kind_and_table(model)
@@ -431,14 +430,23 @@ def _plan(
     checkpoint_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
     if resume_path is None:
         _check_free_name(checkpoint_path)
+    positive_entries = training_session.conditioning_entries(positive, "positive")
+    negative_entries = training_session.conditioning_entries(negative, "negative")
+    if not model_facts.is_unet(model):  # a DiT takes all prompts in one batched call: can they batch?
+        if latents is not None:
+            spatial = training_session.sampler_latent(model, latents["samples"]).shape[2:]
+        else:
+            spatial = training_session.pool_latent_shape(model, width, height, frames)[2:]
+        training_session.batched_model_conds(
+            model, [*positive_entries, negative_entries[0]], ["positive"] * len(positive_entries) + ["negative"],
+            (1, channels, *spatial), torch.device("cpu"),
+        )
     ignored = training_session.ignored_sampling_patches(model)
     if ignored:
         runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
     return _Run(
-        cfg, mode, rank, lora_layers, training_dtype, arch, lr_text, layer_names, signature,
-        training_session.conditioning_entries(positive, "positive"),
-        training_session.conditioning_entries(negative, "negative"),
-        channels, checkpoint_path, resume_path, resume_state, ignored, kind,
+        cfg, mode, rank, lora_layers, training_dtype, arch, lr_text, layer_names, signature, positive_entries,
+        negative_entries, channels, checkpoint_path, resume_path, resume_state, ignored, kind, frames=frames,
     )
 
 

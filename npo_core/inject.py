@@ -79,21 +79,22 @@ def layer_rows(
     - [1, B·L, C]: the batch folded into the sequence (PixArt's cross-attention ``kv_linear`` runs on every
       row's text at once): row i is the i-th run of L positions on dim 1;
     - [L, B, C]: sequence first (HunyuanDiT's attention pooler);
-    - [B·L, C] for layers the host declares ``folded`` (a ``view(-1, C)`` of [B, L, C]: HunyuanDiT's
-      ``mlp_t5``); a 2-D input cannot tell this from other layouts by its shape alone.
+    - [B·L, ...] for layers the host declares ``folded``, row-major ([B, L, C] viewed as [B·L, C]: HunyuanDiT's
+      ``mlp_t5``; [B, T, C, H, W] as [B·T, C, H, W]: CogVideoX's patch-embedding Conv2d); the shape alone cannot
+      tell this from other layouts, so the declaration wins over the shape checks below.
     Rows covering the whole call select everything. Any other layout is refused, never guessed."""
     if batch is None or shape[0] == batch:
         return [(sl,) for sl in rows]
     if len(rows) == 1 and rows[0].start == 0 and rows[0].stop == batch:
         return [(slice(None),)]
+    if folded and len(shape) >= 2 and shape[0] % batch == 0:
+        per_row = shape[0] // batch
+        return [(slice(sl.start * per_row, sl.stop * per_row),) for sl in rows]
     if len(shape) >= 3 and shape[0] == 1 and shape[1] % batch == 0:
         per_row = shape[1] // batch
         return [(slice(None), slice(sl.start * per_row, sl.stop * per_row)) for sl in rows]
     if len(shape) >= 3 and shape[1] == batch:
         return [(slice(None), sl) for sl in rows]
-    if folded and len(shape) == 2 and shape[0] % batch == 0:
-        per_row = shape[0] // batch
-        return [(slice(sl.start * per_row, sl.stop * per_row),) for sl in rows]
     raise NPOError(
         f"'{name}': the layer's input has shape {tuple(shape)} in a model call of batch {batch}: the batch is not on "
         "dim 0 (nor folded into the sequence), so the negative rows cannot be told apart there. Leave this "
@@ -245,7 +246,7 @@ class OffsetInjector:
         self.offset = offset
         self.strength = float(strength)
         self.gate = gate
-        self.folded = folded  # modules whose 2-D input is [B·L, C] (see ``layer_rows``)
+        self.folded = folded  # modules whose input folds the batch into dim 0, [B·L, ...] (see ``layer_rows``)
         self._lock = threading.Lock()
         self._handles: dict[int, tuple[nn.Module, list]] = {}  # id(root) -> (root, hook handles)
         self._layers: dict[str, _LayerOffset] = {}

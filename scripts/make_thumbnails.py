@@ -23,6 +23,7 @@ from npo_headless.workflows import (  # noqa: E402
     EXAMPLE_SDXL,
     EXAMPLE_SELF_NPO,
     EXAMPLE_WAN21,
+    EXAMPLE_WAN21_SELF_NPO,
 )
 
 SIZE = (512, 384)
@@ -40,6 +41,8 @@ CARDS = {
                        "your own offset, A/B, loss curve"),
     EXAMPLE_SD35: ("NPO on SD3.5", ["SD3.5 Large", "Apply NPO", "KSampler"], "your own offset, same-seed A/B"),
     EXAMPLE_WAN21: ("NPO on Wan 2.1", ["Wan 2.1 T2V", "Apply NPO", "KSampler"], "text-to-video, your own offset"),
+    EXAMPLE_WAN21_SELF_NPO: ("Self-NPO on Wan 2.1", ["Wan 2.1 T2V", "Self-NPO Train", "Apply NPO"],
+                             "train a video offset, same-seed A/B"),
 }
 
 

@@ -74,8 +74,9 @@ UNSUPPORTED = {
 }
 
 
-# per BaseModel class: module-name parts of layers whose 2-D input is the batch folded into dim 0, [B·L, C]
-FOLDED_ROWS = {"HunyuanDiT": ("mlp_t5.",)}
+# per BaseModel class: module-name parts of layers whose input is the batch folded into dim 0, [B·L, ...]:
+# HunyuanDiT's mlp_t5 gets [B·L, C]; CogVideoX 1.0's patch_embed.proj (Conv2d) gets [B·T, C, H, W]
+FOLDED_ROWS = {"HunyuanDiT": ("mlp_t5.",), "CogVideoX": ("patch_embed.proj.",)}
 # per BaseModel class: module-name parts of layers that see tokens of every row mixed, and why
 MIXED_ROWS = {
     "HiDream": (
@@ -87,7 +88,7 @@ MIXED_ROWS = {
 
 
 def folded_layers(mp, offset: NPOOffset) -> frozenset[str]:
-    """The offset's modules (names relative to the diffusion model) whose 2-D input folds the batch into dim 0."""
+    """The offset's modules (names relative to the diffusion model) whose input folds the batch into dim 0."""
     parts = FOLDED_ROWS.get(type(mp.model).__name__, ())
     return frozenset(m for m in offset.modules() if any(p in f".{m}." for p in parts))
 

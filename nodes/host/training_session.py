@@ -56,17 +56,28 @@ def schedule_kind_and_table(mp) -> tuple[str, torch.Tensor, float]:
 def lora_pattern(mp, preset: str) -> str:
     """The module-name regex of a lora_layers preset for this model: the authors' UNet attention projections,
     or a DiT's attention linears (children of a module named *attn* / *attention*) and, with "+ff", its
-    feed-forward linears."""
+    feed-forward linears. Families whose block holds those linears directly (no *attn* / *ff* parent) have
+    their own patterns (DIT_PRESETS_BY_MODEL)."""
     from ...training.lora import TARGET_PRESETS
 
     if is_unet(mp) or preset not in DIT_PRESETS:
         return TARGET_PRESETS.get(preset, preset)
-    return DIT_PRESETS[preset]
+    return DIT_PRESETS_BY_MODEL.get(type(mp.model).__name__, {}).get(preset, DIT_PRESETS[preset])
 
 
 _DIT_ATTENTION = r"(^|\.)[a-z0-9_]*(attn|attention)[a-z0-9_]*\.[a-z0-9_]+(\.0)?$"
 _DIT_FF = r"(^|\.)(mlp|ff|ffn|feed_forward|ff_[a-z]+|[a-z_]*_mlp)(\.[a-z0-9_]+)+$"
 DIT_PRESETS = {"attention": _DIT_ATTENTION, "attention+ff": f"({_DIT_ATTENTION})|({_DIT_FF})", "all": r".*"}
+# per BaseModel class: presets of DiTs whose attention / feed-forward linears are direct children of the block.
+# CogVideoX (comfy.ldm.cogvideo.model.CogVideoXBlock): blocks.N.q / k / v / attn_out (the joint text+video
+# self-attention; diffusers' attn1.to_q / to_k / to_v / to_out.0) and blocks.N.ff_proj / ff_out.
+_COGVIDEOX_ATTENTION = r"(^|\.)blocks\.[0-9]+\.(q|k|v|attn_out)$"
+DIT_PRESETS_BY_MODEL = {
+    "CogVideoX": {
+        "attention": _COGVIDEOX_ATTENTION,
+        "attention+ff": rf"({_COGVIDEOX_ATTENTION})|((^|\.)blocks\.[0-9]+\.(ff_proj|ff_out)$)",
+    },
+}
 
 
 def training_layers(mp, preset: str) -> list[str]:
@@ -157,9 +168,16 @@ def batched_model_conds(mp, entries: list, prompt_types: list[str], latent_shape
             continue
         others = [o[k] for o in objs[1:]]
         if not all(first.can_concat(o) for o in others):
+            import comfy.conds
+
+            shapes = sorted({tuple(o.cond.shape) for o in [first, *others] if torch.is_tensor(o.cond)})
+            pads = isinstance(first, comfy.conds.CONDCrossAttn)  # repeats text up to a common length
+            why = ("their token lengths differ too much to be padded to one length" if pads else
+                   "this model batches only prompts of exactly the same token length")
             raise NPOError(
-                f"positive/negative: the prompts' '{k}' inputs cannot be batched (their lengths differ too much); "
-                "use prompts of similar length."
+                f"positive/negative: the prompts' '{k}' inputs cannot be batched for training ({why}; shapes "
+                f"{', '.join(str(list(x)) for x in shapes)}). Shorten the longest prompt (or the negative) to the "
+                "others' length."
             )
         try:
             rows[k] = first.concat(others).to(device)

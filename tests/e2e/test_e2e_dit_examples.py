@@ -140,6 +140,12 @@ def test_dit_example_wires_apply_npo_between_the_model_chain_and_the_sampler(nam
     assert fed and set(fed) == {"KSampler"}
 
 
+# the training example each Note points to: 4 (a checkpoint, image latents) for SD3.5; 7 (the Wan 2.1 model
+# chain, a pool of short clips) for Wan
+TRAINING_TEMPLATE = {SD35: "template 4 (Train a Self-NPO offset and compare)",
+                     WAN21: f"template 7 ({kit.EXAMPLE_WAN21_SELF_NPO.split(' ', 1)[1]})"}
+
+
 @pytest.mark.parametrize("name", [SD35, WAN21])
 def test_dit_example_says_no_offset_is_released_and_how_to_get_one(name):
     note = _note(name)
@@ -147,7 +153,8 @@ def test_dit_example_says_no_offset_is_released_and_how_to_get_one(name):
     offset = load["widgets_values"][0]
     assert offset.startswith("my_") and f"models/npo/{offset}" in note and "models/loras" in note
     assert "no released NPO offset" in note
-    assert "Self-NPO Train" in note and "template 4" in note and "frames" in note  # how to train one here
+    assert "Self-NPO Train" in note and TRAINING_TEMPLATE[name] in note  # how to train one here
+    assert name != WAN21 or "frames" in note  # the training pool's clip length (video)
     assert "diffusion_model.<module>.lora_up.weight" in note  # ComfyUI's LoRA format
     # no download link for a file nobody published; the model files have Comfy-Org's
     assert "models" not in load["properties"]
@@ -244,6 +251,12 @@ def _seed(prompt: dict, seed: int) -> None:
             entry["inputs"]["seed"] = seed
 
 
+def _safetensors_header(path) -> dict:
+    """The JSON header of a .safetensors file: tensor names (and shapes) plus ``__metadata__``."""
+    data = path.read_bytes()
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+
+
 def test_sd35_example_runs_on_a_tiny_sd3_and_the_offset_acts(dit_server, dit_object_info):
     _require_family("sd35", dit_object_info)
     seed = int.from_bytes(os.urandom(4), "big")  # a new seed: nothing comes from an earlier session's files
@@ -293,8 +306,7 @@ def test_wan_example_runs_on_a_tiny_wan21_and_the_offset_acts(dit_server, dit_ob
 def test_dit_offsets_load_as_comfyui_lora_files(dit_server):
     """The tiny offsets are what the Notes tell users to bring: ComfyUI-format LoRA keys, nothing else."""
     for offset in (kit.TINY_NPO_SD35, kit.TINY_NPO_WAN21):
-        data = (dit_server.base / "models" / "npo" / offset).read_bytes()
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        header = _safetensors_header(dit_server.base / "models" / "npo" / offset)
         keys = [k for k in header if k != "__metadata__"]
         assert keys and all(
             k.startswith("diffusion_model.") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))

@@ -325,3 +325,24 @@ def test_dense_slices_full_weights_and_bare_parameters(load_offset):
         full = {f"{fk.PREFIX}{bare[0]}": model_facts.original_weight(model, bare[0]).float() + 1.0}
         with pytest.raises(NPOError, match="bare parameter"):
             sampling.apply_offset(model, load_offset(full, "bare.safetensors"), 1.0)
+
+
+@pytest.mark.fault(
+    "An offset on CogVideoX's patch-embedding Conv2d, whose input folds the frames into the batch [B·T, C, H, W]",
+    "the negative rows' frames get the conv delta, at batch 2, equal to a hand-merged reference",
+)
+def test_a_conv_offset_on_cogvideox_patch_embedding_acts_on_the_negative_frames_only(load_offset, plain_runs):
+    fam = _family("cogvideox")
+    model = fk.tiny_model(fam)
+    assert fam.latent_shape(2)[2] > 1, "needs ≥ 2 latent frames, or [B·T, ...] cannot be told from [B, ...]"
+    w = model.model.diffusion_model.state_dict()["patch_embed.proj.weight"]
+    g = torch.Generator().manual_seed(11)
+    down = torch.randn(2, *w.shape[1:], generator=g) / w[0].numel() ** 0.5
+    up = torch.randn(w.shape[0], 2, 1, 1, generator=g) * 0.3
+    offset = load_offset(fk.comfy_lora_file({"patch_embed.proj": (up, down)}), "cogvideox_conv.safetensors")
+    got = fk.sample(sampling.apply_offset(model, offset, 1.0), fam, 2)
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)  # the conv LoRA's ΔW, by hand
+    reference = fk.model_from(fam, fk.merged(fk.pristine(fam), {"patch_embed.proj.weight": delta}, 1.0))
+    want = fk.sample(kit.with_reference_cfg(fk.tiny_model(fam), reference), fam, 2)
+    assert fk.max_err(plain_runs(fam, 2), want) > 1e-3
+    assert fk.close(got, want), f"conv offset, batch 2: {fk.max_err(got, want):.2e}"

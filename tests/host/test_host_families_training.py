@@ -228,3 +228,38 @@ def test_resume_from_a_checkpoint_of_another_family_is_refused_before_sampling(o
     with pytest.raises(NPOError, match=r"resume_from: .*another model.*SD3.*WAN21_T2V"):
         _train(wan, fk.tiny_model(wan), steps=4, resume_from=ckpt)
     assert sampled == []
+
+
+@pytest.mark.fault(
+    "Self-NPO Train on Wan with a negative of another token length than the prompts",
+    "NPOError naming positive/negative: Wan batches only prompts of exactly the same length (shapes given), "
+    "before any sampling",
+)
+def test_prompts_a_model_cannot_batch_are_refused_with_their_shapes(out_dir, monkeypatch):
+    fam = _family("wan21")
+    model = fk.tiny_model(fam)
+    pos, neg = fam.conds(1)
+    longer = [[torch.cat([neg[0][0], neg[0][0]], dim=1), {}]]  # twice the negative's tokens
+    sampled = []
+    real_sample = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    n = pos[0][0].shape[1]
+    with pytest.raises(NPOError, match=rf"exactly the same token length; shapes \[1, {n}, 64\], \[1, {2 * n}, 64\]"):
+        kit.self_npo_train(model, pos, longer, pool_cfg=fam.cfg, rank=2, truncation_steps=2, **_pool_size(fam, model))
+    assert sampled == []
+
+
+def test_cogvideox_trains_on_its_zero_terminal_snr_v_prediction_schedule(out_dir, monkeypatch):
+    """CogVideoX samples with V_PREDICTION_DDPM on a zero-terminal-SNR table: Self-NPO Train must build the
+    ``vp_zsnr`` TDFT schedule from that table (ComfyUI ends it at a finite ν ≈ 4519, not ∞)."""
+    import comfyui_npo.nodes.train as train_node
+
+    fam = _family("cogvideox")
+    model = fk.tiny_model(fam)
+    kind, table, _ = training_session.schedule_kind_and_table(model)
+    assert kind == "vp_zsnr" and torch.isfinite(table).all() and float(table[-1]) > 1000
+    built = []
+    real = train_node.make_schedule
+    monkeypatch.setattr(train_node, "make_schedule", lambda k, s, n=1.0: built.append(k) or real(k, s, n))
+    out = _train(fam, model)
+    assert out.result[2] == 3 and built and set(built) == {"vp_zsnr"}

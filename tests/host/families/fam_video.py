@@ -1,8 +1,10 @@
-"""Tiny video families: Wan 2.1, Wan 2.2 5B, HunyuanVideo 1.5, LTX-Video, Kandinsky 5 (video and image), Cosmos 1.
+"""Tiny video families: Wan 2.1, Wan 2.2 5B, HunyuanVideo 1.5, LTX-Video, Kandinsky 5 (video and image), Cosmos 1,
+CogVideoX.
 
 Every model is built from ComfyUI's own config class (``comfy.supported_models``) with a tiny unet_config:
 hidden 64, 2 heads of 32, one block per stack. Latents are 1 frame of 8x8 (4x4 where the family patchifies
-by 1), so a 2-step batch-2 sample stays well under a second on one CPU thread.
+by 1; 2 frames for Cosmos and CogVideoX, whose layers fold or move the batch with T), so a 2-step batch-2
+sample stays well under a second on one CPU thread.
 """
 
 from __future__ import annotations
@@ -306,6 +308,42 @@ COSMOS_T2V = TinyFamily(
     "(batch folded with T on dim 0); t_embedder / adaLN_modulation get [B, D].",
 )
 
+# ------------------------------------------ CogVideoX 1.0 (comfy.ldm.cogvideo.model.CogVideoXTransformer3DModel)
+
+COGVIDEOX = TinyFamily(
+    name="cogvideox",
+    config_class="CogVideoX_T2V",
+    build_model=_build(
+        "CogVideoX_T2V",
+        {
+            "image_model": "cogvideox",
+            "num_attention_heads": 2,
+            "attention_head_dim": 32,
+            "time_embed_dim": 32,
+            "text_embed_dim": 64,
+            "num_layers": 1,
+            "in_channels": 16,
+            "patch_size": 2,
+            "use_rotary_positional_embeddings": True,
+            "use_learned_positional_embeddings": False,
+        },
+    ),
+    conds=_plain_conds(64),
+    latent_shape=lambda b: (b, 16, 2, 8, 12),  # T 2, so patch_embed.proj's input [B*T, ...] differs from [B, ...]
+    cfg=6.0,
+    attention_linears=[f"blocks.0.{p}" for p in ("q", "k", "v", "attn_out")],
+    notes="model_base.CogVideoX (ComfyUI 0.33.0 on), ModelType.V_PREDICTION_DDPM on ModelSamplingDiscrete: linear "
+    "betas 0.00085-0.012 rescaled to zero terminal SNR, last sigma 4518.76 (finite: ComfyUI sets the last "
+    "alphas_cumprod to 4.897e-8); the model gets x unscaled (calculate_input returns it), Self-NPO kind vp_zsnr. "
+    "CogVideoX latent format [B,16,(F-1)/4+1,H/8,W/8] (scale 1.15258426; 0.7, CogVideoX1_5, from 48 heads on). "
+    "Rotary positions (what model_detection sets when the file has no patch_embed.pos_embedding); real 2b/5b: "
+    "head dim 64, time_embed_dim 512, text_embed_dim 4096 (T5-XXL); context width is free (patch_embed.text_proj). "
+    "1.0's patch_embed.proj is a Conv2d run per frame on [B*T,16,H,W] (batch folded with T on dim 0, declared in "
+    "model_facts.FOLDED_ROWS); every Linear has the batch on dim 0: q/k/v/attn_out and ff_proj/ff_out are direct "
+    "children of the block and see the text and video tokens concatenated [B, L_text+L_video, D] (no "
+    "cross-attention). comfy.lora's key map has no CogVideoX branch: only generic key styles.",
+)
+
 # ---------------------------------------------------------------- LTX-2 (LTXAV): tiny works, but not as a TinyFamily
 # Its latent is a comfy.nested_tensor.NestedTensor((video [B,128,F,H,W], audio [B,8,N,16])) (LTXVConcatAVLatent),
 # which latent_shape cannot describe; the sampler hands the model a packed flat tensor plus latent_shapes.
@@ -344,4 +382,13 @@ def ltxav_conds(seed: int):
     return [[pos, {}]], [[neg, {}]]
 
 
-FAMILIES: list[TinyFamily] = [WAN21, WAN22_5B, HUNYUAN_VIDEO15, LTXV, KANDINSKY5, KANDINSKY5_IMAGE, COSMOS_T2V]
+FAMILIES: list[TinyFamily] = [
+    WAN21,
+    WAN22_5B,
+    HUNYUAN_VIDEO15,
+    LTXV,
+    KANDINSKY5,
+    KANDINSKY5_IMAGE,
+    COSMOS_T2V,
+    COGVIDEOX,
+]
