@@ -1,4 +1,4 @@
-"""The Self-NPO example (self_npo_train_and_compare) end to end on the tiny checkpoint: its structure as the
+"""Example 4 (Train a Self-NPO offset and compare) end to end on the tiny checkpoint: its structure as the
 server converts it, then a quick training run (2 steps on a 2-latent 64×64 pool) that must write an offset
 into models/npo, the two comparison images and the loss curve; the saved file must load again through
 Load NPO Offset in another example."""

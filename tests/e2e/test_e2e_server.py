@@ -16,7 +16,7 @@ EXPECTED_NODES = {
     "NPONegativeModel": (["model", "npo_offset", "strength", "base_model", "merge_weight"], ["MODEL"]),
     "NPOCFGGuider": (["model", "positive", "negative", "cfg", "strength", "npo_offset", "negative_model"], ["GUIDER"]),
     "NPOCompressOffset": (["npo_offset", "model", "rank"], ["NPO_OFFSET"]),
-    # example_workflows/self_npo_train_and_compare.json stores these widget values by position
+    # example 4 ("4 Train a Self-NPO offset and compare") stores these widget values by position
     "SelfNPOTrain": (["model", "positive", "negative", "steps", "batch_size", "learning_rate", "mode", "rank",
                       "truncation_steps", "teacher_guidance", "ema_decay", "loss", "seed", "gradient_checkpointing",
                       "training_dtype", "save_every", "filename_prefix", "latents", "lora_layers", "student_cond",

@@ -20,7 +20,7 @@ SUBSTITUTIONS = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET}
 SIZE, STEPS = 64, 3
 FAST = {("EmptyLatentImage", "width"): SIZE, ("EmptyLatentImage", "height"): SIZE,
         ("KSampler", "steps"): STEPS, ("BasicScheduler", "steps"): STEPS,
-        # Self-NPO Train (self_npo_train_and_compare): 2 optimizer steps on a 2-latent 64×64 pool
+        # Self-NPO Train (example 4): 2 optimizer steps on a 2-latent 64×64 pool
         ("SelfNPOTrain", "steps"): 2, ("SelfNPOTrain", "batch_size"): 1, ("SelfNPOTrain", "pool_size"): 2,
         ("SelfNPOTrain", "width"): SIZE, ("SelfNPOTrain", "height"): SIZE, ("SelfNPOTrain", "pool_steps"): 2,
         ("SelfNPOTrain", "save_every"): 0}
