@@ -97,6 +97,27 @@ class Arch:
     def config(self, smoke: bool) -> dict:
         return {**self.unet_config, **(self.smoke_overrides if smoke else {})}
 
+    def text_tokens(self, smoke: bool, override: int = 0) -> int:
+        """Tokens of the text conditioning: ``override``, else the smoke or the real length."""
+        return override or (self.smoke_text_tokens if smoke else self.text[0])
+
+    def latent_shape(self, side: int = 0) -> list[int]:
+        """The sampler's latent (batch 1), with the last two sides set to ``side`` when given."""
+        latent = list(self.latent)
+        if side:
+            latent[-2:] = [side, side]
+        return latent
+
+    def image_tokens(self, latent) -> int:
+        """Transformer tokens of a latent [B, C, (t,) h, w]: its spatial sizes over the patch size."""
+        patch = self.unet_config["patch_size"]
+        sizes = list(latent[2:])
+        patch = list(patch) if isinstance(patch, (tuple, list)) else [1] * (len(sizes) - 2) + [patch, patch]
+        n = 1
+        for size, step in zip(sizes, patch, strict=True):
+            n *= -(-size // step)
+        return n
+
     def attention_linears(self, dm) -> list[str]:
         if self.key == "wan21_1.3b":
             return [
@@ -183,6 +204,14 @@ ARCHS = {a.key: a for a in (WAN21_13B, SD35_MEDIUM)}
 # ---------------------------------------------------------------------------------------------
 # models, LoRA file, conds
 # ---------------------------------------------------------------------------------------------
+def random_cond(arch: Arch, tokens: int, g) -> list:
+    """A CONDITIONING of one random prompt: [[text [1, tokens, width], {pooled_output (SD3)}]]."""
+    import torch
+
+    extra = {} if arch.pooled is None else {"pooled_output": torch.randn(1, arch.pooled, generator=g)}
+    return [[torch.randn(1, tokens, arch.text[1], generator=g), extra]]
+
+
 def fill_weights(dm, seed: int) -> None:
     """Seeded random weights, fast: unit normals tiled from one 4 M-value buffer; matrices × fan_in^-½,
     1-D weights (norm scales) 1, biases × 0.02. The values only need sane scales (no inf/NaN/denormals)."""
@@ -281,17 +310,10 @@ class Bench:
         }
         self.lora_path = lora_path
         g = torch.Generator().manual_seed(args.seed + 1)
-        tokens = args.text_tokens or (arch.smoke_text_tokens if args.smoke else arch.text[0])
-
-        def cond():
-            extra = {} if arch.pooled is None else {"pooled_output": torch.randn(1, arch.pooled, generator=g)}
-            return [[torch.randn(1, tokens, arch.text[1], generator=g), extra]]
-
-        self.pos, self.neg = cond(), cond()
+        tokens = arch.text_tokens(args.smoke, args.text_tokens)
+        self.pos, self.neg = random_cond(arch, tokens, g), random_cond(arch, tokens, g)
         self.info["text_tokens"] = tokens
-        latent = list(arch.latent)
-        if args.latent:
-            latent[-2:] = [args.latent, args.latent]
+        latent = arch.latent_shape(args.latent)
         self.info["latent"] = latent
         self.noise = torch.randn(latent, generator=g)
         self.latent = torch.zeros_like(self.noise)
@@ -538,23 +560,39 @@ def memory_child(args) -> None:
         bench = Bench(args, arch, Path(args.lora_path), [arm])
         guider = bench.guider(arm)
     gc.collect()
-    before = proc_status_mib("VmRSS")
-    res = {"arch": arch_key, "arm": arm, "rss_before_mib": before}
-    if args.device == "cuda":
+
+    def sample():
+        with torch.inference_mode():  # as ComfyUI runs nodes
+            import comfy.samplers
+
+            ms = bench.mp.get_model_object("model_sampling")
+            bench.sample(guider, sigmas=comfy.samplers.calculate_sigmas(ms, "simple", args.mem_steps))
+
+    res = {"arch": arch_key, "arm": arm, **measure_peak(sample, args.device)}
+    print("MEMJSON " + json.dumps(res), flush=True)
+
+
+def measure_peak(fn, device: str) -> dict:
+    """Runs ``fn()`` and returns its memory high-water mark: peak RSS (``VmHWM`` after resetting it to the
+    current RSS through ``/proc/self/clear_refs``), the RSS before and the delta; on CUDA also
+    ``torch.cuda.max_memory_allocated`` and the memory allocated before (MiB)."""
+    import torch
+
+    res = {"rss_before_mib": proc_status_mib("VmRSS")}
+    if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        res["cuda_before_mib"] = torch.cuda.memory_allocated() / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    with torch.inference_mode():  # as ComfyUI runs nodes
-        import comfy.samplers
-
-        ms = bench.mp.get_model_object("model_sampling")
-        bench.sample(guider, sigmas=comfy.samplers.calculate_sigmas(ms, "simple", args.mem_steps))
+    fn()
     res["peak_rss_mib"] = proc_status_mib("VmHWM")
-    res["rss_delta_mib"] = res["peak_rss_mib"] - before
-    if args.device == "cuda":
+    res["rss_delta_mib"] = res["peak_rss_mib"] - res["rss_before_mib"]
+    if device == "cuda":
+        torch.cuda.synchronize()
         res["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    print("MEMJSON " + json.dumps(res), flush=True)
+        res["cuda_delta_mib"] = res["peak_cuda_mib"] - res["cuda_before_mib"]
+    return res
 
 
 def passthrough(args) -> list[str]:
