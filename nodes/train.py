@@ -62,7 +62,9 @@ class SelfNPOTrain(io.ComfyNode):
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="The checkpoint to make an NPO offset for (SD1.5/SD2/SDXL family, eps or v-prediction).",
+                    tooltip="The model to make an NPO offset for: SD1.5/SD2/SDXL (eps or v-prediction) or a DiT / "
+                    "video model sampled with real CFG (SD3.5, Wan, Qwen-Image, Chroma, ...; its own flow schedule, "
+                    "after any ModelSampling node). Guidance-distilled models are refused.",
                 ),
                 io.Conditioning.Input(
                     "positive",
@@ -99,15 +101,15 @@ class SelfNPOTrain(io.ComfyNode):
                     "learning_rate",
                     default="auto",
                     tooltip="auto = the mode's default: full 1e-6 (SD1.5) / 1e-7 (SDXL) as the authors; "
-                    "lora 1e-4 (SD1.5) / 2e-5 (SDXL). Or a number, e.g. 5e-5.",
+                    "lora 1e-4 (SD1.5 and DiTs) / 2e-5 (SDXL). Or a number, e.g. 5e-5.",
                 ),
                 io.Combo.Input(
                     "mode",
                     options=["lora", "full"],
                     default="lora",
-                    tooltip="lora: low-rank adapters, teacher = base + EMA of the LoRA (no second UNet), "
-                    "fits consumer GPUs. full: all UNet weights like the paper (needs ~5× the "
-                    "model's size in memory).",
+                    tooltip="lora: low-rank adapters, teacher = base + EMA of the LoRA (no second model), "
+                    "fits consumer GPUs. full: all weights like the paper (needs ~6× the model's size in "
+                    "memory; not on fp8 / quantized weights).",
                 ),
                 io.Int.Input(
                     "rank",
@@ -130,7 +132,8 @@ class SelfNPOTrain(io.ComfyNode):
                     default=5,
                     min=1,
                     max=25,
-                    tooltip="K: teacher DDIM steps per sample before the target is taken (the authors: 5).",
+                    tooltip="K: teacher steps per sample before the target is taken (the authors: 5): DDIM steps on "
+                    "SD models, Euler steps on flow models.",
                 ),
                 io.Float.Input(
                     "teacher_guidance",
@@ -163,7 +166,8 @@ class SelfNPOTrain(io.ComfyNode):
                     default="prompt",
                     optional=True,
                     tooltip="What the student is conditioned on: the prompt (the authors' code), the "
-                    "negative/empty conditioning (the branch NPO later queries), or a 50/50 mix.",
+                    "negative/empty conditioning (the branch NPO later queries), or a 50/50 mix. Flow / DiT "
+                    "models: negative (it helped on the pack's flow benchmark; prompt hardly did).",
                 ),
                 io.Int.Input(
                     "seed",
@@ -219,7 +223,8 @@ class SelfNPOTrain(io.ComfyNode):
                     max=4096,
                     step=8,
                     optional=True,
-                    tooltip="Data-free pool: image width (a multiple of 8; SDXL: 1024).",
+                    tooltip="Data-free pool: image width (a multiple of the model's latent factor, 8 for most; "
+                    "SDXL: 1024).",
                 ),
                 io.Int.Input(
                     "height",
@@ -228,7 +233,8 @@ class SelfNPOTrain(io.ComfyNode):
                     max=4096,
                     step=8,
                     optional=True,
-                    tooltip="Data-free pool: image height (a multiple of 8; SDXL: 1024).",
+                    tooltip="Data-free pool: image height (a multiple of the model's latent factor, 8 for most; "
+                    "SDXL: 1024).",
                 ),
                 io.Int.Input(
                     "pool_steps",
