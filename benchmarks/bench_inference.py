@@ -426,8 +426,9 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "(glibc default)"),
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def main(argv=None) -> None:
