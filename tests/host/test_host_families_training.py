@@ -150,6 +150,14 @@ def _bars(monkeypatch, cancel_at=None) -> list:
     return bars
 
 
+def _count_sampling(monkeypatch) -> list:
+    """A list that grows by one at every ``comfy.sample.sample`` call (the start-pool sampling)."""
+    sampled = []
+    real_sample = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    return sampled
+
+
 @pytest.mark.fault(
     "Cancel during Self-NPO Train on a DiT / video model (Wan 2.1), then resume",
     "stops within one training step; the model stays bit-identical; the last checkpoint resumes to the "
@@ -222,9 +230,7 @@ def test_resume_from_a_checkpoint_of_another_family_is_refused_before_sampling(o
     _train(sd3, fk.tiny_model(sd3), steps=2, save_every=2, filename_prefix="sd3_run")
     ckpt = sorted(p.name for p in (out_dir / "npo_training").glob("sd3_run*.pt"))[-1]
     wan = _family("wan21")
-    sampled = []
-    real_sample = comfy.sample.sample
-    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    sampled = _count_sampling(monkeypatch)
     with pytest.raises(NPOError, match=r"resume_from: .*another model.*SD3.*WAN21_T2V"):
         _train(wan, fk.tiny_model(wan), steps=4, resume_from=ckpt)
     assert sampled == []
@@ -240,9 +246,7 @@ def test_prompts_a_model_cannot_batch_are_refused_with_their_shapes(out_dir, mon
     model = fk.tiny_model(fam)
     pos, neg = fam.conds(1)
     longer = [[torch.cat([neg[0][0], neg[0][0]], dim=1), {}]]  # twice the negative's tokens
-    sampled = []
-    real_sample = comfy.sample.sample
-    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(1) or real_sample(*a, **k))
+    sampled = _count_sampling(monkeypatch)
     n = pos[0][0].shape[1]
     with pytest.raises(NPOError, match=rf"exactly the same token length; shapes \[1, {n}, 64\], \[1, {2 * n}, 64\]"):
         kit.self_npo_train(model, pos, longer, pool_cfg=fam.cfg, rank=2, truncation_steps=2, **_pool_size(fam, model))
