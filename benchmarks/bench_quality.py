@@ -300,8 +300,9 @@ class FlowProcess:
 
     def __init__(self, shift: float) -> None:
         tau = torch.arange(1, 1001, dtype=torch.float64) / 1000
-        self.levels_table = (shift * tau / (1 + (shift - 1) * tau)).float()
-        self.schedule = make_schedule("flow", shift * tau / (1 + (shift - 1) * tau))
+        table = shift * tau / (1 + (shift - 1) * tau)
+        self.levels_table = table.float()
+        self.schedule = make_schedule("flow", table)
 
     def training_example(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         t = self.levels_table[torch.randint(0, self.levels_table.numel(), (x0.shape[0],), generator=g)]
