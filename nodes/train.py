@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..npo_core.errors import NPOError
-from ..npo_core.offset import Dense, NPOOffset
+from ..npo_core.families import PRESET_NAMES
 from ..training import tdft
-from ..training.data import StartData
-from ..training.lora import TARGET_PRESETS, LoRASet
-from ..training.schedules import make_schedule
-from ..training.trainer import Callbacks, TrainConfig, TrainingError, load_checkpoint, train
+from ..training.trainer import Callbacks
 from .common import CATEGORY, NPOOffsetType
-from .host import files, model_facts, runtime, training_session
+from .host import files, runtime, training_conds, training_run
+from .host.training_model import TrainingModel
 from .plot import loss_curve_image
 
 CHECKPOINT_SUBDIR = "npo_training"
@@ -26,14 +22,6 @@ NONE = "none"
 IGNORED_PATCHES_NOTE = (
     "the model's sampling patches are not run during training (teacher and student are the UNet with its "
     "weight patches, e.g. LoRAs)"
-)
-# Learning rates when learning_rate is 0 ("auto"). full: the authors' values (SD1.5 1e-6, SDXL 1e-7).
-# lora: not from the paper (the authors train all weights); a starting point, see README "Tuning".
-AUTO_LR = {("full", "SDXL"): 1e-7, ("full", "other"): 1e-6, ("lora", "SDXL"): 2e-5, ("lora", "other"): 1e-4}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TRAIN_OOM_REMEDIES = (
-    "Lower batch_size or the resolution (width/height, or smaller latents), turn on gradient_checkpointing, "
-    "use mode lora or a lower rank; resume_from the last checkpoint keeps the steps already done."
 )
 POOL_OOM_REMEDIES = "Lower width/height, or connect latents (e.g. VAE Encode of your images) instead of the pool."
 
@@ -121,7 +109,7 @@ class SelfNPOTrain(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "lora_layers",
-                    options=list(TARGET_PRESETS),
+                    options=list(PRESET_NAMES),
                     default="attention",
                     optional=True,
                     tooltip="lora: which layers get adapters (attention = to_q/k/v/out of every attention, "
@@ -184,7 +172,7 @@ class SelfNPOTrain(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "training_dtype",
-                    options=list(DTYPES),
+                    options=list(training_run.DTYPES),
                     default="fp32",
                     tooltip="Dtype of the trainable weights (the forward runs in the model's dtype; an fp16 model "
                     "gets dynamic loss scaling). fp32 as the authors (fp32 master weights).",
@@ -303,32 +291,27 @@ class SelfNPOTrain(io.ComfyNode):
         pool_cfg: float = 7.0,
         frames: int = 1,
     ) -> io.NodeOutput:
-        run = _plan(
-            model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps,
-            teacher_guidance, ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents,
-            lora_layers, student_cond, resume_from, width, height, frames,
-        )
-        mp = model.clone()
+        run = _plan(model, positive, negative, latents, _Settings.of(locals()))
+        job, tm = run.job, run.job.model
         pool = 0 if latents is not None else pool_size
         pbar = runtime.progress_bar(pool + steps)
-        device = training_session.load_for_training(mp)
         if latents is None:
-            samples, prompt_of, device = _sample_pool(
-                mp, run, pool_size, width, height, pool_steps, pool_cfg, seed, pbar
-            )
+            samples, prompt_of = _sample_pool(run, pbar)
         else:
-            samples = training_session.sampler_latent(mp, latents["samples"])
+            samples = run.samples
             # latent i trains with prompt i (cycling when there are fewer prompts), as the authors train each
             # image with its own caption
-            prompt_of = torch.arange(samples.shape[0]) % len(run.positive)
-        pbar.update_absolute(pool + run.done, pool + steps)  # a resumed run starts at the steps already done
+            prompt_of = torch.arange(samples.shape[0]) % len(job.positive)
+        tm.load()
+        done = job.trainer.done
+        pbar.update_absolute(pool + done, pool + steps)  # a resumed run starts at the steps already done
         with torch.inference_mode(False), torch.enable_grad():
-            data, constants = _start_data(mp, run, samples, prompt_of, seed, device)
+            data = training_run.start_data(job, samples, prompt_of)
             callbacks = Callbacks(
                 on_step=lambda done, total, value: pbar.update_absolute(pool + done, pool + steps),
                 should_stop=runtime.interrupted,
             )
-            result, offset = _train(mp, run, data, constants, callbacks, gradient_checkpointing, device)
+            result, offset = training_run.train_offset(job, data, callbacks, gradient_checkpointing)
         if result.stopped_early:
             runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
         if mode == "full" and rank > 0 and offset.entries:
@@ -339,121 +322,95 @@ class SelfNPOTrain(io.ComfyNode):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """Self-NPO Train's widget values."""
+
+    steps: int
+    batch_size: int
+    learning_rate: object
+    mode: str
+    rank: int
+    truncation_steps: int
+    teacher_guidance: float
+    ema_decay: float
+    loss: str
+    seed: int
+    gradient_checkpointing: bool
+    training_dtype: str
+    save_every: int
+    filename_prefix: str
+    lora_layers: str
+    student_cond: str
+    resume_from: str
+    pool_size: int
+    width: int
+    height: int
+    pool_steps: int
+    pool_cfg: float
+    frames: int
+
+    @classmethod
+    def of(cls, values: dict) -> _Settings:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class _Run:
     """Everything Self-NPO Train checked before any sampling."""
 
-    cfg: TrainConfig
-    mode: str
-    rank: int
-    lora_layers: str
-    training_dtype: str
-    arch: str
-    lr_text: str
-    layer_names: list[str]
-    signature: str
-    positive: list
+    job: training_run.TrainingJob
+    settings: _Settings
+    positive: list  # CONDITIONING entries, one per prompt
     negative: list
-    channels: int
-    checkpoint_path: str
-    resume_path: str | None
-    resume_state: dict | None
+    samples: torch.Tensor | None  # the connected latents as the sampler gets them, or None (data-free pool)
     ignored_patches: list[str]
-    schedule_kind: str = "vp"  # training.schedules kind: vp, vp_zsnr or flow
-    frames: int = 1  # data-free pool, video models
 
     @property
-    def done(self) -> int:
-        return int(self.resume_state["step"]) if self.resume_state else 0
+    def lr_text(self) -> str:
+        lr = f"{self.job.config.learning_rate:g}"
+        return f"auto ({lr})" if self.job.lr_is_auto else lr
 
 
-def _plan(
-    model, positive, negative, steps, batch_size, learning_rate, mode, rank, truncation_steps, teacher_guidance,
-    ema_decay, loss, seed, training_dtype, save_every, filename_prefix, latents, lora_layers, student_cond,
-    resume_from, width, height, frames,
-) -> _Run:
-    """Validate every input and read the resume checkpoint (once), so that bad input fails before sampling."""
-    kind, sigmas, noise_scale = training_session.schedule_kind_and_table(model)
-    if mode not in ("lora", "full"):
-        raise NPOError(f"mode: '{mode}' is not one of lora, full.")
-    if mode == "lora" and rank < 1:
-        raise NPOError("rank: lora mode needs rank ≥ 1.")
-    if training_dtype not in DTYPES:
-        raise NPOError(f"training_dtype: '{training_dtype}' is not one of {list(DTYPES)}.")
-    arch = model_facts.model_arch(model)
-    chosen = parse_learning_rate(learning_rate)
-    lr = chosen or AUTO_LR[(mode, "SDXL" if arch.startswith("SDXL") else "other")]
-    lr_text = f"{lr:g}" if chosen else f"auto ({lr:g})"
-    tcfg = tdft.TDFTConfig(
-        truncation_steps=truncation_steps,
-        teacher_guidance=float(teacher_guidance),
-        loss=loss,
-        student_cond=student_cond,
-    )
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=lr,
-        weight_decay=1e-3 if (mode == "full" and not arch.startswith("SDXL")) else 0.0,
-        ema_decay=ema_decay,
-        seed=seed,
-        save_every=save_every,
-        tdft=tcfg,
-        fp16_loss_scaling=model_facts.compute_dtype(model) == torch.float16,  # fp16 gradients underflow unscaled
-    )
-    try:
-        tcfg.validate(make_schedule(kind, sigmas, noise_scale))
-    except ValueError as e:
-        raise NPOError(str(e)) from None
-    channels = training_session.latent_channels(model)
-    rank_wanted = training_session.latent_rank(model)
-    factor = training_session.spatial_factor(model)
+def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
+    """Validate every input and read the resume checkpoint and the prompts' model inputs (once), so that bad
+    input fails before sampling."""
+    tm = TrainingModel(model.clone())
+    s = settings
+    layout = tm.latent
+    samples = None
     if latents is not None:
-        samples = latents["samples"]
-        ok_rank = samples.dim() == rank_wanted or (rank_wanted == 5 and samples.dim() == 4)
-        if not ok_rank or samples.shape[1] != channels:
-            kind_text = "video [B, C, frames, h, w]" if rank_wanted == 5 else "image [B, C, h, w]"
+        if not layout.takes(latents["samples"]):
             raise NPOError(
-                f"latents: {arch} takes {kind_text} latents with {channels} channels, got shape "
-                f"{tuple(samples.shape)}. Encode with this model's VAE (an image latent does not fit a video "
-                "model's channels, nor the reverse)."
+                f"latents: {tm.family.name} takes {layout.text} latents with {layout.channels} channels, got shape "
+                f"{tuple(latents['samples'].shape)}. Encode with this model's VAE (an image latent does not fit a "
+                "video model's channels, nor the reverse)."
             )
-    elif width % factor or height % factor:
-        raise NPOError(f"width/height: {width}×{height} is not divisible by this model's latent factor {factor}.")
-    unet = model_facts.unet_of(model)
-    layer_names = (
-        training_session.training_layers(model, lora_layers)
-        if mode == "lora"
-        else [n for n, _ in unet.named_parameters()]
+        samples = tm.sampler_latent(latents["samples"])
+        spatial = tuple(samples.shape[2:])
+    else:
+        f = layout.spatial_factor
+        if s.width % f or s.height % f:
+            raise NPOError(f"width/height: {s.width}×{s.height} is not divisible by this model's latent factor {f}.")
+        spatial = layout.pool_shape(s.width, s.height, s.frames)[2:]
+    recipe = training_run.Recipe(
+        mode=s.mode, rank=s.rank, lora_layers=s.lora_layers, training_dtype=s.training_dtype, steps=s.steps,
+        batch_size=s.batch_size, learning_rate=parse_learning_rate(s.learning_rate),
+        truncation_steps=s.truncation_steps, teacher_guidance=s.teacher_guidance, ema_decay=s.ema_decay,
+        loss=s.loss, student_cond=s.student_cond, seed=s.seed, save_every=s.save_every,
     )
-    if not layer_names:
-        raise NPOError(f"lora_layers: '{lora_layers}' matched no trainable layer of this model.")
-    signature = _signature(arch, mode, rank, lora_layers, model_facts.param_shapes(model))
-    resume_path, resume_state = _read_resume(resume_from, signature, steps)
-    prefix_folder, prefix_name, counter = files.save_path(
-        os.path.join(files.output_dir(), CHECKPOINT_SUBDIR), filename_prefix
+    resume_path = _resume_path(s.resume_from)
+    checkpoint_path = resume_path or _new_checkpoint_path(s.filename_prefix)
+    positive_entries = training_conds.conditioning_entries(positive, "positive")
+    negative_entries = training_conds.conditioning_entries(negative, "negative")
+    job = training_run.plan_job(
+        tm, recipe, positive_entries, negative_entries, spatial, resume_from=resume_path,
+        checkpoint_path=checkpoint_path if s.save_every > 0 else None,
     )
-    checkpoint_path = resume_path or os.path.join(prefix_folder, f"{prefix_name}_{counter:05}_.pt")
-    if resume_path is None:
-        _check_free_name(checkpoint_path)
-    positive_entries = training_session.conditioning_entries(positive, "positive")
-    negative_entries = training_session.conditioning_entries(negative, "negative")
-    if not model_facts.is_unet(model):  # a DiT takes all prompts in one batched call: can they batch?
-        if latents is not None:
-            spatial = training_session.sampler_latent(model, latents["samples"]).shape[2:]
-        else:
-            spatial = training_session.pool_latent_shape(model, width, height, frames)[2:]
-        training_session.batched_model_conds(
-            model, [*positive_entries, negative_entries[0]], ["positive"] * len(positive_entries) + ["negative"],
-            (1, channels, *spatial), torch.device("cpu"),
-        )
-    ignored = training_session.ignored_sampling_patches(model)
+    ignored = tm.ignored_sampling_patches()
     if ignored:
         runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
-    return _Run(
-        cfg, mode, rank, lora_layers, training_dtype, arch, lr_text, layer_names, signature, positive_entries,
-        negative_entries, channels, checkpoint_path, resume_path, resume_state, ignored, kind, frames=frames,
-    )
+    return _Run(job, settings, positive_entries, negative_entries, samples, ignored)
 
 
 def parse_learning_rate(value) -> float:
@@ -473,147 +430,45 @@ def parse_learning_rate(value) -> float:
     return number
 
 
-def _read_resume(resume_from: str, signature: str, steps: int) -> tuple[str | None, dict | None]:
-    """(path, checkpoint state) of ``resume_from``, read and checked once; (None, None) for a fresh run."""
+def _resume_path(resume_from: str) -> str | None:
+    """The path of ``resume_from`` in output/npo_training, or None for a fresh run."""
     if not resume_from or resume_from == NONE:
-        return None, None
+        return None
     files.check_relative_name(resume_from, "resume_from")
     path = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR, resume_from)
     if not os.path.isfile(path):
         raise NPOError(f"resume_from: '{resume_from}' not found in output/{CHECKPOINT_SUBDIR}.")
-    try:
-        with torch.inference_mode(False):  # training updates these tensors in place: no inference tensors
-            state = load_checkpoint(path, signature)
-    except TrainingError as e:
-        raise NPOError(str(e)) from None
-    done = int(state["step"])
-    if steps < done:
-        raise NPOError(
-            f"steps ({steps}) is smaller than the {done} steps already done in resume_from; set steps ≥ {done}."
-        )
-    return path, state
+    return path
 
 
-def _sample_pool(mp, run: _Run, pool_size, width, height, pool_steps, pool_cfg, seed, pbar):
-    """The data-free start pool sampled from the frozen model; returns (latents, prompt per latent, device)."""
+def _new_checkpoint_path(filename_prefix: str) -> str:
+    folder, name, counter = files.save_path(os.path.join(files.output_dir(), CHECKPOINT_SUBDIR), filename_prefix)
+    path = os.path.join(folder, f"{name}_{counter:05}_.pt")
+    if os.path.lexists(path):  # a dangling symlink counts as taken too
+        raise NPOError(f"filename_prefix: '{os.path.basename(path)}' exists already; choose another prefix.")
+    return path
+
+
+def _sample_pool(run: _Run, pbar) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data-free start pool sampled from the frozen model; returns (latents, prompt per latent)."""
+    s, tm = run.settings, run.job.model
     with runtime.explain_out_of_memory("the start-pool sampling", POOL_OOM_REMEDIES):
-        samples, prompt_of = training_session.sample_pool(
-            mp, run.positive, run.negative[:1], pool_size, width, height, pool_steps, pool_cfg, seed,
-            lambda i: (pbar.update(1), runtime.throw_if_interrupted()), frames=run.frames,
+        return tm.sample_pool(
+            run.positive, run.negative[:1], s.pool_size, tm.latent.pool_shape(s.width, s.height, s.frames),
+            s.pool_steps, s.pool_cfg, s.seed, lambda i: (pbar.update(1), runtime.throw_if_interrupted()),
             on_step=runtime.throw_if_interrupted,
         )
-    return samples, prompt_of, training_session.load_for_training(mp)
-
-
-def _start_data(mp, run: _Run, samples, prompt_of, seed, device) -> tuple[StartData, dict]:
-    """The start latents in model space and the model inputs per prompt; (data, inputs shared by every row)."""
-    shape = (1, run.channels, *samples.shape[2:])
-    z0 = training_session.latent_to_model_space(mp, samples.clone().float()).to(device)
-    if model_facts.is_unet(mp):
-        conds_pos = [_plain(training_session.model_conds(mp, e, shape, device, "positive")) for e in run.positive]
-        cond_neg = _plain(training_session.model_conds(mp, run.negative[0], shape, device, "negative"))
-        return StartData(z0, conds_pos, cond_neg, prompt_of, seed), {}
-    entries = [*run.positive, run.negative[0]]
-    types = ["positive"] * len(run.positive) + ["negative"]
-    per_entry, constants = training_session.batched_model_conds(mp, entries, types, shape, device)
-    conds = [_plain(c) for c in per_entry]
-    return StartData(z0, conds[:-1], conds[-1], prompt_of, seed), constants
-
-
-def _train(
-    mp, run: _Run, data: StartData, constants: dict, callbacks: Callbacks, gradient_checkpointing: bool, device
-):
-    """TDFT on the model's trainable weights (LoRA adapters or all weights); returns (result, offset)."""
-    kind, sigmas, noise_scale = training_session.schedule_kind_and_table(mp)
-    schedule = make_schedule(kind, sigmas, noise_scale)
-    denoiser = training_session.training_denoiser(mp, model_facts.compute_dtype(mp), constants)
-    unet = model_facts.unet_of(mp)
-    with training_session.TrainingSession(mp, gradient_checkpointing, copy_weights=run.mode == "full") as session:
-        lset = None
-        if run.mode == "lora":
-            lset = LoRASet(
-                unet, run.layer_names, run.rank, dtype=DTYPES[run.training_dtype], device=device,
-                generator=torch.Generator().manual_seed(run.cfg.seed),
-            )
-            lset.attach()
-            params = lset.named_trainable()
-        else:
-            params = session.full_params(DTYPES[run.training_dtype])
-        try:
-            with runtime.explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
-                result = train(
-                    denoiser, schedule, params, data, run.cfg, callbacks,
-                    _path(run.checkpoint_path) if run.cfg.save_every > 0 else None,
-                    run.resume_path, run.signature, resume_state=run.resume_state,
-                )
-        except TrainingError as e:
-            raise NPOError(str(e)) from None
-        finally:
-            if lset is not None:
-                lset.detach()
-        meta = {
-            "npo.recipe": json.dumps(
-                {
-                    "method": "self-npo-tdft",
-                    "mode": run.mode,
-                    "rank": run.rank,
-                    "lora_layers": run.lora_layers if run.mode == "lora" else "all",
-                    **run.cfg.as_dict(),
-                }
-            ),
-            "npo.steps": str(result.steps_done),
-            "npo.base_model": run.arch,
-        }
-        if not model_facts.is_unet(mp):
-            meta["npo.base_variant"] = model_facts.model_variant(mp)
-        base_arch = _arch_name(run.arch)
-        if run.mode == "lora":
-            offset = lset.to_offset(
-                source_format="self-npo", base_arch=base_arch, source="Self-NPO Train", metadata=meta
-            )
-        else:
-            entries = {}
-            for name, p in params.items():
-                d = p.detach().float() - session.original(name).float()
-                if torch.count_nonzero(d):
-                    entries[name] = Dense(d.cpu())
-            offset = NPOOffset(
-                entries, source_format="self-npo", base_arch=base_arch, source="Self-NPO Train", metadata=meta
-            )
-    return result, offset
 
 
 def _report(run: _Run, result) -> str:
     last = result.losses[-1] if result.losses else float("nan")
-    text = f"Self-NPO ({run.mode}) {result.steps_done}/{run.cfg.steps} steps, last loss {last:.5f}, lr {run.lr_text}"
+    text = (
+        f"Self-NPO ({run.settings.mode}) {result.steps_done}/{run.job.config.steps} steps, last loss {last:.5f}, "
+        f"lr {run.lr_text}"
+    )
     if result.last_checkpoint:
         folder = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR)
         text += f"\ncheckpoint: {os.path.relpath(result.last_checkpoint, folder).replace(os.sep, '/')}"
     if run.ignored_patches:
         text += f"\nnote: {IGNORED_PATCHES_NOTE} ({', '.join(run.ignored_patches)})"
     return text
-
-
-def _plain(cond: dict) -> dict:
-    return {k: v.clone() for k, v in cond.items()}
-
-
-def _path(p: str):
-    from pathlib import Path
-
-    return Path(p)
-
-
-def _check_free_name(path: str) -> None:
-    if os.path.lexists(path):  # a dangling symlink counts as taken too
-        raise NPOError(f"filename_prefix: '{os.path.basename(path)}' exists already; choose another prefix.")
-
-
-def _arch_name(arch: str) -> str:
-    return {"SD15": "SD15", "SDXL": "SDXL", "SD20": "SD2", "SD21UnclipL": "SD2"}.get(arch, arch)
-
-
-def _signature(arch: str, mode: str, rank: int, layers: str, shapes: dict) -> str:
-    h = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:12]
-    detail = f"r{rank}-{layers}" if mode == "lora" else "all"
-    return f"{arch}/{mode}/{detail}/{h}"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .atomic import atomic_write
 from .errors import NPOError
 from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
@@ -89,7 +90,6 @@ _DIFFUSERS_ROOTS = (
     "time_embedding",
     "add_embedding",
 )
-_CONTEXT_TO_ARCH = {768: "SD15", 1024: "SD2", 2048: "SDXL"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def context_dim_of(entries: Mapping[str, Entry]) -> int | None:
 def detect_base_arch(entries: Mapping[str, Entry]) -> str:
     ctx = context_dim_of(entries)
     if ctx is not None:
-        return _CONTEXT_TO_ARCH.get(ctx, f"unknown (text context {ctx})")
+        return families.detected_from_context(ctx) or f"unknown (text context {ctx})"
     if any(k.startswith("label_emb") or k.startswith("add_embedding") for k in entries):
         return "SDXL"
     return "unknown"
@@ -419,8 +419,8 @@ def resolve(
     ctx = context_dim_of(offset.entries)
     if ctx is not None and model_context_dim is not None and ctx != model_context_dim:
         raise NPOError(
-            f"{src}: made for {_CONTEXT_TO_ARCH.get(ctx, 'another model')} (text context {ctx}) but the model "
-            f"is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
+            f"{src}: made for {families.detected_from_context(ctx) or 'another model'} (text context {ctx}) but the "
+            f"model is {model_arch} (text context {model_context_dim}). Use an NPO offset trained for this model's "
             "base (SD1.5 offsets on SD1.5 fine-tunes, SDXL offsets on SDXL ones)."
         )
     if offset.naming == "mixed":
@@ -500,9 +500,6 @@ def to_comfy_state_dict(offset: NPOOffset, dtype: torch.dtype = torch.float32) -
     return sd
 
 
-# SAI model-spec architecture ids (what LoRA managers show); other bases keep the pack's own name.
-MODELSPEC_ARCH = {"SD15": "stable-diffusion-v1/lora", "SD2": "stable-diffusion-v2/lora",
-                  "SDXL": "stable-diffusion-xl-v1-base/lora"}
 NEGATIVE_OFFSET_NOTE = (
     "NPO negative offset: for the negative (unconditional) CFG pass only, with the NPO nodes (Apply NPO, "
     "NPO CFG Guider, NPO Negative Model). Not a style LoRA: loaded with an ordinary LoRA loader it changes "
@@ -517,7 +514,7 @@ def modelspec_metadata(offset: NPOOffset, title: str) -> dict[str, str]:
 
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH.get(offset.base_arch, f"{offset.base_arch or 'unknown'}/lora"),
+        "modelspec.architecture": families.modelspec_architecture(offset.base_arch),
         "modelspec.title": f"{title} (NPO negative offset)",
         "modelspec.description": NEGATIVE_OFFSET_NOTE,
         "modelspec.tags": "npo,negative-offset,negative-cfg-pass-only",

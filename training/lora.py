@@ -15,13 +15,6 @@ from torch import nn
 
 from ..npo_core.offset import LowRank, NPOOffset
 
-TARGET_PRESETS = {
-    # attention projections: the layers of the authors' released NPO LoRAs
-    "attention": r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
-    "attention+ff": r"(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2))$",
-    "all": r".*",
-}
-
 
 def is_linear(m: nn.Module) -> bool:
     """nn.Linear, or a Linear of a quantized / mixed-precision checkpoint (an ``nn.Module`` with
@@ -32,9 +25,9 @@ def is_linear(m: nn.Module) -> bool:
 
 
 def select_modules(root: nn.Module, pattern: str) -> list[str]:
-    """Names of Linear (quantized ones included) / Conv2d (groups 1) modules of ``root`` matching ``pattern``
-    (a preset name or regex)."""
-    rx = re.compile(TARGET_PRESETS.get(pattern, pattern))
+    """Names of Linear (quantized ones included) / Conv2d (groups 1) modules of ``root`` whose name matches the
+    regex ``pattern`` (``npo_core.families.Family.preset`` turns a preset name into one)."""
+    rx = re.compile(pattern)
     out = []
     for name, m in root.named_modules():
         if not name or not rx.search(name):

@@ -211,12 +211,3 @@ def make_schedule(kind: str, sigmas: torch.Tensor, noise_scale: float = 1.0) -> 
     if noise_scale != 1.0:
         raise ValueError("noise_scale applies to flow schedules only")
     return VPSchedule(DiscreteSchedule.from_sigmas(sigmas, zero_terminal_snr=kind == "vp_zsnr"), kind)
-
-
-def as_schedule(schedule: DiscreteSchedule | TDFTSchedule) -> TDFTSchedule:
-    """A bare ``DiscreteSchedule`` (the interface before flow support) is the VP schedule."""
-    if isinstance(schedule, DiscreteSchedule):
-        return VPSchedule(schedule)
-    if not isinstance(schedule, TDFTSchedule):
-        raise TypeError(f"not a TDFT schedule: {type(schedule).__name__}")
-    return schedule

@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..npo_core.schedule import DiscreteSchedule
 from . import conds as C
-from .schedules import TDFTSchedule, as_schedule, sample_level_above
+from .schedules import TDFTSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, C.Cond], torch.Tensor]  # (x, sigma [B], cond) -> x0
-Schedule = DiscreteSchedule | TDFTSchedule
+Schedule = TDFTSchedule
 
 STUDENT_CONDS = ("prompt", "negative", "mix")
 LOSSES = ("pseudo_huber", "mse")
@@ -51,18 +50,11 @@ class TDFTConfig:
     student_cond: str = "prompt"  # what the student is conditioned on: the prompt (authors), the negative, or a mix
     mix_prob: float = 0.5  # P(prompt) per sample when student_cond == "mix"
 
-    def validate(self, num_timesteps: int | Schedule) -> None:
-        """Checks against a schedule, or (as before flow support) against a VP table of ``num_timesteps``."""
+    def validate(self, schedule: Schedule) -> None:
+        """Checks the config against the schedule it will run on."""
         if self.truncation_steps < 1:
             raise ValueError(f"truncation_steps must be ≥ 1, got {self.truncation_steps}")
-        if isinstance(num_timesteps, int):
-            if self.grid_points < 1 or self.grid_stride < 1 or self.grid_points * self.grid_stride > num_timesteps:
-                raise ValueError(
-                    f"the DDIM grid ({self.grid_points} points, stride {self.grid_stride}) does not fit "
-                    f"{num_timesteps} timesteps"
-                )
-        else:
-            as_schedule(num_timesteps).check_grid(self.grid_points, self.grid_stride)
+        schedule.check_grid(self.grid_points, self.grid_stride)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.student_cond not in STUDENT_CONDS:
@@ -100,12 +92,11 @@ def sample_start(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid index k per sample and the noised start (VP: x = z0 + ν_{t_k}·ε; flow: (1 − t)·z0 + t·ε),
     randomness from ``gen``, on CPU."""
-    sched = as_schedule(schedule)
     b = z0.shape[0]
     k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
     eps = torch.randn(z0.shape, generator=gen, dtype=torch.float32).to(z0.device, z0.dtype)
-    t = sched.grid(cfg.grid_points, cfg.grid_stride)[k]
-    return k, sched.noise(z0, t, eps)
+    t = schedule.grid(cfg.grid_points, cfg.grid_stride)[k]
+    return k, schedule.noise(z0, t, eps)
 
 
 @torch.no_grad()
@@ -121,9 +112,8 @@ def teacher_rollout(
     """K guided DDIM (VP) / Euler (flow) steps from the noised start, then the target. Samples that
     reached level 0 are frozen (as in the authors' code) and, unlike there, not evaluated again until the
     final target."""
-    sched = as_schedule(schedule)
-    grid = sched.grid(cfg.grid_points, cfg.grid_stride)
-    k, x = sample_start(z0, sched, cfg, gen)
+    grid = schedule.grid(cfg.grid_points, cfg.grid_stride)
+    k, x = sample_start(z0, schedule, cfg, gen)
     t = grid[k]
     t_start = t.clone()
     dev, dt = z0.device, z0.dtype
@@ -138,7 +128,7 @@ def teacher_rollout(
         x0_g, n = guided_x0(
             teacher,
             xa,
-            sched.sigma(ta).to(dev, dt),
+            schedule.sigma(ta).to(dev, dt),
             C.index(cond_pos, idx),
             C.index(cond_neg, idx),
             cfg.teacher_guidance,
@@ -146,16 +136,11 @@ def teacher_rollout(
         calls, rows = calls + 1, rows + n
         ka = k[idx]
         t_prev = torch.where(ka >= 1, grid[(ka - 1).clamp_min(0)], torch.zeros_like(ta))
-        x = x.index_copy(0, idx.to(dev), sched.step(xa, x0_g, ta, t_prev))
+        x = x.index_copy(0, idx.to(dev), schedule.step(xa, x0_g, ta, t_prev))
         t = t.index_copy(0, idx, t_prev)
         k = k.index_copy(0, idx, ka - 1)
-    target, n = guided_x0(teacher, x, sched.sigma(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
+    target, n = guided_x0(teacher, x, schedule.sigma(t).to(dev, dt), cond_pos, cond_neg, cfg.teacher_guidance)
     return Rollout(x, t, target, t_start, calls + 1, rows + n)
-
-
-def sample_student_level(t_end: torch.Tensor, num_timesteps: int, gen: torch.Generator) -> torch.Tensor:
-    """s ~ U{t_end+1, …, T−1} per sample (strictly noisier than t_end; t_end = T−1 cannot occur on the grid)."""
-    return sample_level_above(t_end, num_timesteps, gen)
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor, cfg: TDFTConfig) -> torch.Tensor:
@@ -180,11 +165,10 @@ def student_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of the student on the re-noised truncated state; returns (loss, s). The student's x0 comes
     from the denoiser at level s (flow: x_s − s·v), the loss is in x0 space."""
-    sched = as_schedule(schedule)
     x_t = roll.x_t
     dev, dt = x_t.device, x_t.dtype
-    s = sched.sample_level(roll.t_end, gen)
+    s = schedule.sample_level(roll.t_end, gen)
     xi = torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(dev, dt)
-    x_s = sched.renoise(x_t, roll.t_end, s, xi)
-    pred = student(x_s, sched.sigma(s).to(dev, dt), cond)
+    x_s = schedule.renoise(x_t, roll.t_end, s, xi)
+    pred = student(x_s, schedule.sigma(s).to(dev, dt), cond)
     return loss_fn(pred, roll.target, cfg), s

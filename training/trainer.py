@@ -16,7 +16,7 @@ from torch import nn
 from ..npo_core.atomic import atomic_write
 from .data import StartData
 from .ema import EMATeacher
-from .schedules import as_schedule
+from .schedules import TDFTSchedule
 from .tdft import Denoiser, Schedule, TDFTConfig, student_cond, student_loss, teacher_rollout
 
 CHECKPOINT_FORMAT = "comfyui-npo-train/1"
@@ -112,6 +112,62 @@ def _last(ckpt: Path | None) -> str:
     return f"; the last good checkpoint, {ckpt.name}, is kept" if ckpt else "; no checkpoint was written yet"
 
 
+class Trainer:
+    """One TDFT run, checked before anything runs: the config against the schedule, the resume checkpoint
+    (read once) against the signature, the schedule and ``cfg.steps``. ``schedule``: a ``training.schedules``
+    schedule (``make_schedule(kind, model_sampling.sigmas)``: VP, zero terminal SNR VP or flow)."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        cfg: TrainConfig,
+        signature: str = "",
+        resume_from: str | os.PathLike | None = None,
+        resume_state: dict | None = None,
+    ) -> None:
+        if not isinstance(schedule, TDFTSchedule):
+            raise TypeError(f"not a TDFT schedule: {type(schedule).__name__} (use training.schedules.make_schedule)")
+        cfg.tdft.validate(schedule)
+        if cfg.steps < 1 or cfg.batch_size < 1:
+            raise ValueError("steps and batch_size must be ≥ 1")
+        self.schedule, self.cfg, self.signature = schedule, cfg, signature
+        self.resume_from = resume_from
+        self.resume_state = None
+        if resume_from:
+            state = resume_state if resume_state is not None else load_checkpoint(resume_from, signature)
+            made_on = state.get("schedule", "")
+            if made_on and made_on != schedule.fingerprint():  # checkpoints written before flow support carry none
+                raise TrainingError(
+                    f"resume_from: '{Path(resume_from).name}' was trained on another noise schedule ({made_on}; "
+                    f"this model's is {schedule.fingerprint()}): a ModelSampling node or the shift changed. Resume "
+                    "with the same schedule, or start fresh."
+                )
+            done = int(state["step"])
+            if done > cfg.steps:
+                raise TrainingError(
+                    f"steps ({cfg.steps}) is smaller than the {done} steps already done in resume_from; set "
+                    f"steps ≥ {done}."
+                )
+            self.resume_state = state
+
+    @property
+    def done(self) -> int:
+        """Steps already done (those of the resume checkpoint)."""
+        return int(self.resume_state["step"]) if self.resume_state else 0
+
+    def run(
+        self,
+        denoiser: Denoiser,
+        params: dict[str, nn.Parameter],
+        data: StartData,
+        callbacks: Callbacks | None = None,
+        checkpoint_path: Path | None = None,
+    ) -> TrainResult:
+        """TDFT from the resumed step (or 0) to ``cfg.steps``; the teacher is the EMA of ``params``;
+        ``denoiser`` works in the schedule's x-space and sigma."""
+        return _run(self, denoiser, params, data, callbacks or Callbacks(), checkpoint_path)
+
+
 def train(
     denoiser: Denoiser,
     schedule: Schedule,
@@ -124,17 +180,17 @@ def train(
     signature: str = "",
     resume_state: dict | None = None,
 ) -> TrainResult:
-    """Run TDFT from step 0 (or the resumed step) to ``cfg.steps``. The teacher is the EMA of ``params``.
-    ``schedule``: a ``training.schedules`` schedule (``make_schedule(kind, model_sampling.sigmas)``: VP, zero
-    terminal SNR VP or flow), or a bare ``DiscreteSchedule`` (= VP). ``denoiser`` works in that schedule's
-    x-space and sigma. ``resume_state``: the checkpoint at ``resume_from`` when the caller has already read
-    (and checked) it; a checkpoint made on another schedule (kind or sigma table) is refused."""
-    cb = callbacks or Callbacks()
-    schedule = as_schedule(schedule)
-    cfg.tdft.validate(schedule)
+    """``Trainer(schedule, cfg, signature, resume_from, resume_state).run(denoiser, params, data, ...)``."""
+    return Trainer(schedule, cfg, signature, resume_from, resume_state).run(
+        denoiser, params, data, callbacks, checkpoint_path
+    )
+
+
+def _run(
+    t: Trainer, denoiser: Denoiser, params: dict, data: StartData, cb: Callbacks, checkpoint_path: Path | None
+) -> TrainResult:
+    schedule, cfg, signature, resume_from = t.schedule, t.cfg, t.signature, t.resume_from
     fingerprint = schedule.fingerprint()
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be ≥ 1")
     plist = list(params.values())
     for p in plist:
         p.requires_grad_(True)
@@ -144,22 +200,9 @@ def train(
     skipped_in_a_row = 0
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
-    start = 0
-    if resume_from:
-        state = resume_state if resume_state is not None else load_checkpoint(resume_from, signature)
-        start = int(state["step"])
-        made_on = state.get("schedule", "")
-        if made_on and made_on != fingerprint:  # checkpoints written before flow support carry none
-            raise TrainingError(
-                f"resume_from: '{Path(resume_from).name}' was trained on another noise schedule ({made_on}; this "
-                f"model's is {fingerprint}): a ModelSampling node or the shift changed. Resume with the same "
-                "schedule, or start fresh."
-            )
-        if start > cfg.steps:
-            raise TrainingError(
-                f"steps ({cfg.steps}) is smaller than the {start} steps already done in resume_from; "
-                f"set steps > {start}."
-            )
+    start = t.done
+    if t.resume_state is not None:
+        state = t.resume_state
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["params"][n])

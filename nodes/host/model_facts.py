@@ -8,13 +8,15 @@ for SD UNets, ``blocks.0.self_attn.q.weight`` for Wan); ComfyUI's own keys carry
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import comfy.lora
 import comfy.utils
 import torch
 
-from ...npo_core import formats
+from ...npo_core import families, formats
 from ...npo_core.errors import NPOError
+from ...npo_core.families import Family
 from ...npo_core.keymap import resolve_with_key_map
 from ...npo_core.offset import Dense, FullWeight, NPOOffset
 
@@ -31,32 +33,17 @@ def model_arch(mp) -> str:
     return type(mp.model.model_config).__name__
 
 
-# unet_config entries that tell variants of one family apart (widths, depths, channels)
-_VARIANT_KEYS = (
-    "model_channels",
-    "context_dim",
-    "hidden_size",
-    "dim",
-    "depth",
-    "num_layers",
-    "n_layers",
-    "depth_single_blocks",
-    "num_single_layers",
-    "in_channels",
-    "in_dim",
-    "out_dim",
-    "num_heads",
-    "n_heads",
-    "ffn_dim",
-    "model_type",
-)
+def family(mp) -> Family:
+    """The pack's record of the model's family, found through the MRO of its ComfyUI model-config class."""
+    mro = [c.__name__ for c in type(mp.model.model_config).__mro__]
+    return families.family_for(mro, unet=is_unet(mp))
 
 
 def model_variant(mp) -> str:
     """The architecture's size within its family: the config's widths and depths and the parameter count,
     e.g. ``dim=1536 in_dim=16 num_layers=30 params=1418996800`` (Wan 2.1 1.3B)."""
     cfg = mp.model.model_config.unet_config
-    sizes = [f"{k}={cfg[k]}" for k in _VARIANT_KEYS if isinstance(cfg.get(k), (int, str))]
+    sizes = [f"{k}={cfg[k]}" for k in family(mp).variant_keys if isinstance(cfg.get(k), (int, str))]
     params = sum(p.numel() for p in unet_of(mp).parameters())
     return " ".join([*sizes, f"params={params}"])
 
@@ -67,61 +54,30 @@ def is_unet(mp) -> bool:
     return isinstance(getattr(mp.model, "diffusion_model", None), UNetModel)
 
 
-# BaseModel classes the per-row negative pass cannot act on, and why
-UNSUPPORTED = {
-    "CosmosVideo": "Cosmos Predict1 keeps the batch off dim 0 inside its blocks (tensors are T·H·W·B·D), so the "
-    "negative rows cannot be told apart per layer",
-}
-
-
-# per BaseModel class: module-name parts of layers whose input is the batch folded into dim 0, [B·L, ...]:
-# HunyuanDiT's mlp_t5 gets [B·L, C]; CogVideoX 1.0's patch_embed.proj (Conv2d) gets [B·T, C, H, W]
-FOLDED_ROWS = {"HunyuanDiT": ("mlp_t5.",), "CogVideoX": ("patch_embed.proj.",)}
-# per BaseModel class: module-name parts of layers that see tokens of every row mixed, and why
-MIXED_ROWS = {
-    "HiDream": (
-        (".experts.",),
-        "HiDream's routed mixture-of-experts layers (…ff_i.experts.N) each see the tokens routed to them from every "
-        "row at once, so an offset there cannot act on the negative rows only",
-    )
-}
-
-
 def folded_layers(mp, offset: NPOOffset) -> frozenset[str]:
     """The offset's modules (names relative to the diffusion model) whose input folds the batch into dim 0."""
-    parts = FOLDED_ROWS.get(type(mp.model).__name__, ())
+    parts = family(mp).folded_rows
     return frozenset(m for m in offset.modules() if any(p in f".{m}." for p in parts))
 
 
 def check_rows(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
     """Refuse an offset on layers whose rows mix the batch, naming the layers."""
-    parts, reason = MIXED_ROWS.get(type(mp.model).__name__, ((), ""))
-    bad = [m for m in offset.modules() if any(p in f".{m}." for p in parts)]
+    fam = family(mp)
+    bad = [m for m in offset.modules() if any(p in f".{m}." for p in fam.mixed_rows)]
     if bad:
         raise NPOError(
-            f"{input_name}: {len(bad)} layers of the offset, e.g. '{bad[0]}', cannot take it: {reason}. Use an "
-            "offset without those layers (attention and shared-expert layers work)."
+            f"{input_name}: {len(bad)} layers of the offset, e.g. '{bad[0]}', cannot take it: {fam.mixed_reason}. "
+            "Use an offset without those layers (attention and shared-expert layers work)."
         )
 
 
 def check_supported_model(mp, input_name: str = "model") -> None:
     """Refuse families the per-row negative pass cannot act on, naming the family and the reason."""
-    base = type(mp.model).__name__
-    reason = UNSUPPORTED.get(base)
-    if reason is None and getattr(mp.model, "diffusion_model", None) is None:
-        reason = "it has no diffusion model"
-    if reason is not None:
-        raise NPOError(f"{input_name}: {model_arch(mp)} is not supported by NPO: {reason}.")
-
-
-def check_unet_model(mp, input_name: str = "model") -> None:
-    """Self-NPO training is built for SD1.x/SD2.x/SDXL-class UNets; refuse other architectures clearly."""
-    if not is_unet(mp):
-        raise NPOError(
-            f"{input_name}: {model_arch(mp)} is not a UNet model (SD1.5/SD2/SDXL family). Self-NPO Train supports "
-            "those UNets only so far; Apply NPO, NPO Negative Model and NPO CFG Guider take offsets for this "
-            "family."
-        )
+    if getattr(mp.model, "diffusion_model", None) is None:
+        raise NPOError(f"{input_name}: {model_arch(mp)} is not supported by NPO: it has no diffusion model.")
+    fam = family(mp)
+    if fam.unsupported is not None:
+        raise NPOError(f"{input_name}: {fam.name} is not supported by NPO: {fam.unsupported}.")
 
 
 def compute_dtype(mp) -> torch.dtype:
@@ -179,30 +135,22 @@ def patched_weight(mp, name: str) -> torch.Tensor:
     return comfy.lora.calculate_weight(patches, w, key)
 
 
-# the pack's names for the SD UNet families an offset file can be detected as (formats.detect_base_arch)
-UNET_ARCHS = ("SD15", "SD2", "SDXL")
-
-
 def check_family(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
     """An offset recorded (or detected) as made for one family, applied to another, is an error naming both."""
     made_for = offset.base_arch or "unknown"
-    if made_for.startswith("unknown"):
-        return
-    family = model_arch(mp)
-    unet_offset = made_for in UNET_ARCHS
-    if unet_offset == is_unet(mp) and (unet_offset or made_for == family):
-        variant = offset.metadata.get("npo.base_variant")
-        if variant and not unet_offset and variant != model_variant(mp):
-            raise NPOError(
-                f"{input_name}: {offset.source or 'the offset'} was made for {made_for} ({variant}) but the model is "
-                f"{family} ({model_variant(mp)}): another size of the family. Use an offset made for this model."
-            )
-        return
-    raise NPOError(
-        f"{input_name}: {offset.source or 'the offset'} was made for {made_for} but the model is {family}. An NPO "
-        "offset works only on the family it was made for; load one made for this model, or train one with "
-        "Self-NPO Train."
-    )
+    fam = family(mp)
+    if not fam.takes_offsets_made_for(made_for):
+        raise NPOError(
+            f"{input_name}: {offset.source or 'the offset'} was made for {made_for} but the model is {fam.name}. "
+            "An NPO offset works only on the family it was made for; load one made for this model, or train one "
+            "with Self-NPO Train."
+        )
+    variant = offset.metadata.get("npo.base_variant")
+    if variant and not fam.unet and variant != model_variant(mp):
+        raise NPOError(
+            f"{input_name}: {offset.source or 'the offset'} was made for {made_for} ({variant}) but the model is "
+            f"{fam.name} ({model_variant(mp)}): another size of the family. Use an offset made for this model."
+        )
 
 
 def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "npo_offset") -> NPOOffset:
@@ -215,12 +163,12 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
     check_family(offset, mp, input_name)
     try:
         if is_unet(mp):
-            out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), model_arch(mp), context_dim(mp))
+            out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), family(mp).name, context_dim(mp))
         else:
             key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
-            out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, model_arch(mp))
+            out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, family(mp).name)
             if out.base_arch.startswith("unknown"):
-                out = out.replace(base_arch=model_arch(mp))
+                out = out.replace(base_arch=family(mp).name)
             if "npo.base_variant" not in out.metadata:
                 out = out.replace(metadata={**out.metadata, "npo.base_variant": model_variant(mp)})
     except NPOError as e:
@@ -264,3 +212,84 @@ def _warn_if_far(resolved: NPOOffset, names: list[str], model, input_name: str) 
 
 def model_weights(mp, names) -> dict[str, torch.Tensor]:
     return {n: patched_weight(mp, n) for n in names}
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """The latent the sampler gets: [B, C, h, w] (rank 4) or [B, C, t, h, w] (rank 5); pixels per latent
+    cell in space and frames per latent frame in time."""
+
+    channels: int
+    rank: int
+    spatial_factor: int
+    temporal_factor: int
+
+    @property
+    def text(self) -> str:
+        return "video [B, C, frames, h, w]" if self.rank == 5 else "image [B, C, h, w]"
+
+    def takes(self, samples: torch.Tensor) -> bool:
+        """A LATENT's samples fit (an image latent also fits a video model: the sampler adds the time axis)."""
+        ok_rank = samples.dim() == self.rank or (self.rank == 5 and samples.dim() == 4)
+        return ok_rank and samples.shape[1] == self.channels
+
+    def pool_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
+        """A data-free pool sample's latent, as ComfyUI's empty-latent nodes make it for the family."""
+        spatial = (height // self.spatial_factor, width // self.spatial_factor)
+        if self.rank == 5:
+            return (1, self.channels, (frames - 1) // self.temporal_factor + 1, *spatial)
+        return (1, self.channels, *spatial)
+
+
+def latent_layout(mp) -> LatentLayout:
+    fmt = mp.model.latent_format
+    return LatentLayout(
+        channels=int(fmt.latent_channels),
+        rank=2 + int(getattr(fmt, "latent_dimensions", 2)),
+        spatial_factor=int(getattr(fmt, "spacial_downscale_ratio", 8)),
+        temporal_factor=int(getattr(fmt, "temporal_downscale_ratio", 1)),
+    )
+
+
+def schedule_kind(mp) -> tuple[str | None, str]:
+    """(the TDFT schedule kind, the model_sampling's name). Kinds: "vp" (discrete eps / v / x0 prediction),
+    "vp_zsnr" (V_PREDICTION_DDPM, zero terminal SNR), "flow" (CONST: DiscreteFlow and Flux sampling, with the
+    model's shift); None for a schedule the trainer does not know (e.g. continuous EDM). Judged on the
+    model_sampling the model will really run with, so a ModelSampling* node counts."""
+    import comfy.model_sampling as ms_types
+
+    ms = mp.get_model_object("model_sampling")
+    bases = type(ms).__bases__  # ModelSampling* nodes build a class from (schedule, prediction type)
+    text = " + ".join(b.__name__ for b in bases) if len(bases) > 1 else type(ms).__name__
+    table = getattr(ms, "sigmas", None)
+    zsnr = getattr(ms_types, "V_PREDICTION_DDPM", None)
+    if table is not None and table.dim() == 1 and table.shape[0] >= 100:
+        if isinstance(ms, ms_types.CONST):
+            return "flow", text
+        if zsnr is not None and isinstance(ms, zsnr) and isinstance(ms, ms_types.ModelSamplingDiscrete):
+            return "vp_zsnr", text
+        if isinstance(ms, ms_types.ModelSamplingDiscrete) and isinstance(ms, ms_types.EPS):
+            return "vp", text
+    return None, text
+
+
+def guidance_distilled(mp) -> bool:
+    """Samples at cfg 1: a guidance-distilled family, or a config that embeds the guidance (Flux.1 dev)."""
+    return family(mp).guidance_distilled or bool(mp.model.model_config.unet_config.get("guidance_embed"))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Everything the pack reads off a ComfyUI model once: family record, config class, latent, schedule."""
+
+    family: Family
+    config: str  # the ComfyUI model-config class
+    latent: LatentLayout
+    schedule_kind: str | None  # vp, vp_zsnr, flow; None: a schedule the trainer does not know
+    sampling: str  # the model_sampling's class name(s), for messages
+    guidance_distilled: bool
+
+
+def describe(mp) -> ModelFacts:
+    kind, text = schedule_kind(mp)
+    return ModelFacts(family(mp), model_arch(mp), latent_layout(mp), kind, text, guidance_distilled(mp))

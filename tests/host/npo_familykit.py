@@ -22,10 +22,10 @@ def families_here() -> list[TinyFamily]:
 
 
 def refused_reason(fam: TinyFamily) -> str | None:
-    """Why the pack refuses the family (its BaseModel class is listed as unsupported), or None."""
+    """Why the pack refuses the family (its family record says unsupported), or None."""
     from comfyui_npo.nodes.host import model_facts
 
-    return model_facts.UNSUPPORTED.get(type(_build(fam)).__name__)
+    return model_facts.family(comfy.model_patcher.ModelPatcher(_build(fam), CPU, CPU)).unsupported
 
 
 def family(name: str) -> TinyFamily:

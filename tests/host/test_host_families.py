@@ -110,7 +110,7 @@ def test_a_lora_on_every_linear_layer_changes_only_the_negative_rows(name, load_
     experts mix rows and are refused (test below), so they are left out here."""
     fam = _family(name)
     model = fk.tiny_model(fam)
-    mixed = model_facts.MIXED_ROWS.get(type(model.model).__name__, ((), ""))[0]
+    mixed = model_facts.family(model).mixed_rows
     factors = fk.attention_lora(fam, model, rank=2, magnitude=0.2, modules=fk.all_linears(model, skip=mixed))
     offset = load_offset(fk.comfy_lora_file(factors), f"{name}_all.safetensors")
     got = fk.sample(sampling.apply_offset(model, offset, 1.0), fam, 2)

@@ -17,7 +17,7 @@ import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes.host import model_facts, runtime, sampling, training_session
+from comfyui_npo.nodes.host import model_facts, runtime, sampling, training_model
 from comfyui_npo.nodes.offsets import NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
 
@@ -36,7 +36,7 @@ def _family(name):
 def _pool_size(fam, model) -> dict:
     """width/height/frames of a pool sample with the family's tiny latent shape."""
     shape = fam.latent_shape(1)
-    f = training_session.spatial_factor(model)
+    f = model_facts.latent_layout(model).spatial_factor
     out = {"width": shape[-1] * f, "height": shape[-2] * f}
     if len(shape) == 5:
         fmt = model.model.latent_format
@@ -256,14 +256,12 @@ def test_prompts_a_model_cannot_batch_are_refused_with_their_shapes(out_dir, mon
 def test_cogvideox_trains_on_its_zero_terminal_snr_v_prediction_schedule(out_dir, monkeypatch):
     """CogVideoX samples with V_PREDICTION_DDPM on a zero-terminal-SNR table: Self-NPO Train must build the
     ``vp_zsnr`` TDFT schedule from that table (ComfyUI ends it at a finite ν ≈ 4519, not ∞)."""
-    import comfyui_npo.nodes.train as train_node
-
     fam = _family("cogvideox")
     model = fk.tiny_model(fam)
-    kind, table, _ = training_session.schedule_kind_and_table(model)
-    assert kind == "vp_zsnr" and torch.isfinite(table).all() and float(table[-1]) > 1000
+    table = model.get_model_object("model_sampling").sigmas
+    assert model_facts.schedule_kind(model)[0] == "vp_zsnr" and torch.isfinite(table).all() and float(table[-1]) > 1000
     built = []
-    real = train_node.make_schedule
-    monkeypatch.setattr(train_node, "make_schedule", lambda k, s, n=1.0: built.append(k) or real(k, s, n))
+    real = training_model.make_schedule
+    monkeypatch.setattr(training_model, "make_schedule", lambda k, s, n=1.0: built.append(k) or real(k, s, n))
     out = _train(fam, model)
     assert out.result[2] == 3 and built and set(built) == {"vp_zsnr"}

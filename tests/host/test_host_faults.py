@@ -16,7 +16,7 @@ import npo_hostkit as kit
 import pytest
 import torch
 
-from comfyui_npo.nodes.host import model_facts, training_session
+from comfyui_npo.nodes.host import model_facts, training_model
 from comfyui_npo.nodes.models import NPOApply
 from comfyui_npo.nodes.offsets import NPOLoadOffset, NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
@@ -173,9 +173,9 @@ OOM_ERRORS = {
 
 
 def _student_fault(monkeypatch, at_student_step: int, fault):
-    """training_session.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` returns
+    """training_model.training_denoiser whose student pass (the one with grad) of step ``at_student_step`` returns
     ``fault(output)``; ``fault`` may raise instead. Returns the real factory, to put back."""
-    real = training_session.training_denoiser
+    real = training_model.training_denoiser
     seen = [0]
 
     def make(mp, dtype, *rest, **kw):
@@ -191,7 +191,7 @@ def _student_fault(monkeypatch, at_student_step: int, fault):
 
         return den
 
-    monkeypatch.setattr(training_session, "training_denoiser", make)
+    monkeypatch.setattr(training_model, "training_denoiser", make)
     return real
 
 
@@ -225,7 +225,7 @@ def test_out_of_memory_in_training(out_dir, tiny, monkeypatch, kind, mode):
     assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
     assert [id(p) for p in unet.parameters()] == params_before  # the original Parameters are back
     assert [n for n, m in unet.named_modules() if "forward" in vars(m)] == []  # no checkpointing wrapper left
-    monkeypatch.setattr(training_session, "training_denoiser", real_denoiser)
+    monkeypatch.setattr(training_model, "training_denoiser", real_denoiser)
     ckpt = out_dir / "npo_training" / "oom_00001_.pt"
     assert torch.load(ckpt, weights_only=True)["step"] == 2
     out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, mode=mode, resume_from=ckpt.name)
@@ -246,7 +246,7 @@ def test_nan_during_training_through_the_node(out_dir, tiny, monkeypatch):
     with pytest.raises(NPOError, match=r"loss became nan at step 3; the last good checkpoint, nan_00001_\.pt, is kept"):
         kit.self_npo_train(model, pos, neg, steps=4, save_every=2, filename_prefix="nan", learning_rate=1e-3)
     assert kit.state_hash(unet) == before and kit.hooked_modules(unet) == []
-    monkeypatch.setattr(training_session, "training_denoiser", real)
+    monkeypatch.setattr(training_model, "training_denoiser", real)
     state = torch.load(out_dir / "npo_training" / "nan_00001_.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
     out = kit.self_npo_train(model, pos, neg, steps=4, save_every=2, learning_rate=1e-3, resume_from="nan_00001_.pt")
@@ -261,7 +261,7 @@ def test_out_of_memory_in_the_pool(out_dir, tiny, monkeypatch):
     def boom(*a, **k):
         raise OOM_ERRORS["cuda"]()
 
-    monkeypatch.setattr(training_session, "sample_pool", boom)
+    monkeypatch.setattr(training_model, "sample_pool", boom)
     with pytest.raises(NPOError, match="out of memory during the start-pool sampling .*width/height.*latents"):
         kit.self_npo_train(tiny("sd15"), *kit.make_conds("sd15"))
 

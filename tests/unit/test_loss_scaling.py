@@ -16,9 +16,11 @@ from torch import nn
 from comfyui_npo.npo_core.schedule import DiscreteSchedule
 from comfyui_npo.training import trainer as T
 from comfyui_npo.training.data import StartData
+from comfyui_npo.training.schedules import VPSchedule
 from comfyui_npo.training.trainer import Callbacks, TrainConfig, TrainingError, train
 
 SCHED = DiscreteSchedule.scaled_linear()
+VP = VPSchedule(SCHED)  # what TDFT runs on: the VP schedule over ComfyUI's ν table
 
 
 class DeepEps(nn.Module):
@@ -89,7 +91,7 @@ def _one_step(fp16: bool, scaling: bool) -> torch.Tensor:
         return x - nu.view(-1, 1, 1, 1) * net(x, nu, fp16)
 
     cfg = TrainConfig(steps=1, batch_size=2, learning_rate=1e-3, weight_decay=0.0, seed=1, fp16_loss_scaling=scaling)
-    train(den, SCHED, dict(net.named_parameters()), _data(64), cfg)
+    train(den, VP, dict(net.named_parameters()), _data(64), cfg)
     return net.conv.weight.detach() - before  # AdamW's first step: −lr·sign(grad) where grad ≠ 0
 
 
@@ -109,7 +111,7 @@ def _run(tmp_path, steps, grad_fault=None, resume=None, scaling=True):
     cfg = TrainConfig(steps=steps, batch_size=2, learning_rate=1e-3, seed=2, save_every=2, fp16_loss_scaling=scaling)
     cb = Callbacks(on_step=lambda s, total, v: seen.append(net.net[0].weight.detach().clone()))
     res = train(
-        fp16_denoiser(net, True, grad_fault), SCHED, dict(net.named_parameters()), _data(8), cfg, cb,
+        fp16_denoiser(net, True, grad_fault), VP, dict(net.named_parameters()), _data(8), cfg, cb,
         tmp_path / "ck.pt", resume, "t",
     )
     return res, seen

@@ -13,9 +13,11 @@ from comfyui_npo.training import tdft
 from comfyui_npo.training.data import StartData
 from comfyui_npo.training.ema import EMATeacher
 from comfyui_npo.training.lora import LoRASet, select_modules
+from comfyui_npo.training.schedules import VPSchedule
 from comfyui_npo.training.trainer import Callbacks, TrainConfig, TrainingError, train
 
 SCHED = DiscreteSchedule.scaled_linear()
+VP = VPSchedule(SCHED)  # what TDFT runs on: the VP schedule over ComfyUI's ν table
 
 
 def test_schedule_matches_sd_scaled_linear_by_hand():
@@ -109,7 +111,7 @@ def test_rollout_walks_the_grid_and_targets_teacher_x0_at_truncation():
         return 0.9 * x  # a fixed linear "teacher"
 
     g = torch.Generator().manual_seed(3)
-    roll = tdft.teacher_rollout(teacher, SCHED, z0, cn, cn, cfg, g)
+    roll = tdft.teacher_rollout(teacher, VP, z0, cn, cn, cfg, g)
     want_end = torch.clamp(roll.t_start - 200, min=0)
     assert torch.equal(roll.t_end, want_end)
     # frozen samples (reached t = 0) are not evaluated again before the final target:
@@ -141,7 +143,7 @@ def test_rollout_walks_the_grid_and_targets_teacher_x0_at_truncation():
 def test_student_level_is_strictly_noisier_and_uniform():
     g = torch.Generator().manual_seed(0)
     t_end = torch.tensor([0, 599, 959] * 20000)
-    s = tdft.sample_student_level(t_end, 1000, g)
+    s = VP.sample_level(t_end, g)
     assert bool((s > t_end).all()) and int(s.max()) <= 999
     s599 = s[t_end == 599].double()
     assert s599.min() == 600 and s599.max() == 999
@@ -208,7 +210,7 @@ def test_short_run_lowers_the_loss(mode):
         seed=1,
         tdft=tdft.TDFTConfig(loss="mse"),
     )
-    res = train(denoiser_of(net), SCHED, params, _data(16), cfg)
+    res = train(denoiser_of(net), VP, params, _data(16), cfg)
     assert res.steps_done == 60 and len(res.losses) == 60
     first, last = np.mean(res.losses[:10]), np.mean(res.losses[-10:])
     assert last < 0.7 * first, (first, last)
@@ -234,7 +236,7 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path)
         cb = Callbacks(
             on_step=lambda s, t, loss: done.append(s), should_stop=lambda: stop_at is not None and len(done) >= stop_at
         )
-        return train(denoiser_of(net), SCHED, params, _data(), cfg, cb, tmp_path / "ck.pt", resume, "tiny"), net
+        return train(denoiser_of(net), VP, params, _data(), cfg, cb, tmp_path / "ck.pt", resume, "tiny"), net
 
     full, net_full = run(10)
     part, _ = run(10, stop_at=6, save_every=3)
@@ -244,14 +246,16 @@ def test_cancel_stops_within_one_step_and_resume_matches_uninterrupted(tmp_path)
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-7)  # resumed from step 6
     for (_n, a), b in zip(net_full.named_parameters(), net_res.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    with pytest.raises(TrainingError, match="steps"):
+    with pytest.raises(TrainingError, match=r"steps \(5\) is smaller than the 6 steps already done.*set steps ≥ 6"):
         run(5, resume=tmp_path / "ck.pt")
+    same, _ = run(6, resume=tmp_path / "ck.pt")  # steps == steps done: nothing left to do, not an error
+    assert same.steps_done == 6 and not same.stopped_early and len(same.losses) == 6
     torch.manual_seed(0)
     other = TinyEps()
     with pytest.raises(TrainingError, match="another model"):
         train(
             denoiser_of(other),
-            SCHED,
+            VP,
             dict(other.named_parameters()),
             _data(),
             TrainConfig(steps=10),
@@ -270,7 +274,7 @@ def test_nan_loss_stops_with_the_step():
         return denoiser_of(net)(x, nu, cond) * float("nan")
 
     with pytest.raises(TrainingError, match="step 1; no checkpoint"):
-        train(bad, SCHED, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))
+        train(bad, VP, dict(net.named_parameters()), _data(), TrainConfig(steps=3, batch_size=2))
 
 
 def _fault_run(tmp_path, fault_step: int | None, fault, steps=8, resume=None):
@@ -290,7 +294,7 @@ def _fault_run(tmp_path, fault_step: int | None, fault, steps=8, resume=None):
         return out
 
     cfg = TrainConfig(steps=steps, batch_size=2, learning_rate=1e-3, seed=3, save_every=2)
-    return train(den, SCHED, dict(net.named_parameters()), _data(), cfg, None, tmp_path / "ck.pt", resume, "t"), net
+    return train(den, VP, dict(net.named_parameters()), _data(), cfg, None, tmp_path / "ck.pt", resume, "t"), net
 
 
 @pytest.mark.fault(
@@ -364,7 +368,7 @@ def test_final_state_is_checkpointed_even_off_the_save_grid(tmp_path):
     cfg = TrainConfig(steps=5, batch_size=2, learning_rate=1e-3, save_every=3)
     saved = []
     cb = Callbacks(on_checkpoint=lambda path, step: saved.append(step))
-    res = train(denoiser_of(net), SCHED, dict(net.named_parameters()), _data(), cfg, cb, tmp_path / "c.pt", None, "s")
+    res = train(denoiser_of(net), VP, dict(net.named_parameters()), _data(), cfg, cb, tmp_path / "c.pt", None, "s")
     assert saved == [3, 5] and res.last_checkpoint == tmp_path / "c.pt"
     assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 5
 

@@ -470,8 +470,8 @@ def test_flow_resume_is_exact_and_another_schedule_is_refused(pretrained, tmp_pa
 
 
 def test_vp_through_make_schedule_is_the_authors_path():
-    """make_schedule('vp', ComfyUI's ν table) trains bit-identically to the DiscreteSchedule that
-    test_tdft.py checks against the authors' formulas."""
+    """make_schedule('vp', ComfyUI's ν table, as float32) trains bit-identically to the VP schedule over the
+    float64 DiscreteSchedule that test_tdft.py checks against the authors' formulas."""
     vp = DiscreteSchedule.scaled_linear()
     made = make_schedule("vp", vp.nus.float())
     assert isinstance(made, VPSchedule) and not isinstance(made, FlowSchedule)
@@ -486,4 +486,4 @@ def test_vp_through_make_schedule_is_the_authors_path():
         cfg = TrainConfig(steps=4, batch_size=6, learning_rate=1e-3, seed=4, tdft=tdft.TDFTConfig(teacher_guidance=-5))
         return train(denoiser_of(net), sched, dict(net.named_parameters()), data, cfg).losses
 
-    assert run(made) == run(vp)
+    assert run(made) == run(VPSchedule(vp))
