@@ -141,17 +141,17 @@ class Bench:
     def __init__(self, mode: str, latent: int, batch: int, device: str = "cpu", dtype: str = "fp32", smoke=False):
         import torch
 
-        from comfyui_npo.nodes.host import model_facts, training_session
-        from comfyui_npo.npo_core.schedule import DiscreteSchedule
+        from comfyui_npo.nodes.host.training_model import TrainingModel, training_denoiser
         from comfyui_npo.training import tdft
         from comfyui_npo.training.data import StartData
-        from comfyui_npo.training.lora import LoRASet, select_modules
+        from comfyui_npo.training.lora import LoRASet
 
-        self.torch, self.tdft, self.session_module = torch, tdft, training_session
+        self.torch, self.tdft = torch, tdft
         self.device, self.dtype = device, getattr(torch, DTYPES[dtype])
         self.mp = build(device, smoke=smoke)
+        self.tm = TrainingModel(self.mp)  # the node's view of the model: VP schedule of its ν table, denoiser
         self.batch = batch
-        self.schedule = DiscreteSchedule.from_sigmas(training_session.schedule_sigmas(self.mp))
+        self.schedule = self.tm.schedule
         self.tcfg, self.seed = tdft.TDFTConfig(), 0
         g = torch.Generator().manual_seed(1)
         self.data = StartData(  # on the device, as the node prepares them
@@ -159,18 +159,17 @@ class Bench:
             [{"c_crossattn": torch.randn(1, 77, 768, generator=g).to(device)} for _ in range(2)],
             {"c_crossattn": torch.zeros(1, 77, 768, device=device)},
         )
-        self.session = training_session.TrainingSession(
-            self.mp, gradient_checkpointing=False, copy_weights=mode == "full"
-        )
+        self.session = self.tm.session(gradient_checkpointing=False, copy_weights=mode == "full")
         self.session.__enter__()
-        unet = model_facts.unet_of(self.mp)
+        unet = self.tm.diffusion_model
         if mode == "lora":
-            self.lset = LoRASet(unet, select_modules(unet, "attention"), 16, generator=torch.Generator().manual_seed(0))
+            targets = self.tm.lora_targets("attention")
+            self.lset = LoRASet(unet, targets, 16, generator=torch.Generator().manual_seed(0))
             self.lset.attach()
             self.params = self.lset.named_trainable()
         else:
             self.params = self.session.full_params(torch.float32)
-        self.denoiser = training_session.training_denoiser(self.mp, self.dtype)
+        self.denoiser = training_denoiser(self.mp, self.dtype)  # the node's denoiser, at --dtype
         self.mode = mode
         self.calls: list[tuple[int, bool]] = []  # the model calls of the last ``ours`` run
 
@@ -194,8 +193,6 @@ class Bench:
 
     def _rows_per_call(self, steps: int) -> list[list[int]]:
         """Replay ``ours``' random draws to get the teacher batch size of every call."""
-        from comfyui_npo.training.schedules import as_schedule
-
         torch = self.torch
         gen = torch.Generator().manual_seed(self.seed)
         out = []
@@ -209,7 +206,7 @@ class Bench:
 
             roll = self.tdft.teacher_rollout(fake, self.schedule, z0, cp, cn, self.tcfg, gen)
             self.tdft.student_cond(cp, cn, self.tcfg, self.batch, gen)
-            as_schedule(self.schedule).sample_level(roll.t_end, gen)
+            self.schedule.sample_level(roll.t_end, gen)
             torch.randn(z0.shape, generator=gen)  # ξ
             out.append(calls)
         return out
@@ -289,6 +286,17 @@ def node_defaults() -> dict:
     return {i.id: i.default for i in SelfNPOTrain.define_schema().inputs if getattr(i, "default", None) is not None}
 
 
+def node_recipe(defaults: dict, **overrides):
+    """The training_run.Recipe Self-NPO Train makes from these widget values."""
+    from comfyui_npo.nodes.host.training_run import Recipe
+    from comfyui_npo.nodes.train import parse_learning_rate
+
+    values = {f.name: defaults[f.name] for f in dataclasses.fields(Recipe) if f.name in defaults}
+    values["learning_rate"] = parse_learning_rate(values.get("learning_rate", "auto"))
+    return Recipe(**{**values, **overrides})
+
+
+
 class DiTBench(Bench):
     """A DiT (bench_dit's model) trained by the Self-NPO Train node's own functions (see the module docstring)."""
 
@@ -298,21 +306,16 @@ class DiTBench(Bench):
         self, arch, smoke: bool, latent: int, batch: int, device: str = "cpu", dtype: str = "fp32",
         text_tokens: int = 0, gradient_checkpointing: bool | None = None, pool: int = 8, prompts: int = 2,
     ):
-        import inspect
-
         import folder_paths
         import torch
 
-        from comfyui_npo.nodes import train as node
-        from comfyui_npo.nodes.host import model_facts, training_session
+        from comfyui_npo.nodes.host import training_conds, training_run
+        from comfyui_npo.nodes.host.training_model import TrainingModel
         from comfyui_npo.training import tdft
-        from comfyui_npo.training.schedules import make_schedule
 
-        self.torch, self.tdft, self.node, self.session_module = torch, tdft, node, training_session
+        self.torch, self.tdft, self.training_run = torch, tdft, training_run
         self.arch, self.device = arch, device
-        # _plan picks a checkpoint name in output/npo_training (creating the folder): a private one, and with
-        # save_every 0 nothing is written there
-        self._output = tempfile.TemporaryDirectory(prefix="bench_tdft_")
+        self._output = tempfile.TemporaryDirectory(prefix="bench_tdft_")  # nothing is written: save_every 0
         folder_paths.set_output_directory(self._output.name)
         defaults = node_defaults()
         self.gradient_checkpointing = (
@@ -321,30 +324,27 @@ class DiTBench(Bench):
         g = torch.Generator().manual_seed(1)
         tokens = arch.text_tokens(smoke, text_tokens)
         self.latent = arch.latent_shape(latent)
-        inputs = {
-            **{k: v for k, v in defaults.items() if k in inspect.signature(node._plan).parameters},
-            "batch_size": batch or defaults["batch_size"],
-            "save_every": 0,
-            "filename_prefix": "bench_tdft",
-        }
+        recipe = node_recipe(defaults, batch_size=batch or defaults["batch_size"], save_every=0)
         with torch.inference_mode():  # as ComfyUI runs nodes: the weights are inference tensors
             self.mp = build_model(arch, smoke, dtype, device, seed=0)
             positive = [random_cond(arch, tokens, g)[0] for _ in range(prompts)]  # Conditioning (Combine)
             negative = random_cond(arch, tokens, g)
-            latents = {"samples": torch.randn([pool, *self.latent[1:]], generator=g)}  # the node's latents input
-            self.run = node._plan(self.mp, positive, negative, latents=latents, **inputs)
-            # SelfNPOTrain.execute with latents connected:
-            self.load_device = training_session.load_for_training(self.mp)
-            samples = training_session.sampler_latent(self.mp, latents["samples"])
-            prompt_of = torch.arange(samples.shape[0]) % len(self.run.positive)
-        with torch.inference_mode(False), torch.enable_grad():
-            self.data, self.constants = node._start_data(
-                self.mp, self.run, samples, prompt_of, self.run.cfg.seed, self.load_device
+            latents = torch.randn([pool, *self.latent[1:]], generator=g)  # the node's latents input
+            # Self-NPO Train with latents connected, through the entry point it uses:
+            self.tm = TrainingModel(self.mp)
+            samples = self.tm.sampler_latent(latents)
+            self.job = training_run.plan_job(
+                self.tm, recipe, training_conds.conditioning_entries(positive, "positive"),
+                training_conds.conditioning_entries(negative, "negative"), tuple(samples.shape[2:]),
             )
-        # what _train builds
-        self.schedule = make_schedule(*training_session.schedule_kind_and_table(self.mp))
-        self.denoiser = training_session.training_denoiser(self.mp, model_facts.compute_dtype(self.mp), self.constants)
-        self.batch, self.tcfg, self.seed = self.run.cfg.batch_size, self.run.cfg.tdft, self.run.cfg.seed
+            self.load_device = self.tm.load()
+            prompt_of = torch.arange(samples.shape[0]) % len(self.job.positive)
+        with torch.inference_mode(False), torch.enable_grad():
+            self.data = training_run.start_data(self.job, samples, prompt_of)
+        self.schedule = self.tm.schedule
+        self.denoiser = self.tm.denoiser(training_run.on_device(self.job.constants, self.load_device))
+        cfg = self.job.config
+        self.batch, self.tcfg, self.seed = cfg.batch_size, cfg.tdft, cfg.seed
         self.mode, self.calls = "lora", []
         dm = self.mp.model.diffusion_model
         self.info = {
@@ -352,14 +352,14 @@ class DiTBench(Bench):
             "buffers": sum(b.numel() for b in dm.buffers()),
             "dtype": dominant_dtype(dm),
             "dtype_bytes": torch.empty(0, dtype=getattr(torch, DTYPES[dtype])).element_size(),
-            "lora_layers": len(self.run.layer_names),
+            "lora_layers": len(self.job.layer_names),
             "lora_params": sum(
-                dm.get_submodule(n).in_features * self.run.rank + dm.get_submodule(n).out_features * self.run.rank
-                for n in self.run.layer_names
+                dm.get_submodule(n).in_features * recipe.rank + dm.get_submodule(n).out_features * recipe.rank
+                for n in self.job.layer_names
             ),
-            "lora_rank": self.run.rank,
-            "schedule": self.run.schedule_kind,
-            "train_config": self.run.cfg.as_dict(),
+            "lora_rank": recipe.rank,
+            "schedule": self.tm.schedule_kind,
+            "train_config": cfg.as_dict(),
             "gradient_checkpointing": self.gradient_checkpointing,
             "latent": [self.batch, *self.latent[1:]],
             "tokens": arch.image_tokens(self.latent),
@@ -370,28 +370,26 @@ class DiTBench(Bench):
         }
 
     def _train(self, steps: int, on_step) -> None:
-        from comfyui_npo.training.trainer import Callbacks
+        from comfyui_npo.training.trainer import Callbacks, Trainer
 
-        run = dataclasses.replace(self.run, cfg=dataclasses.replace(self.run.cfg, steps=steps))
+        trainer = Trainer(self.schedule, dataclasses.replace(self.job.config, steps=steps), self.job.signature)
+        job = dataclasses.replace(self.job, trainer=trainer)
         with self.torch.inference_mode(False), self.torch.enable_grad():  # as SelfNPOTrain.execute
-            self.node._train(
-                self.mp, run, self.data, self.constants, Callbacks(on_step=on_step), self.gradient_checkpointing,
-                self.load_device,
-            )
+            self.training_run.train_offset(job, self.data, Callbacks(on_step=on_step), self.gradient_checkpointing)
 
     @contextlib.contextmanager
     def _trainable(self):
-        """The session and LoRA ``_train`` opens (opened per run, as there)."""
+        """The session and LoRA ``train_offset`` opens (opened per run, as there)."""
         torch = self.torch
-        from comfyui_npo.nodes.host import model_facts
         from comfyui_npo.training.lora import LoRASet
 
-        session = self.session_module.TrainingSession(self.mp, self.gradient_checkpointing, copy_weights=False)
+        recipe = self.job.recipe
+        session = self.tm.session(self.gradient_checkpointing, copy_weights=False)
         with torch.inference_mode(False), torch.enable_grad(), session:
             lset = LoRASet(
-                model_facts.unet_of(self.mp), self.run.layer_names, self.run.rank,
-                dtype=self.node.DTYPES[self.run.training_dtype], device=self.load_device,
-                generator=torch.Generator().manual_seed(self.run.cfg.seed),
+                self.tm.diffusion_model, self.job.layer_names, recipe.rank,
+                dtype=self.training_run.DTYPES[recipe.training_dtype], device=self.load_device,
+                generator=torch.Generator().manual_seed(recipe.seed),
             )
             lset.attach()
             try:

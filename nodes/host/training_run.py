@@ -136,8 +136,8 @@ def start_data(job: TrainingJob, samples: torch.Tensor, prompt_of: torch.Tensor)
     """The start latents (sampler space) in model space on the training device, with the model inputs."""
     device = job.model.device or job.model.load()
     z0 = job.model.to_model_space(samples.clone().float()).to(device)
-    pos = [_on(c, device) for c in job.positive]
-    return StartData(z0, pos, _on(job.negative, device), prompt_of, job.recipe.seed)
+    pos = [on_device(c, device) for c in job.positive]
+    return StartData(z0, pos, on_device(job.negative, device), prompt_of, job.recipe.seed)
 
 
 def train_offset(
@@ -149,7 +149,7 @@ def train_offset(
     tm, recipe = job.model, job.recipe
     device = tm.device or tm.load()
     dtype = DTYPES[recipe.training_dtype]
-    denoiser = tm.denoiser(_on(job.constants, device))
+    denoiser = tm.denoiser(on_device(job.constants, device))
     with tm.session(gradient_checkpointing, copy_weights=recipe.mode == "full") as session:
         lset = None
         if recipe.mode == "lora":
@@ -205,6 +205,6 @@ def _metadata(job: TrainingJob, result: TrainResult) -> dict[str, str]:
     return meta
 
 
-def _on(inputs: dict, device) -> dict:
+def on_device(inputs: dict, device) -> dict:
     """Copies of the tensors of ``inputs`` on ``device`` (other values as they are)."""
     return {k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in inputs.items()}

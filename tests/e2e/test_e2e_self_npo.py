@@ -84,6 +84,10 @@ def test_example_trains_saves_and_compares(server, object_info):
     assert sorted(images) == ["self_npo_off", "self_npo_on"], kit.output_images(entry)
     for rec in images.values():
         assert open_image(server, rec).size == (SIZE, SIZE)
+    # the same seed, prompts and latent: only the trained offset differs, so the images must too
+    on, off = open_image(server, images["self_npo_on"]), open_image(server, images["self_npo_off"])
+    same = on.tobytes() == off.tobytes()
+    assert not same, "Self-NPO on and off are identical: the trained offset had no effect"
     (preview,) = by_class(prompt, "PreviewImage")
     (curve,) = outputs[preview]["images"]
     assert curve["type"] == "temp"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfyui_npo.nodes.host import model_facts, runtime, training_session
+from comfyui_npo.nodes.host import model_facts, runtime, training_model, training_run, training_session
 from comfyui_npo.nodes.models import NPOApply
 from comfyui_npo.nodes.offsets import NPOLoadOffset, NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
@@ -141,11 +141,36 @@ def test_cancel_stops_within_one_step_and_resume_continues(tiny, out_dir, monkey
         train(other, xpos, xneg, steps=6, resume_from=ckpts[0])
 
 
-def test_sdxl_v_prediction_trains(tiny, out_dir):
+def test_sdxl_v_prediction_trains(tiny, out_dir, monkeypatch):
+    """A v-prediction SDXL trains: the training passes (the grad-enabled ones; the pool samples in inference
+    mode) read the model's output as v (V_PREDICTION's x0 conversion), the loss is finite and the LoRA moved
+    (its up starts at zero, so a trainer that never steps leaves every up zero)."""
+    import math
+    import re
+
+    import comfy.model_sampling
+
     model = tiny("sdxl_v")
+    ms = model.get_model_object("model_sampling")
+    assert isinstance(ms, comfy.model_sampling.V_PREDICTION), type(ms).__mro__
     pos, neg = kit.make_conds("sdxl_v")
+    v_calls = []  # torch.is_grad_enabled() at each V_PREDICTION x0 conversion
+    real_denoised = comfy.model_sampling.V_PREDICTION.calculate_denoised
+
+    def v_denoised(self, sigma, model_output, model_input):
+        v_calls.append(torch.is_grad_enabled())
+        return real_denoised(self, sigma, model_output, model_input)
+
+    monkeypatch.setattr(comfy.model_sampling.V_PREDICTION, "calculate_denoised", v_denoised)
     out = train(model, pos, neg, steps=2, teacher_guidance=-5.0, student_cond="mix")
-    assert out.result[2] == 2 and all(torch.isfinite(e.up).all() for e in out.result[0].entries.values())
+    assert out.result[2] == 2
+    ups = [e.up for e in out.result[0].entries.values()]
+    assert ups and all(torch.isfinite(u).all() for u in ups)
+    assert any(torch.count_nonzero(u) for u in ups), "every LoRA up is still zero: training never stepped"
+    assert any(v_calls), "no training pass converted the model's output as v-prediction"
+    text = out.ui.as_dict()["text"][0]
+    m = re.search(r"2/2 steps, last loss (\S+),", text)
+    assert m and math.isfinite(float(m.group(1))), text
 
 
 @pytest.mark.parametrize(
@@ -173,8 +198,6 @@ def test_bad_inputs_name_the_input(kw, match, tiny, out_dir):
 def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
     """A model loaded in float16 (ComfyUI's choice for SD1.5/SDXL on most GPUs) trains with dynamic loss
     scaling, recorded in the offset's recipe; the loaded fp16 weights are unchanged afterwards."""
-    import comfyui_npo.nodes.train as node_train
-
     cfg = kit.model_config("sd15")
     cfg.set_inference_dtype(torch.float16, None)
     m = cfg.get_model({})
@@ -183,8 +206,9 @@ def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
     assert model.model.get_dtype() == torch.float16
     before = kit.state_hash(model_facts.unet_of(model))
     seen = []
-    real = node_train.train
-    monkeypatch.setattr(node_train, "train", lambda *a, **k: seen.append(a[4].fp16_loss_scaling) or real(*a, **k))
+    real = training_run.Trainer.run
+    spy = lambda t, *a, **k: seen.append(t.cfg.fp16_loss_scaling) or real(t, *a, **k)  # noqa: E731
+    monkeypatch.setattr(training_run.Trainer, "run", spy)
     out = train(model, *kit.make_conds("sd15"), steps=3, learning_rate=1e-3)
     offset = out.result[0]
     assert seen == [True] and '"fp16_loss_scaling": true' in offset.metadata["npo.recipe"]
@@ -193,26 +217,42 @@ def test_fp16_model_trains_with_loss_scaling(tiny, out_dir, monkeypatch):
     assert kit.state_hash(model_facts.unet_of(model)) == before
 
 
-def test_user_latents_replace_the_pool(tiny, out_dir):
+def test_user_latents_replace_the_pool(tiny, out_dir, monkeypatch):
+    """Connected latents are the training data: no pool is sampled (comfy.sample.sample, which the pool
+    sampler calls, never runs) and the trainer's StartData holds exactly those latents, in model space."""
+    import comfy.sample
+
+    from comfyui_npo.training.data import StartData
+
     model = tiny("sd15")
     pos, neg = kit.make_conds("sd15")
-    lat = {"samples": torch.randn(3, 4, 8, 8)}
+    lat = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    user = lat["samples"].clone()
+    sampled, made = [], []
+    real_sample = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: sampled.append(a) or real_sample(*a, **k))
+    real_post_init = StartData.__post_init__
+    monkeypatch.setattr(StartData, "__post_init__", lambda self: made.append(self) or real_post_init(self))
     out = train(model, pos, neg, steps=2, latents=lat, pool_size=50)  # pool_size ignored: no sampling
     assert out.result[2] == 2
+    assert sampled == [], f"comfy.sample.sample ran {len(sampled)} times although latents were connected"
+    (data,) = made
+    expected = model.model.process_latent_in(user.clone()).float()
+    assert data.latents.shape == expected.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(data.latents.cpu(), expected)
+    assert torch.equal(lat["samples"], user)  # the user's LATENT is not changed in place
 
 
 def test_user_latents_train_with_their_own_prompts(tiny, out_dir, monkeypatch):
     """One prompt per latent (Conditioning (Combine) of three prompts, three latents): every batch pairs
     latent i with prompt i, whatever batch position it lands in."""
-    import comfyui_npo.nodes.train as train_node
-
     model = tiny("sd15")
     prompts = [kit.make_conds("sd15", seed=s)[0] for s in (11, 12, 13)]
     neg = kit.make_conds("sd15")[1]
     lat = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
     made = []
-    real = train_node.StartData
-    monkeypatch.setattr(train_node, "StartData", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    real = training_run.StartData
+    monkeypatch.setattr(training_run, "StartData", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     train(model, prompts[0] + prompts[1] + prompts[2], neg, steps=1, batch_size=2, latents=lat)
     data = made[0]
     pairs = set()
@@ -249,7 +289,7 @@ def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:
     """Patch the training denoiser so that its first call appends ``snapshot(unet)`` (default: a dict of
     parameter data pointers) of the UNet as training sees it; returns that list."""
     seen = []
-    real = training_session.training_denoiser
+    real = training_model.training_denoiser
     take = snapshot or (lambda unet: {n: p.data_ptr() for n, p in unet.named_parameters()})
 
     def spy(mp, dtype, *rest, **kw):
@@ -262,7 +302,7 @@ def _unet_at_first_denoiser_call(monkeypatch, snapshot=None) -> list:
 
         return call
 
-    monkeypatch.setattr(training_session, "training_denoiser", spy)
+    monkeypatch.setattr(training_model, "training_denoiser", spy)
     return seen
 
 

@@ -149,8 +149,8 @@ def test_pickle_with_code_is_refused_not_run(tmp_path):
 @SETTINGS
 @given(garbage=st.binary(min_size=0, max_size=256))
 def test_random_bytes_as_pickle_or_safetensors(tmp_path, garbage):
-    for name in ("g.safetensors", "g.pt"):
-        try:
+    # random bytes are never an offset: every path (safetensors and each pickle suffix) refuses them
+    for name in ("g.safetensors", "g.pt", "g.ckpt", "g.bin"):
+        with pytest.raises(NPOError) as refused:
             load_bytes(tmp_path, garbage, name)
-        except NPOError as e:
-            assert name in str(e)
+        assert name in str(refused.value), (name, str(refused.value))
