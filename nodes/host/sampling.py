@@ -64,19 +64,21 @@ def apply_offset(model, offset: NPOOffset, strength: float, start_percent: float
     # then leave with it instead of piling up on the shared module.
     weakref.finalize(mp, action.injector.detach)
     add_dual_model_support(mp)
-    if not mp.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY):
-        mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, NOTICE_KEY, _notice_when_idle)
+    if not mp.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ROWS_AND_NOTICE_KEY):
+        mp.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, ROWS_AND_NOTICE_KEY, _mark_unconditional_rows_and_notice
+        )
     return mp
 
 
-NOTICE_KEY = "npo_notices"
+ROWS_AND_NOTICE_KEY = "npo_notices"
 # The conds key of the unconditional prediction, for guiders whose key is not "negative". PerpNeg's
 # "negative" is the prompt it projects out; its unconditional is the empty prompt.
 UNCONDITIONAL_KEY = {"Guider_PerpNeg": "empty_negative_prompt"}
 NO_CHUNK = -1  # a cond_or_uncond value no chunk has
 
 
-def _notice_when_idle(executor, *args, **kwargs):
+def _mark_unconditional_rows_and_notice(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: tells the offsets which conds are this run's unconditional ones, and says once
     per sampling run, in the log, when Apply NPO's offset cannot act: cfg 1 (ComfyUI skips the negative
     pass), a start/end range that covers no step of the run, or a guider or sampler that never evaluated
@@ -149,7 +151,7 @@ def _accepts_log_missing() -> bool:
     return "log_missing" in inspect.signature(comfy.lora.load_lora).parameters
 
 
-class NPOCFGGuider(comfy.samplers.CFGGuider):
+class NegativePassCFGGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose negative pass runs NPO weights.
 
     - an offset (or a ``negative_model`` that shares weights with ``model``): the model is wrapped by
@@ -210,16 +212,16 @@ def _calc_cond_batch(model, conds: list, x, timestep, model_options: dict) -> li
 
 def make_guider(
     model, positive, negative, cfg: float, offset: NPOOffset | None = None, strength: float = 1.0, negative_model=None
-) -> NPOCFGGuider:
+) -> NegativePassCFGGuider:
     if (offset is None) == (negative_model is None):
         raise NPOError("NPO CFG Guider: connect exactly one of npo_offset or negative_model.")
     if offset is not None:
-        guider = NPOCFGGuider(apply_offset(model, offset, strength))
+        guider = NegativePassCFGGuider(apply_offset(model, offset, strength))
     elif negative_model.is_clone(model):
         # Two clones of one module cannot both hold their weights in one sampling step: express the negative
         # model as an offset over ``model`` and inject it on the uncond rows instead.
         diff = patch_difference(model, negative_model)
-        guider = NPOCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)
+        guider = NegativePassCFGGuider(apply_offset(model, diff, 1.0) if diff.entries else model)
     else:
         check_supported_model(negative_model, "negative_model")
         if model_arch(negative_model) != model_arch(model):
@@ -227,7 +229,7 @@ def make_guider(
                 f"negative_model is {model_arch(negative_model)} but model is {model_arch(model)}; they must "
                 "be the same architecture."
             )
-        guider = NPOCFGGuider(model, negative_model)
+        guider = NegativePassCFGGuider(model, negative_model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     return guider

@@ -14,23 +14,30 @@ def conditioning_entries(conditioning, input_name: str) -> list:
     return [[c[0], dict(c[1])] for c in conditioning]
 
 
-def _cond_objects(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str) -> dict:
-    """ComfyUI's model-cond objects (CONDRegular, CONDCrossAttn, ...) for one conditioning entry, as
-    ``encode_model_conds`` makes them for sampling: c_crossattn, y, attention masks, pooled vectors, ..."""
+def _cond_objects(mp, entry, latent_shape: tuple[int, ...], device, prompt_type: str, seed: int) -> dict:
+    """ComfyUI's model-cond objects (CONDRegular, CONDCrossAttn, ...) for one conditioning entry, as the
+    sampler makes them from an empty latent (``process_conds``: the latent image in model space, the seed):
+    c_crossattn, y, attention masks, pooled vectors, concat images (inpainting, instruct-pix2pix, x4)..."""
     import comfy.sampler_helpers
     import comfy.samplers
 
     conds = comfy.sampler_helpers.convert_cond([entry])
     noise = torch.zeros(latent_shape)
-    conds = comfy.samplers.encode_model_conds(mp.model.extra_conds, conds, noise, device, prompt_type)
+    latent_image = mp.model.process_latent_in(torch.zeros(latent_shape))
+    conds = comfy.samplers.encode_model_conds(
+        mp.model.extra_conds, conds, noise, device, prompt_type, latent_image=latent_image, denoise_mask=None,
+        seed=seed,
+    )
     return conds[0]["model_conds"]
 
 
-def batched_model_conds(mp, entries: list, prompt_types: list[str], latent_shape, device) -> tuple[list[dict], dict]:
+def batched_model_conds(
+    mp, entries: list, prompt_types: list[str], latent_shape, device, seed: int = 0
+) -> tuple[list[dict], dict]:
     """Model inputs for several conditioning entries (prompts and the negative), made the same length the
     way ComfyUI batches conds for sampling (``CONDCrossAttn.concat`` repeats text to a common length).
     Returns (one batch-1 dict of tensors per entry, the inputs that are not per-row tensors, e.g. constants)."""
-    objs = [_cond_objects(mp, e, latent_shape, device, t) for e, t in zip(entries, prompt_types, strict=True)]
+    objs = [_cond_objects(mp, e, latent_shape, device, t, seed) for e, t in zip(entries, prompt_types, strict=True)]
     keys = set(objs[0])
     if any(set(o) != keys for o in objs):
         raise NPOError("positive/negative: the prompts give the model different inputs; encode them the same way.")
@@ -62,9 +69,9 @@ def batched_model_conds(mp, entries: list, prompt_types: list[str], latent_shape
     return [{k: v[i : i + 1] for k, v in rows.items()} for i in range(len(objs))], constants
 
 
-def model_inputs(mp, positive: list, negative, latent_shape, device) -> tuple[list[dict], dict, dict]:
+def model_inputs(mp, positive: list, negative, latent_shape, device, seed: int = 0) -> tuple[list[dict], dict, dict]:
     """(one batch-1 dict of model inputs per positive entry, the negative's, the inputs shared by every row),
     made one length the way ComfyUI batches conds for sampling (refused, naming the shapes, if they cannot be)."""
     types = ["positive"] * len(positive) + ["negative"]
-    rows, constants = batched_model_conds(mp, [*positive, negative], types, latent_shape, device)
+    rows, constants = batched_model_conds(mp, [*positive, negative], types, latent_shape, device, seed)
     return rows[:-1], rows[-1], constants

@@ -79,10 +79,12 @@ class TrainingModel:
     def to_model_space(self, samples: torch.Tensor) -> torch.Tensor:
         return self.mp.model.process_latent_in(samples)
 
-    def model_inputs(self, positive: list, negative, spatial: tuple[int, ...]) -> tuple[list[dict], dict, dict]:
+    def model_inputs(
+        self, positive: list, negative, spatial: tuple[int, ...], seed: int = 0
+    ) -> tuple[list[dict], dict, dict]:
         """The prompts' model inputs on the CPU (see ``training_conds.model_inputs``) for latents of ``spatial``."""
         shape = (1, self.latent.channels, *spatial)
-        return training_conds.model_inputs(self.mp, positive, negative, shape, torch.device("cpu"))
+        return training_conds.model_inputs(self.mp, positive, negative, shape, torch.device("cpu"), seed)
 
     def denoiser(self, constants: dict | None = None):
         return training_denoiser(self.mp, self.compute_dtype, constants)

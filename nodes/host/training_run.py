@@ -126,7 +126,7 @@ def plan_job(
             trainer = Trainer(tm.schedule, cfg, sig, resume_from)
     except (TrainingError, ValueError) as e:
         raise NPOError(str(e)) from None
-    pos, neg, constants = tm.model_inputs(positive, negative[0], spatial)
+    pos, neg, constants = tm.model_inputs(positive, negative[0], spatial, recipe.seed)
     return TrainingJob(
         tm, recipe, trainer, layer_names, sig, pos, neg, constants, Path(checkpoint_path) if checkpoint_path else None
     )

@@ -51,7 +51,7 @@ def test_negative_model_from_npo_negative_model_node(tiny, load_offset):
     _check(out, ref_out, plain_out, "negative_model = NPO Negative Model")
 
     # The naive way (row D: a guider that runs the clone as a second model) must be caught by this comparison.
-    naive = sampling.NPOCFGGuider(base, neg_model)
+    naive = sampling.NegativePassCFGGuider(base, neg_model)
     naive.set_conds(pos, neg)
     naive.set_cfg(CFG)
     naive_out = kit.guider_sample(naive, batch)
