@@ -71,11 +71,11 @@ def check_rows(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
         )
 
 
-def check_supported_model(mp, input_name: str = "model") -> None:
+def check_supported_model(mp, input_name: str = "model", fam: Family | None = None) -> None:
     """Refuse families the per-row negative pass cannot act on, naming the family and the reason."""
     if getattr(mp.model, "diffusion_model", None) is None:
         raise NPOError(f"{input_name}: {model_arch(mp)} is not supported by NPO: it has no diffusion model.")
-    fam = family(mp)
+    fam = fam or family(mp)
     if fam.unsupported is not None:
         raise NPOError(f"{input_name}: {fam.name} is not supported by NPO: {fam.unsupported}.")
 

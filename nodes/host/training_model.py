@@ -21,8 +21,8 @@ class TrainingModel:
     """One ModelPatcher prepared for TDFT: checked trainable, schedule built, facts read once."""
 
     def __init__(self, mp, input_name: str = "model") -> None:
-        model_facts.check_supported_model(mp, input_name)
         facts = model_facts.describe(mp)
+        model_facts.check_supported_model(mp, input_name, facts.family)
         if facts.guidance_distilled:
             raise NPOError(
                 f"{input_name}: {facts.family.name} is guidance-distilled: it samples at cfg 1, where there is no "
@@ -90,7 +90,9 @@ class TrainingModel:
         return training_denoiser(self.mp, self.compute_dtype, constants)
 
     def session(self, gradient_checkpointing: bool, copy_weights: bool) -> TrainingSession:
-        return TrainingSession(self.diffusion_model, gradient_checkpointing, copy_weights=copy_weights)
+        return TrainingSession(
+            self.diffusion_model, gradient_checkpointing, copy_weights=copy_weights, is_unet=self.family.unet
+        )
 
     def sample_pool(self, positive: list, negative, count: int, shape, steps: int, cfg: float, seed: int,
                     on_sample, on_step=None):

@@ -8,12 +8,6 @@ import torch
 from ...npo_core.errors import NPOError
 
 
-def is_unet_module(model: torch.nn.Module) -> bool:
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    return isinstance(model, UNetModel)
-
-
 def _with_copied_inputs(fn):
     def run(*args, **kwargs):
         copy = lambda v: v.clone() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
@@ -22,14 +16,14 @@ def _with_copied_inputs(fn):
     return run
 
 
-def checkpoint_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+def checkpoint_units(model: torch.nn.Module, unet: bool) -> list[torch.nn.Module]:
     """The modules gradient checkpointing wraps: a UNet's transformer and residual blocks; a DiT's
     transformer blocks (the members of its block lists: ``blocks``, ``joint_blocks``, ``double_blocks``,
     ``single_blocks``, ``transformer_blocks``, ``layers``, ...)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-    if isinstance(model, UNetModel):
+    if unet:
         return [m for m in model.modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
     out = []
     for _, child in model.named_children():
@@ -61,8 +55,11 @@ class TrainingSession:
     blocks.
     """
 
-    def __init__(self, unet: torch.nn.Module, gradient_checkpointing: bool, copy_weights: bool = True) -> None:
+    def __init__(
+        self, unet: torch.nn.Module, gradient_checkpointing: bool, copy_weights: bool = True, is_unet: bool = True
+    ) -> None:
         self.unet = unet
+        self.is_unet = is_unet  # an SD UNet (comfy's UNetModel), not a DiT
         self.gradient_checkpointing = gradient_checkpointing
         self.copy_weights = copy_weights
         self._originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
@@ -104,8 +101,8 @@ class TrainingSession:
 
         # DiT blocks update their inputs in place (Flux: ``img += ...``), which would change the tensors the
         # checkpoint saved for recomputation: they get copies of their tensor inputs instead
-        copy_inputs = not is_unet_module(self.unet)
-        for m in checkpoint_units(self.unet):
+        copy_inputs = not self.is_unet
+        for m in checkpoint_units(self.unet, self.is_unet):
             inner = m.forward
 
             def forward(*args, _inner=inner, _copy=copy_inputs, **kwargs):
