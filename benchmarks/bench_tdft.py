@@ -28,20 +28,20 @@ SD1.5 (``--arch sd15``): lora (rank 16, attention) or full mode, gradient checkp
 batch 2, 8 start latents, 2 prompts. ``--memory`` runs one child process per mode (lora, full) that builds
 the model, resets the peak counter and trains 2 steps.
 
-DiT (``--arch wan21_1.3b`` / ``sd35_medium``): what Self-NPO Train runs, with the node's own functions and
-defaults (read from its schema): ``nodes.train._plan`` (schedule kind from ``check_trainable``, TrainConfig:
-batch 4, K = 5, w = −1, lr auto, seed 0; LoRA rank 16 on ``training_layers(model, "attention")``), the
-start data of ``_start_data`` (``batched_model_conds`` for 2 prompts + the negative: text [1, 512, 4096] for
-Wan, [1, 154, 4096] + pooled [1, 2048] for SD3; 8 start latents given as the node's ``latents`` input: Wan
-[16, 1, 16, 16], SD3 [16, 32, 32]) and ``_train`` (``TrainingSession`` with gradient checkpointing on, the
-node's default, ``training_denoiser``, the flow schedule from ``make_schedule``). ``floor`` and ``authors``
-open the same session and LoRA. ``--memory`` runs child processes: lora training 2 steps with gradient
-checkpointing (at each ``--memory-latents`` side), without it (at the first side), and inference of the
-same model (``bench_dit.py``'s plain arm: CFGGuider + euler, ``--mem-steps`` steps, batch 1 = cond and
-uncond in one call). Reported: peak memory, the memory before the measured phase, the high-water delta
-(peak − before), training / inference (goal ≤ 1.5), and an estimate of what a 24 GB GPU needs at a real
-latent (Wan 480×832, 33 frames: 14,040 tokens; SD3.5 1024²: 4,096 tokens), from the measured parts:
-``gpu_estimate`` (``--estimate-from`` reruns it on a saved JSON). Full mode is not run on the DiTs.
+DiT (``--arch wan21_1.3b`` / ``sd35_medium``): what Self-NPO Train runs, through the entry point it uses
+(``nodes.host.training_run``) with its defaults (read from its schema): ``TrainingModel`` (the family record,
+the flow schedule of the model's own table), ``plan_job`` (TrainConfig: batch 4, K = 5, w = −1, lr auto, seed
+0; LoRA rank 16 on the family's "attention" preset; the model inputs of 2 prompts + the negative, batched as
+ComfyUI batches conds: text [1, 512, 4096] for Wan, [1, 154, 4096] + pooled [1, 2048] for SD3), ``start_data``
+(8 start latents given as the node's ``latents`` input: Wan [16, 1, 16, 16], SD3 [16, 32, 32]) and
+``train_offset`` (the training session with gradient checkpointing on, the node's default). ``floor`` and
+``authors`` open the same session and LoRA. ``--memory`` runs child processes: lora training 2 steps with
+gradient checkpointing (at each ``--memory-latents`` side), without it (at the first side), and inference of
+the same model (``bench_dit.py``'s plain arm: CFGGuider + euler, ``--mem-steps`` steps, batch 1 = cond and
+uncond in one call). Reported: peak memory, the memory before the measured phase, the high-water delta (peak −
+before), training / inference (goal ≤ 1.5), and an estimate of what a 24 GB GPU needs at a real latent (Wan
+480×832, 33 frames: 14,040 tokens; SD3.5 1024²: 4,096 tokens), from the measured parts: ``gpu_estimate``
+(``--estimate-from`` reruns it on a saved JSON). Full mode is not run on the DiTs.
 
 Memory is peak RSS on CPU (``/proc/self/clear_refs`` ← 5, then ``VmHWM``), ``torch.cuda.max_memory_allocated``
 on CUDA.

@@ -400,12 +400,12 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
         loss=s.loss, student_cond=s.student_cond, seed=s.seed, save_every=s.save_every,
     )
     resume_path = _resume_path(s.resume_from)
-    checkpoint_path = resume_path or _new_checkpoint_path(s.filename_prefix)
+    checkpoint_path = resume_path or (_new_checkpoint_path(s.filename_prefix) if s.save_every > 0 else None)
     positive_entries = training_conds.conditioning_entries(positive, "positive")
     negative_entries = training_conds.conditioning_entries(negative, "negative")
     job = training_run.plan_job(
         tm, recipe, positive_entries, negative_entries, spatial, resume_from=resume_path,
-        checkpoint_path=checkpoint_path if s.save_every > 0 else None,
+        checkpoint_path=checkpoint_path if s.save_every > 0 else None,  # resume_from with save_every 0 writes none
     )
     ignored = tm.ignored_sampling_patches()
     if ignored:

@@ -394,3 +394,10 @@ def test_continuous_schedules_are_refused_and_flow_matching_trains(tiny, out_dir
         train(edm, pos, neg, steps=1)
     assert train(flow, pos, neg, steps=1).result[2] == 1
     assert train(v_pred, pos, neg, steps=1).result[2] == 1
+
+
+def test_no_checkpoint_folder_without_checkpoints(tiny, out_dir):
+    """save_every 0 writes no checkpoint, so Self-NPO Train leaves output/npo_training uncreated."""
+    out = train(tiny("sd15"), *kit.make_conds("sd15"), steps=1, save_every=0)
+    assert out.result[2] == 1 and "checkpoint:" not in out.ui.as_dict()["text"][0]
+    assert not (out_dir / "npo_training").exists()
