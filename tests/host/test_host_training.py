@@ -401,3 +401,25 @@ def test_no_checkpoint_folder_without_checkpoints(tiny, out_dir):
     out = train(tiny("sd15"), *kit.make_conds("sd15"), steps=1, save_every=0)
     assert out.result[2] == 1 and "checkpoint:" not in out.ui.as_dict()["text"][0]
     assert not (out_dir / "npo_training").exists()
+
+
+def test_prompts_of_different_lengths_train_padded_as_comfyui_batches_them(tiny, out_dir, monkeypatch):
+    """SD prompts of 8 and 16 tokens (and a 16-token negative) train in one batch: the shorter text is repeated
+    to the common length, as ComfyUI's CONDCrossAttn.concat does when it batches conds for sampling."""
+    model = tiny("sd15")
+    (short, _), (long, neg) = kit.make_conds("sd15", seed=3, tokens=8), kit.make_conds("sd15", seed=4, tokens=16)
+    seen = []
+    real = training_model.training_denoiser
+
+    def spy(mp, dtype, *rest, **kw):
+        den = real(mp, dtype, *rest, **kw)
+        return lambda x, nu, cond: seen.append(cond["c_crossattn"].detach().clone()) or den(x, nu, cond)
+
+    monkeypatch.setattr(training_model, "training_denoiser", spy)
+    lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    out = train(model, short + long, neg, steps=2, batch_size=2, latents=lat, teacher_guidance=-5.0)
+    assert out.result[2] == 2 and seen and all(c.shape[1] == 16 for c in seen)
+    padded = short[0][0].repeat(1, 2, 1)  # 8 tokens → the common 16, by repetition
+    rows = torch.cat(seen).flatten(1)
+    assert any(torch.equal(r, padded.flatten(1)[0]) for r in rows), "the 8-token prompt is not the repeated text"
+    assert any(torch.equal(r, long[0][0].flatten(1)[0]) for r in rows)
