@@ -7,6 +7,8 @@ from comfy_api.latest import io
 from ..npo_core.errors import NPOError
 
 NPOOffsetType = io.Custom("NPO_OFFSET")
+# a scorer: ``.name`` and ``.score(images [B, H, W, C] in 0..1, prompts) -> [B]`` (higher is better)
+NPOScorerType = io.Custom("NPO_SCORER")
 CATEGORY = "NPO"
 STRENGTH_MAX = 4.0
 

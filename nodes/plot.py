@@ -44,3 +44,26 @@ def loss_curve_image(
         d.text((left + 10, (top + bottom) // 2), "no steps run", fill=(120, 0, 0))
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr)[None]
+
+
+def compare_grid(
+    images_a: torch.Tensor, images_b: torch.Tensor, captions: list[str], label_a: str, label_b: str,
+    thumb: int = 160, columns: int = 4,
+) -> torch.Tensor:
+    """Pairs side by side (A left, B right) under a caption each, ``columns`` pairs a row: [1, H, W, 3]."""
+    n = images_a.shape[0]
+    cols = max(1, min(columns, n))
+    rows = (n + cols - 1) // cols
+    cell_w, caption_h, head = 2 * thumb + 12, 14 * max(1, max(c.count("\n") + 1 for c in captions)) + 6, 20
+    sheet = Image.new("RGB", (cols * cell_w + 8, head + rows * (thumb + caption_h + 8)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    d.text((8, 4), f"left: {label_a}   right: {label_b}", fill=(0, 0, 0))
+    for i in range(n):
+        x, y = 8 + (i % cols) * cell_w, head + (i // cols) * (thumb + caption_h + 8)
+        for j, img in enumerate((images_a[i], images_b[i])):
+            pic = Image.fromarray((img[..., :3].clamp(0, 1) * 255).round().byte().cpu().numpy())
+            pic.thumbnail((thumb, thumb))
+            sheet.paste(pic, (x + j * (thumb + 4), y))
+        d.text((x, y + thumb + 2), captions[i], fill=(0, 0, 0))
+    arr = np.asarray(sheet, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]

@@ -1,0 +1,134 @@
+"""NPO Compare Report: does NPO (or offset A over offset B) score higher, pair by pair?"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..evaluation import pairing, report
+from ..npo_core.atomic import atomic_write
+from ..npo_core.errors import NPOError
+from .common import CATEGORY, NPOScorerType
+from .host import files, runtime
+from .plot import compare_grid
+
+EXTRA_SCORERS = ("scorer_2", "scorer_3")
+
+
+def score_frames(scorer, images: torch.Tensor, prompts: list[str], pbar) -> torch.Tensor:
+    """The scorer's score of every frame (its prompt repeated), one progress tick per frame."""
+    got = scorer.score(images, prompts)
+    pbar.update(images.shape[0])
+    runtime.throw_if_interrupted()
+    return got.detach().double().cpu().reshape(-1)
+
+
+class NPOCompareReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOCompareReport",
+            display_name="NPO Compare Report",
+            category=CATEGORY,
+            description="Scores two batches made with the same prompts and seeds (with NPO / without, or offset A / "
+            "offset B) and reports, per scorer, the means, the paired difference, the win rate (a strictly higher "
+            "score, as the authors count it) and whether the difference is more than chance. Writes the numbers "
+            "as JSON and CSV into the output folder.",
+            inputs=[
+                io.Image.Input("images_a", tooltip="A's images (e.g. sampled with Apply NPO), pair i = image i."),
+                io.Image.Input(
+                    "images_b", tooltip="B's images (e.g. the same sampler without NPO), same prompts and seeds."
+                ),
+                NPOScorerType.Input("scorer", tooltip="A scorer from NPO Load Scorer (higher = better)."),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="The prompts, one per line: one for every image, one per image, or N prompts for a batch "
+                    "of N runs of seeds (each prompt's images consecutive).",
+                ),
+                io.String.Input("label_a", default="NPO", tooltip="What A is called in the report."),
+                io.String.Input("label_b", default="plain CFG", tooltip="What B is called in the report."),
+                io.String.Input(
+                    "filename_prefix",
+                    default="npo_compare/report",
+                    tooltip="Where the JSON and CSV go, inside ComfyUI's output folder.",
+                ),
+                io.Int.Input(
+                    "frames_per_item",
+                    default=1,
+                    min=1,
+                    max=4096,
+                    tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' "
+                    "scores. 1 for images.",
+                ),
+                io.Int.Input(
+                    "bootstrap_seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seed of the bootstrap resampling (the confidence intervals); the same seed gives the "
+                    "same report.",
+                ),
+                NPOScorerType.Input("scorer_2", optional=True, tooltip="A second scorer (optional)."),
+                NPOScorerType.Input("scorer_3", optional=True, tooltip="A third scorer (optional)."),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="grid")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls, images_a, images_b, scorer, prompts: str, label_a: str, label_b: str, filename_prefix: str,
+        frames_per_item: int, bootstrap_seed: int, scorer_2=None, scorer_3=None,
+    ) -> io.NodeOutput:
+        scorers = [s for s in (scorer, scorer_2, scorer_3) if s is not None]
+        names = [s.name for s in scorers]
+        if len(set(names)) != len(names):
+            raise NPOError(f"scorer_2 / scorer_3: the same scorer is connected twice ({', '.join(names)}).")
+        items = pairing.items_of(images_a, frames_per_item, "images_a")
+        if pairing.items_of(images_b, frames_per_item, "images_b") != items or images_a.shape != images_b.shape:
+            raise NPOError(
+                f"images_b: {tuple(images_b.shape)} does not pair with images_a {tuple(images_a.shape)}; both "
+                "batches need the same prompts, seeds and size."
+            )
+        per_item = pairing.prompts_per_item(pairing.prompt_lines(prompts), items)
+        per_frame = [p for p in per_item for _ in range(frames_per_item)]
+        pbar = runtime.progress_bar(2 * images_a.shape[0] * len(scorers))
+        scores_a, scores_b = {}, {}
+        for s in scorers:
+            for images, out in ((images_a, scores_a), (images_b, scores_b)):
+                frames = score_frames(s, images, per_frame, pbar)
+                out[s.name] = pairing.mean_per_item(frames, frames_per_item).tolist()
+        summaries = report.summarise(scores_a, scores_b, seed=bootstrap_seed)
+        text = report.text_report(summaries, label_a, label_b)
+        json_path, csv_path = _write(summaries, scores_a, scores_b, per_item, label_a, label_b, filename_prefix)
+        text += f"\nwritten: {json_path}, {csv_path}"
+        first = slice(0, images_a.shape[0], frames_per_item)  # a video's first frame stands for it
+        captions = [
+            "\n".join(f"{k}: {scores_a[k][i]:.3f} | {scores_b[k][i]:.3f}" for k in scores_a) for i in range(items)
+        ]
+        grid = compare_grid(images_a[first], images_b[first], captions, label_a, label_b)
+        return io.NodeOutput(text, grid, ui=ui.PreviewText(text))
+
+
+def _write(summaries, scores_a, scores_b, prompts, label_a, label_b, filename_prefix) -> tuple[str, str]:
+    """The report's JSON and CSV in the output folder (written atomically); paths relative to it."""
+    base = files.output_dir()
+    folder, name, counter = files.save_path(base, filename_prefix)
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"{name}_{counter:05}_")
+    pairs = [{"pair": i, "prompt": p} for i, p in enumerate(prompts)]
+    doc = report.json_report(summaries, label_a, label_b, pairs)
+    table = report.csv_report(scores_a, scores_b, prompts)
+    atomic_write(stem + ".json", lambda tmp: _text_to(tmp, doc))
+    atomic_write(stem + ".csv", lambda tmp: _text_to(tmp, table))
+    return tuple(os.path.relpath(stem + ext, base).replace(os.sep, "/") for ext in (".json", ".csv"))
+
+
+def _text_to(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
