@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def node_list() -> list:
+    from .evaluate import NPOCompareReport, NPOLoadScorer
     from .guider import NPOCFGGuider
     from .host import files
     from .models import NPOApply, NPONegativeModel
@@ -11,4 +12,7 @@ def node_list() -> list:
     from .train import SelfNPOTrain
 
     files.register_npo_folder()
-    return [NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset]
+    return [
+        NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset,
+        NPOLoadScorer, NPOCompareReport,
+    ]

@@ -11,10 +11,63 @@ from ..evaluation import pairing, report
 from ..npo_core.atomic import atomic_write
 from ..npo_core.errors import NPOError
 from .common import CATEGORY, NPOScorerType
-from .host import files, runtime
+from .host import files, runtime, scorers
 from .plot import compare_grid
 
-EXTRA_SCORERS = ("scorer_2", "scorer_3")
+PICKSCORE, AESTHETIC = "PickScore v1", "LAION aesthetic v2"
+NONE = "none"
+
+
+class NPOLoadScorer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOLoadScorer",
+            display_name="NPO Load Scorer",
+            category=CATEGORY,
+            description="Loads one of the authors' image scorers from models/npo_scorers (nothing is downloaded): "
+            "PickScore v1 (a folder in the Hugging Face layout) or the LAION aesthetic predictor v2 (its MLP head "
+            "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision).",
+            inputs=[
+                io.Combo.Input(
+                    "scorer",
+                    options=[PICKSCORE, AESTHETIC],
+                    default=PICKSCORE,
+                    tooltip="PickScore v1: logit_scale · cosine of text and image embeddings (SD1.5 ≈ 20.75 in the "
+                    "paper). LAION aesthetic v2: 1–10 rating of the image alone (the prompt is not used).",
+                ),
+                io.Combo.Input(
+                    "weights",
+                    options=[NONE, *scorers.scorer_entries()],
+                    default=NONE,
+                    tooltip="In models/npo_scorers: PickScore, the folder of yuvalkirstain/PickScore_v1 with the "
+                    "tokenizer and preprocessor_config.json of laion/CLIP-ViT-H-14-laion2B-s32B-b79K beside its "
+                    "config.json and model.safetensors; aesthetic, sac+logos+ava1-l14-linearMSE.pth (or .safetensors).",
+                ),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    optional=True,
+                    tooltip="LAION aesthetic: CLIP ViT-L/14 (clip_vision_l / OpenAI's clip-vit-large-patch14) from "
+                    "Load CLIP Vision. Not used by PickScore.",
+                ),
+            ],
+            outputs=[NPOScorerType.Output(display_name="scorer")],
+        )
+
+    @classmethod
+    def execute(cls, scorer: str, weights: str, clip_vision=None) -> io.NodeOutput:
+        if not weights or weights == NONE:
+            raise NPOError(f"weights: choose the {scorer} files in models/{scorers.SCORER_FOLDER}.")
+        path = scorers.scorer_path(weights)
+        if scorer == PICKSCORE:
+            from ..evaluation.pickscore import PickScore
+
+            return io.NodeOutput(scorers.ManagedScorer(PickScore.from_folder(path), "PickScore"))
+        if scorer == AESTHETIC:
+            if clip_vision is None:
+                raise NPOError("clip_vision: the aesthetic scorer needs CLIP ViT-L/14; connect Load CLIP Vision.")
+            return io.NodeOutput(scorers.aesthetic_on_clip_vision(clip_vision, path))
+        raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}.")
 
 
 def score_frames(scorer, images: torch.Tensor, prompts: list[str], pbar) -> torch.Tensor:

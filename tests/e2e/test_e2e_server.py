@@ -23,6 +23,9 @@ EXPECTED_NODES = {
                       "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg", "frames"],
                      ["NPO_OFFSET", "IMAGE", "INT"]),
     "NPOSaveOffset": (["npo_offset", "filename_prefix", "model"], []),
+    "NPOLoadScorer": (["scorer", "weights", "clip_vision"], ["NPO_SCORER"]),
+    "NPOCompareReport": (["images_a", "images_b", "scorer", "prompts", "label_a", "label_b", "filename_prefix",
+                          "frames_per_item", "bootstrap_seed", "scorer_2", "scorer_3"], ["STRING", "IMAGE"]),
 }
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"
 

@@ -1,0 +1,102 @@
+"""NPO Load Scorer → NPO Compare Report in real ComfyUI, on tiny random scorers in models/npo_scorers: the report's
+numbers equal transformers computing the scores directly (PickScore; the LAION aesthetic head on ComfyUI's own
+CLIP_VISION), and the loader refuses what it cannot use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+import test_host_scorers as ref  # noqa: E402  (the tiny scorer folders and the transformers references)
+from test_host_scorers import clip_folder, vision_folder  # noqa: E402, F401  (fixtures)
+
+from comfyui_npo.nodes.evaluate import AESTHETIC, PICKSCORE, NPOCompareReport, NPOLoadScorer  # noqa: E402
+from comfyui_npo.nodes.host import scorers  # noqa: E402
+from comfyui_npo.npo_core.errors import NPOError  # noqa: E402
+
+
+@pytest.fixture
+def scorer_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    d = tmp_path / "npo_scorers"
+    d.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, scorers.SCORER_FOLDER, ([str(d)], set()))
+    return d
+
+
+def _report(out_dir, scorer, a, b, prompts):
+    with torch.inference_mode():
+        out = NPOCompareReport.execute(
+            images_a=a, images_b=b, scorer=scorer, prompts="\n".join(prompts), label_a="A", label_b="B",
+            filename_prefix="cmp/s", frames_per_item=1, bootstrap_seed=0,
+        )
+    return out, json.loads((out_dir / "cmp" / "s_00001_.json").read_text())
+
+
+def test_pickscore_report_equals_transformers(scorer_dir, clip_folder, out_dir):  # noqa: F811
+    shutil.copytree(clip_folder, scorer_dir / "PickScore_v1")
+    assert "PickScore_v1" in scorers.scorer_entries()
+    with torch.inference_mode():
+        scorer = NPOLoadScorer.execute(scorer=PICKSCORE, weights="PickScore_v1").result[0]
+    prompts = ref.PROMPTS[:3]
+    a, b = ref.comfy_images(37, 55, 3, seed=1), ref.comfy_images(37, 55, 3, seed=2)
+    _, doc = _report(out_dir, scorer, a, b, prompts)
+    want_a, want_b = ref.reference_pickscore(clip_folder, a, prompts), ref.reference_pickscore(clip_folder, b, prompts)
+    got = doc["scorers"]["PickScore"]
+    assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
+    assert got["mean_b"] == pytest.approx(float(want_b.double().mean()), abs=1e-5)
+    assert got["wins_a"] == int((want_a > want_b).sum()) and got["wins_b"] == int((want_a < want_b).sum())
+
+
+def _comfy_clip_vision(folder, tmp_path):
+    """ComfyUI's ClipVisionModel of the tiny transformers vision tower (same config, same weights, fp32)."""
+    import comfy.clip_vision
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = {**cfg.get("vision_config", cfg), "model_type": "clip_vision_model", "image_size": 32}
+    (tmp_path / "cv.json").write_text(json.dumps(cfg))
+    cv = comfy.clip_vision.ClipVisionModel(str(tmp_path / "cv.json"))
+    cv.model.float()
+    hf = transformers.CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
+    missing, _ = cv.load_sd(hf.state_dict())
+    assert not missing
+    return cv
+
+
+def test_aesthetic_on_comfy_clip_vision_equals_transformers(scorer_dir, vision_folder, out_dir, tmp_path):  # noqa: F811
+    weights = ref.head_weights()
+    save_file(ref.head_state_dict(weights), str(scorer_dir / "aesthetic.safetensors"))
+    cv = _comfy_clip_vision(vision_folder, tmp_path)
+    with torch.inference_mode():
+        scorer = NPOLoadScorer.execute(scorer=AESTHETIC, weights="aesthetic.safetensors", clip_vision=cv).result[0]
+    a, b = ref.comfy_images(61, 29, 4, seed=3), ref.comfy_images(61, 29, 4, seed=4)
+    _, doc = _report(out_dir, scorer, a, b, ["unused"])
+    want_a = ref.reference_aesthetic(vision_folder, a, weights)
+    want_b = ref.reference_aesthetic(vision_folder, b, weights)
+    got = doc["scorers"]["LAION aesthetic v2"]
+    assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), rel=1e-5)
+    assert got["mean_diff"] == pytest.approx(float((want_a - want_b).double().mean()), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.fault(
+    "NPO Load Scorer with no weights chosen, the aesthetic scorer without a CLIP vision model, or a name outside "
+    "models/npo_scorers",
+    "NPOError naming the input and what to connect or where to put the files",
+)
+def test_loader_refusals(scorer_dir, vision_folder, tmp_path):  # noqa: F811
+    save_file(ref.head_state_dict(ref.head_weights()), str(scorer_dir / "aesthetic.safetensors"))
+    with pytest.raises(NPOError, match="weights: choose the PickScore v1 files"):
+        NPOLoadScorer.execute(scorer=PICKSCORE, weights="none")
+    with pytest.raises(NPOError, match="clip_vision: the aesthetic scorer needs CLIP ViT-L/14"):
+        NPOLoadScorer.execute(scorer=AESTHETIC, weights="aesthetic.safetensors")
+    with pytest.raises(NPOError, match="weights: '../x' must be a file name inside its folder"):
+        NPOLoadScorer.execute(scorer=PICKSCORE, weights="../x")
+    with pytest.raises(NPOError, match="not in models/npo_scorers"):
+        NPOLoadScorer.execute(scorer=PICKSCORE, weights="missing")
