@@ -10,6 +10,8 @@
 - ``training_conds``: the prompts' model inputs, batched as ComfyUI batches conds;
 - ``training_session``: the diffusion model in training shape (trainable Parameters, checkpointing), restored;
 - ``training_run``: one Self-NPO run (plan, start data, train), shared by Self-NPO Train and the benchmarks;
+- ``scorers``: the ``npo_scorers`` model folder, scorers under ComfyUI's model management, CLIP_VISION as a
+  scorer's image tower;
 - ``runtime``: logging, cancel, progress, out-of-memory errors.
 
 Tested against ComfyUI v0.3.64, v0.14.1 and v0.33.0.
