@@ -100,3 +100,44 @@ def test_loader_refusals(scorer_dir, vision_folder, tmp_path):  # noqa: F811
         NPOLoadScorer.execute(scorer=PICKSCORE, weights="../x")
     with pytest.raises(NPOError, match="not in models/npo_scorers"):
         NPOLoadScorer.execute(scorer=PICKSCORE, weights="missing")
+
+
+def test_folder_script_follows_compare_rate_and_matches_transformers(clip_folder, tmp_path):  # noqa: F811
+    """scripts/npo_compare_folders.py on two folders of name.png + name.txt (one name only in A, one without a
+    prompt in B): the pairs it scores and their PickScore numbers equal transformers' on the same PNGs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a_dir, b_dir = tmp_path / "npo", tmp_path / "plain"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    prompts = [f"a red cat {'lower ' * i}".strip() for i in range(8)]
+    images_a, images_b = ref.comfy_images(37, 55, 8, seed=5), ref.comfy_images(37, 55, 8, seed=6)
+    for folder, images in ((a_dir, images_a), (b_dir, images_b)):
+        for i, (png, prompt) in enumerate(zip(ref.saved_pngs(images), prompts, strict=True)):
+            png.save(folder / f"{i:03}.png")
+            if not (folder is b_dir and i == 3):
+                (folder / f"{i:03}.txt").write_text(prompt + "\n")
+    ref.saved_pngs(images_a[:1])[0].save(a_dir / "only_a.png")
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report"
+    run = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "npo_compare_folders.py"), str(a_dir), str(b_dir),
+         "--pickscore", str(clip_folder), "--labels", "NPO", "plain", "--out", str(out), "--resamples", "500"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "7 pairs sampled of 8 common names; 1 left out without a .txt prompt" in run.stderr
+    doc = json.loads(Path(str(out) + ".json").read_text())
+    names = [p["name"] for p in doc["pairs"]]
+    assert sorted(names) == [f"{i:03}.png" for i in range(8) if i != 3]
+    keep = [int(n[:3]) for n in names]
+    want_a = ref.reference_pickscore(clip_folder, images_a[keep], [prompts[i] for i in keep])
+    want_b = ref.reference_pickscore(clip_folder, images_b[keep], [prompts[i] for i in keep])
+    got = doc["scorers"]["PickScore"]
+    assert got["n"] == 7 and got["wins_a"] == int((want_a > want_b).sum())
+    assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
+    rows = Path(str(out) + ".csv").read_text().splitlines()
+    assert len(rows) == 8 and rows[1].split(",")[1] == names[0]
+    assert "NPO vs plain: 7 pairs" in run.stdout and Path(str(out) + ".txt").read_text().startswith("NPO vs plain")
