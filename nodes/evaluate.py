@@ -70,12 +70,72 @@ class NPOLoadScorer(io.ComfyNode):
         raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}.")
 
 
+SCORE_CHUNK = 16  # images per scorer call: the progress bar moves and Cancel is checked between calls
+
+
 def score_frames(scorer, images: torch.Tensor, prompts: list[str], pbar) -> torch.Tensor:
-    """The scorer's score of every frame (its prompt repeated), one progress tick per frame."""
-    got = scorer.score(images, prompts)
-    pbar.update(images.shape[0])
-    runtime.throw_if_interrupted()
-    return got.detach().double().cpu().reshape(-1)
+    """The scorer's score of every frame (its prompt repeated), in chunks, the progress bar ticking per image."""
+    out = []
+    for i in range(0, images.shape[0], SCORE_CHUNK):
+        runtime.throw_if_interrupted()
+        got = scorer.score(images[i : i + SCORE_CHUNK], prompts[i : i + SCORE_CHUNK])
+        out.append(got.detach().double().cpu().reshape(-1))
+        pbar.update(out[-1].shape[0])
+    return torch.cat(out)
+
+
+def release(scorers_used) -> None:
+    """Give the pack's own scorer models back to ComfyUI's model management (moved off the device)."""
+    for s in scorers_used:
+        getattr(s, "release", lambda: None)()
+
+
+class NPOScoreImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOScoreImages",
+            display_name="NPO Score Images",
+            category=CATEGORY,
+            description="Scores an IMAGE batch against its prompts with a scorer from NPO Load Scorer.",
+            inputs=[
+                io.Image.Input("images", tooltip="The images (or the frames of videos, see frames_per_item)."),
+                NPOScorerType.Input("scorer", tooltip="A scorer from NPO Load Scorer (higher = better)."),
+                io.String.Input(
+                    "prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="The prompts, one per line: one for every image, one per image, or N prompts for a batch "
+                    "of N runs of seeds (each prompt's images consecutive).",
+                ),
+                io.Int.Input(
+                    "frames_per_item",
+                    default=1,
+                    min=1,
+                    max=4096,
+                    tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' "
+                    "scores. 1 for images.",
+                ),
+            ],
+            outputs=[
+                io.Float.Output(display_name="scores", is_output_list=True),
+                io.String.Output(display_name="text"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, scorer, prompts: str, frames_per_item: int) -> io.NodeOutput:
+        items = pairing.items_of(images, frames_per_item, "images")
+        per_item = pairing.prompts_per_item(pairing.prompt_lines(prompts), items)
+        per_frame = [p for p in per_item for _ in range(frames_per_item)]
+        frames = score_frames(scorer, images, per_frame, runtime.progress_bar(images.shape[0]))
+        release([scorer])
+        scores = pairing.mean_per_item(frames, frames_per_item).tolist()
+        mean = sum(scores) / len(scores)
+        lines = [f"{scorer.name}: mean {mean:.4f} over {len(scores)} item(s)"]
+        lines += [f"{i}: {v:.4f}  {p}" for i, (v, p) in enumerate(zip(scores, per_item, strict=True))]
+        text = "\n".join(lines)
+        return io.NodeOutput(scores, text, ui=ui.PreviewText(text))
 
 
 class NPOCompareReport(io.ComfyNode):
@@ -156,6 +216,7 @@ class NPOCompareReport(io.ComfyNode):
             for images, out in ((images_a, scores_a), (images_b, scores_b)):
                 frames = score_frames(s, images, per_frame, pbar)
                 out[s.name] = pairing.mean_per_item(frames, frames_per_item).tolist()
+        release(scorers)
         summaries = report.summarise(scores_a, scores_b, seed=bootstrap_seed)
         text = report.text_report(summaries, label_a, label_b)
         json_path, csv_path = _write(summaries, scores_a, scores_b, per_item, label_a, label_b, filename_prefix)

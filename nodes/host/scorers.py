@@ -72,6 +72,15 @@ class ManagedScorer:
         mm.load_models_gpu([self.patcher])
         return self.module.score(images, prompts)
 
+    def release(self) -> None:
+        """Unload the scorer from the device, as ComfyUI frees a model it no longer needs."""
+        import comfy.model_management as mm
+
+        for loaded in list(mm.current_loaded_models):
+            if loaded.model is self.patcher:
+                loaded.model_unload()
+                mm.current_loaded_models.remove(loaded)
+
 
 class ClipVisionTower(torch.nn.Module):
     """ComfyUI's CLIP_VISION as ``tower(pixel_values=...).image_embeds`` (the projected embedding ComfyUI's

@@ -118,3 +118,52 @@ def test_bad_inputs_name_the_input(kw, match, out_dir):
     with pytest.raises(NPOError, match=match):
         _run(out_dir, **kw)
     assert not (out_dir / "cmp").exists()
+
+
+def test_scoring_moves_the_progress_bar_per_chunk_and_stops_on_cancel(out_dir, monkeypatch):
+    import comfy.model_management
+
+    import comfyui_npo.nodes.evaluate as evaluate
+    from comfyui_npo.nodes.host import runtime
+
+    ticks = []
+
+    class Bar:
+        def __init__(self, total):
+            ticks.append(("total", total))
+
+        def update(self, n):
+            ticks.append(n)
+
+    monkeypatch.setattr(runtime, "progress_bar", Bar)
+    monkeypatch.setattr(evaluate, "SCORE_CHUNK", 3)
+    scorer = RedScorer()
+    _run(out_dir, scorer=scorer, prompts="p")
+    assert ticks == [("total", 16), 3, 3, 2, 3, 3, 2]  # A's 8 images, then B's, 3 at a time
+    assert [len(p) for p in scorer.prompts] == [3, 3, 2, 3, 3, 2]
+
+    calls = []
+
+    class CancelAfterOne(RedScorer):
+        def score(self, images, prompts):
+            calls.append(1)
+            comfy.model_management.interrupt_current_processing(True)
+            return super().score(images, prompts)
+
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _run(out_dir, scorer=CancelAfterOne(), prompts="p")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert calls == [1]  # the next chunk is not scored
+
+
+def test_score_images_node_scores_each_item(out_dir):
+    from comfyui_npo.nodes.evaluate import NPOScoreImages
+
+    with torch.inference_mode():
+        out = NPOScoreImages.execute(images=_batch([0.9, 0.3, 0.6, 0.1, 0.2, 0.3]), scorer=RedScorer(),
+                                     prompts="a\nb", frames_per_item=3)
+    scores, text = out.result
+    assert scores == pytest.approx([0.6, 0.2], abs=1e-6)  # each video's frames averaged
+    assert text.startswith("red: mean 0.4000 over 2 item(s)") and "1: 0.2000  b" in text

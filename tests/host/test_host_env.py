@@ -16,4 +16,5 @@ def test_comfyui_found_and_on_cpu(comfy_root):
 
     ids = {n.define_schema().node_id for n in node_list()}
     assert ids == {"NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset",
-                   "SelfNPOTrain", "NPOSaveOffset", "NPOLoadScorer", "NPOCompareReport"}  # landed ids never change
+                   "SelfNPOTrain", "NPOSaveOffset", "NPOLoadScorer", "NPOCompareReport",
+                   "NPOScoreImages"}  # landed ids never change

@@ -53,6 +53,9 @@ def test_pickscore_report_equals_transformers(scorer_dir, clip_folder, out_dir):
     assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
     assert got["mean_b"] == pytest.approx(float(want_b.double().mean()), abs=1e-5)
     assert got["wins_a"] == int((want_a > want_b).sum()) and got["wins_b"] == int((want_a < want_b).sum())
+    import comfy.model_management
+
+    assert all(m.model is not scorer.patcher for m in comfy.model_management.current_loaded_models)  # unloaded
 
 
 def _comfy_clip_vision(folder, tmp_path):
