@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def node_list() -> list:
-    from .evaluate import NPOCompareReport, NPOLoadScorer, NPOScoreImages
+    from .evaluate import NPOCompareReport, NPOLoadScorer, NPOPromptList, NPOScoreImages
     from .guider import NPOCFGGuider
     from .host import files
     from .models import NPOApply, NPONegativeModel
@@ -14,5 +14,5 @@ def node_list() -> list:
     files.register_npo_folder()
     return [
         NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset,
-        NPOLoadScorer, NPOCompareReport, NPOScoreImages,
+        NPOLoadScorer, NPOCompareReport, NPOScoreImages, NPOPromptList,
     ]

@@ -84,10 +84,69 @@ def score_frames(scorer, images: torch.Tensor, prompts: list[str], pbar) -> torc
     return torch.cat(out)
 
 
+def one(value):
+    """A widget or single input of a list-input node (ComfyUI passes each as a list)."""
+    return value[0] if isinstance(value, list) else value
+
+
+def joined_images(value, input_name: str) -> torch.Tensor:
+    """IMAGE batches of a list input (one per prompt of an NPO Prompt List) as one batch, in order."""
+    if not isinstance(value, list):
+        return value
+    sizes = {tuple(v.shape[1:]) for v in value}
+    if len(sizes) > 1:
+        raise NPOError(f"{input_name}: the batches differ in size ({sorted(sizes)}); sample every prompt at one size.")
+    return torch.cat(value)
+
+
+def joined_prompts(value) -> list[str]:
+    """Prompt lines of a list input: an NPO Prompt List's prompts, or a text of one prompt per line."""
+    texts = value if isinstance(value, list) else [value]
+    return [line for t in texts for line in pairing.prompt_lines(t)]
+
+
 def release(scorers_used) -> None:
     """Give the pack's own scorer models back to ComfyUI's model management (moved off the device)."""
     for s in scorers_used:
         getattr(s, "release", lambda: None)()
+
+
+class NPOPromptList(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NPOPromptList",
+            display_name="NPO Prompt List",
+            category=CATEGORY,
+            description="Prompts, one per line (or from a .txt file in ComfyUI's input folder), as a list: the nodes "
+            "after it run once per prompt (CLIP Text Encode, KSampler, ...), and NPO Compare Report / NPO Score "
+            "Images collect the results in order.",
+            inputs=[
+                io.String.Input(
+                    "text", multiline=True, default="", tooltip="One prompt per line; empty lines are skipped."
+                ),
+                io.Combo.Input(
+                    "prompt_file",
+                    options=[NONE, *files.input_text_files()],
+                    default=NONE,
+                    optional=True,
+                    tooltip="A .txt file in ComfyUI's input folder, one prompt per line, added after the text's.",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="prompts", is_output_list=True),
+                io.Int.Output(display_name="count"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, text: str, prompt_file: str = NONE) -> io.NodeOutput:
+        prompts = pairing.prompt_lines(text)
+        if prompt_file and prompt_file != NONE:
+            prompts += pairing.prompt_lines(files.read_input_text(prompt_file, "prompt_file"))
+        if not prompts:
+            raise NPOError("text: no prompt; write one prompt per line (or choose a prompt_file).")
+        return io.NodeOutput(prompts, len(prompts))
 
 
 class NPOScoreImages(io.ComfyNode):
@@ -121,12 +180,14 @@ class NPOScoreImages(io.ComfyNode):
                 io.Float.Output(display_name="scores", is_output_list=True),
                 io.String.Output(display_name="text"),
             ],
+            is_input_list=True,  # the image batches of an NPO Prompt List's prompts arrive together
         )
 
     @classmethod
-    def execute(cls, images, scorer, prompts: str, frames_per_item: int) -> io.NodeOutput:
+    def execute(cls, images, scorer, prompts, frames_per_item) -> io.NodeOutput:
+        images, scorer, frames_per_item = joined_images(images, "images"), one(scorer), one(frames_per_item)
         items = pairing.items_of(images, frames_per_item, "images")
-        per_item = pairing.prompts_per_item(pairing.prompt_lines(prompts), items)
+        per_item = pairing.prompts_per_item(joined_prompts(prompts), items)
         per_frame = [p for p in per_item for _ in range(frames_per_item)]
         frames = score_frames(scorer, images, per_frame, runtime.progress_bar(images.shape[0]))
         release([scorer])
@@ -191,14 +252,18 @@ class NPOCompareReport(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="grid")],
             is_output_node=True,
+            is_input_list=True,  # the image batches of an NPO Prompt List's prompts arrive together
         )
 
     @classmethod
     def execute(
-        cls, images_a, images_b, scorer, prompts: str, label_a: str, label_b: str, filename_prefix: str,
-        frames_per_item: int, bootstrap_seed: int, scorer_2=None, scorer_3=None,
+        cls, images_a, images_b, scorer, prompts, label_a, label_b, filename_prefix, frames_per_item, bootstrap_seed,
+        scorer_2=None, scorer_3=None,
     ) -> io.NodeOutput:
-        scorers = [s for s in (scorer, scorer_2, scorer_3) if s is not None]
+        images_a, images_b = joined_images(images_a, "images_a"), joined_images(images_b, "images_b")
+        label_a, label_b, filename_prefix = one(label_a), one(label_b), one(filename_prefix)
+        frames_per_item, bootstrap_seed = one(frames_per_item), one(bootstrap_seed)
+        scorers = [one(s) for s in (scorer, scorer_2, scorer_3) if one(s) is not None]
         names = [s.name for s in scorers]
         if len(set(names)) != len(names):
             raise NPOError(f"scorer_2 / scorer_3: the same scorer is connected twice ({', '.join(names)}).")
@@ -208,7 +273,7 @@ class NPOCompareReport(io.ComfyNode):
                 f"images_b: {tuple(images_b.shape)} does not pair with images_a {tuple(images_a.shape)}; both "
                 "batches need the same prompts, seeds and size."
             )
-        per_item = pairing.prompts_per_item(pairing.prompt_lines(prompts), items)
+        per_item = pairing.prompts_per_item(joined_prompts(prompts), items)
         per_frame = [p for p in per_item for _ in range(frames_per_item)]
         pbar = runtime.progress_bar(2 * images_a.shape[0] * len(scorers))
         scores_a, scores_b = {}, {}

@@ -98,3 +98,23 @@ def save_path(base_dir: str, filename_prefix: str, input_name: str = "filename_p
             f"{input_name}: '{filename_prefix}' points outside {base_dir} (a symlink?); choose another name."
         )
     return folder, filename, counter
+
+
+def input_text_files() -> list[str]:
+    """The .txt files of ComfyUI's input folder (subfolders included), relative with '/'."""
+    root = folder_paths.get_input_directory()
+    out = []
+    for here, _dirs, found in os.walk(root, followlinks=True):
+        rel = os.path.relpath(here, root)
+        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in found if f.endswith(".txt")]
+    return sorted(out)
+
+
+def read_input_text(name: str, input_name: str) -> str:
+    """A text file of ComfyUI's input folder (UTF-8)."""
+    check_relative_name(name, input_name)
+    path = os.path.join(folder_paths.get_input_directory(), name)
+    if not os.path.isfile(path):
+        raise NPOError(f"{input_name}: '{name}' is not in ComfyUI's input folder.")
+    with open(path, encoding="utf-8") as f:
+        return f.read()

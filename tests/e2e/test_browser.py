@@ -40,7 +40,7 @@ if cdp is None or not Path(os.environ.get("NPO_E2E_CHROMIUM", "/usr/bin/chromium
 EXAMPLES = kit.example_names()
 PACK_NODES = ["NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset", "SelfNPOTrain",
               "NPOSaveOffset", "NPOLoadScorer", "NPOCompareReport",
-              "NPOScoreImages"]
+              "NPOScoreImages", "NPOPromptList"]
 TEST_VALUES = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET, "width": 64, "height": 64, "steps": 3}
 # Exceptions the frontend itself throws, with no custom node installed (checked with an empty custom_nodes
 # folder): ComfyUI v0.3.64's frontend 1.27.10 registers its core settings at start-up, and the

@@ -27,6 +27,7 @@ EXPECTED_NODES = {
     "NPOCompareReport": (["images_a", "images_b", "scorer", "prompts", "label_a", "label_b", "filename_prefix",
                           "frames_per_item", "bootstrap_seed", "scorer_2", "scorer_3"], ["STRING", "IMAGE"]),
     "NPOScoreImages": (["images", "scorer", "prompts", "frames_per_item"], ["FLOAT", "STRING"]),
+    "NPOPromptList": (["text", "prompt_file"], ["STRING", "INT"]),
 }
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"
 

@@ -167,3 +167,33 @@ def test_score_images_node_scores_each_item(out_dir):
     scores, text = out.result
     assert scores == pytest.approx([0.6, 0.2], abs=1e-6)  # each video's frames averaged
     assert text.startswith("red: mean 0.4000 over 2 item(s)") and "1: 0.2000  b" in text
+
+
+def test_prompt_list_runs_per_prompt_and_the_report_collects_in_order(out_dir, tmp_path, monkeypatch):
+    """NPO Prompt List (text + a prompt file) feeds the report the way ComfyUI's list execution does: one IMAGE
+    batch per prompt on each side, every input as a list; pairs stay in prompt order."""
+    import folder_paths
+
+    from comfyui_npo.nodes.evaluate import NPOPromptList
+
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / "more.txt").write_text("a cat\n\n")
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(inputs))
+    prompts, count = NPOPromptList.execute(text="a fox\n  \n", prompt_file="more.txt").result
+    assert prompts == ["a fox", "a cat"] and count == 2
+    scorer = RedScorer()
+    lists = dict(
+        images_a=[_batch(RED_A[:4]), _batch(RED_A[4:])], images_b=[_batch(RED_B[:4]), _batch(RED_B[4:])],
+        scorer=[scorer], prompts=prompts, label_a=["NPO"], label_b=["plain"], filename_prefix=["cmp/run"],
+        frames_per_item=[1], bootstrap_seed=[0],
+    )
+    with torch.inference_mode():
+        NPOCompareReport.execute(**lists)
+    doc = json.loads((out_dir / "cmp" / "run_00001_.json").read_text())
+    assert [p["prompt"] for p in doc["pairs"]] == ["a fox"] * 4 + ["a cat"] * 4
+    assert (doc["scorers"]["red"]["wins_a"], doc["scorers"]["red"]["ties"]) == (4, 1)
+    with pytest.raises(NPOError, match="text: no prompt"):
+        NPOPromptList.execute(text=" \n")
+    with pytest.raises(NPOError, match="images_a: the batches differ in size"):
+        NPOCompareReport.execute(**{**lists, "images_a": [_batch(RED_A[:4]), _batch(RED_A[4:], h=8)]})
