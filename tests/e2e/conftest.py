@@ -34,7 +34,7 @@ SKIP_REASON = "ComfyUI not found (set COMFYUI_PATH or install to ~/comfy/ComfyUI
 # test_e2e_examples.py (static checks of example_workflows/) still runs.
 # test_e2e_demo.py skips its own server-based tests (its missing-ComfyUI test runs everywhere).
 collect_ignore = [] if COMFY_ROOT else ["test_e2e_server.py", "test_e2e_workflows.py", "test_browser.py",
-                                       "test_e2e_self_npo.py", "test_e2e_isolation.py"]
+                                       "test_e2e_self_npo.py", "test_e2e_isolation.py", "test_e2e_compare.py"]
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -74,7 +74,11 @@ def spread_weights(model: nn.Module, seed: int) -> None:
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A tiny CLIPModel (projection 16, logit_scale exp = 20) in the HF layout with tokenizer and preprocessor."""
-    folder = tmp_path_factory.mktemp("pickscore")
+    return write_pickscore_folder(tmp_path_factory.mktemp("pickscore"))
+
+
+def write_pickscore_folder(folder):
+    """Write the tiny PickScore-shaped CLIPModel, its tokenizer and preprocessor config into ``folder``."""
     text = dict(TINY, vocab_size=len(VOCAB), max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS)
     config = transformers.CLIPConfig(
         text_config=dict(text, pad_token_id=EOS, projection_dim=16),
