@@ -14,7 +14,7 @@ from .common import CATEGORY, NPOScorerType
 from .host import files, runtime, scorers
 from .plot import compare_grid
 
-PICKSCORE, AESTHETIC = "PickScore v1", "LAION aesthetic v2"
+PICKSCORE, AESTHETIC, HPS = "PickScore v1", "LAION aesthetic v2", "HPS v2.1"
 NONE = "none"
 
 
@@ -26,15 +26,17 @@ class NPOLoadScorer(io.ComfyNode):
             display_name="NPO Load Scorer",
             category=CATEGORY,
             description="Loads one of the authors' image scorers from models/npo_scorers (nothing is downloaded): "
-            "PickScore v1 (a folder in the Hugging Face layout) or the LAION aesthetic predictor v2 (its MLP head "
-            "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision).",
+            "PickScore v1 (a folder in the Hugging Face layout), the LAION aesthetic predictor v2 (its MLP head "
+            "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision) or HPS v2.1 (its checkpoint, without the hpsv2 "
+            "package).",
             inputs=[
                 io.Combo.Input(
                     "scorer",
-                    options=[PICKSCORE, AESTHETIC],
+                    options=[PICKSCORE, AESTHETIC, HPS],
                     default=PICKSCORE,
                     tooltip="PickScore v1: logit_scale · cosine of text and image embeddings (SD1.5 ≈ 20.75 in the "
-                    "paper). LAION aesthetic v2: 1–10 rating of the image alone (the prompt is not used).",
+                    "paper). LAION aesthetic v2: 1–10 rating of the image alone (the prompt is not used). HPS v2.1: "
+                    "cosine of the normalised embeddings of its open_clip ViT-H-14 (run on transformers' CLIP).",
                 ),
                 io.Combo.Input(
                     "weights",
@@ -42,7 +44,9 @@ class NPOLoadScorer(io.ComfyNode):
                     default=NONE,
                     tooltip="In models/npo_scorers: PickScore, the folder of yuvalkirstain/PickScore_v1 with the "
                     "tokenizer and preprocessor_config.json of laion/CLIP-ViT-H-14-laion2B-s32B-b79K beside its "
-                    "config.json and model.safetensors; aesthetic, sac+logos+ava1-l14-linearMSE.pth (or .safetensors).",
+                    "config.json and model.safetensors; aesthetic, sac+logos+ava1-l14-linearMSE.pth (or "
+                    ".safetensors); HPS, HPS_v2.1_compressed.pt in a folder holding the tokenizer files of "
+                    "laion/CLIP-ViT-H-14.",
                 ),
                 io.ClipVision.Input(
                     "clip_vision",
@@ -67,7 +71,11 @@ class NPOLoadScorer(io.ComfyNode):
             if clip_vision is None:
                 raise NPOError("clip_vision: the aesthetic scorer needs CLIP ViT-L/14; connect Load CLIP Vision.")
             return io.NodeOutput(scorers.aesthetic_on_clip_vision(clip_vision, path))
-        raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}.")
+        if scorer == HPS:
+            from ..evaluation.hps import HPSv21
+
+            return io.NodeOutput(scorers.ManagedScorer(HPSv21.from_file(path, os.path.dirname(path)), "HPS v2.1"))
+        raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}, {HPS}.")
 
 
 SCORE_CHUNK = 16  # images per scorer call: the progress bar moves and Cancel is checked between calls

@@ -144,3 +144,32 @@ def test_folder_script_follows_compare_rate_and_matches_transformers(clip_folder
     rows = Path(str(out) + ".csv").read_text().splitlines()
     assert len(rows) == 8 and rows[1].split(",")[1] == names[0]
     assert "NPO vs plain: 7 pairs" in run.stdout and Path(str(out) + ".txt").read_text().startswith("NPO vs plain")
+
+
+def test_hps_through_the_loader_equals_open_clip(scorer_dir, out_dir, monkeypatch, tmp_path):
+    """NPO Load Scorer (HPS v2.1: a checkpoint in a folder with the tokenizer files) → NPO Compare Report equals
+    open_clip's own cosine on the same checkpoint. The tiny towers are 32 wide, a width the head table does not
+    know, so their head counts are passed in (the real ViT-H-14 widths are in the table)."""
+    pytest.importorskip("open_clip")
+    import functools
+
+    import test_host_hps as hps_ref
+
+    from comfyui_npo.evaluation import hps
+
+    model = hps_ref.tiny_open_clip()
+    folder = scorer_dir / "hps"
+    folder.mkdir()
+    torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
+    ref.write_tokenizer(folder)
+    monkeypatch.setattr(hps.HPSv21, "from_file", functools.partial(hps.HPSv21.from_file.__func__, hps.HPSv21,
+                                                                   **hps_ref.HEADS))
+    with torch.inference_mode():
+        scorer = NPOLoadScorer.execute(scorer="HPS v2.1", weights="hps/HPS_v2.1_compressed.pt").result[0]
+    prompts = ref.PROMPTS[:3]
+    a, b = ref.comfy_images(37, 55, 3, seed=7), ref.comfy_images(37, 55, 3, seed=8)
+    _, doc = _report(out_dir, scorer, a, b, prompts)
+    want_a, want_b = hps_ref.reference_hps(model, a, prompts, folder), hps_ref.reference_hps(model, b, prompts, folder)
+    got = doc["scorers"]["HPS v2.1"]
+    assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
+    assert got["mean_diff"] == pytest.approx(float((want_a - want_b).double().mean()), abs=1e-5)
