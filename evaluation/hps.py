@@ -25,7 +25,6 @@ imported when a model is loaded. The default dtype is float32 (the checkpoint ma
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ import torch
 
 from ..npo_core.errors import NPOError
 from .clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, ClipPreprocess
+from .clip_scorer import ClipPairScorer
 from .pickscore import load_tokenizer, require_tokenizer_files
-from .weights import PICKLE_SUFFIXES
+from .weights import read_weights
 
 EOT_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|startoftext|>"
@@ -85,25 +85,14 @@ def load_open_clip_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The open_clip state dict of an HPS checkpoint: {"state_dict": sd, ...} or sd itself, "module." stripped;
     a .safetensors file holds sd flat. Read with torch.load(weights_only=True) only."""
     path = Path(path)
-    if not path.is_file():
-        raise NPOError(f"{path} not found: put the HPS v2.1 checkpoint (HPS_v2.1_compressed.pt) there")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from .weights import load_state_dict_file
-
-        ckpt = load_state_dict_file(path)
-    elif suffix in PICKLE_SUFFIXES:
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-            raise NPOError(
-                f"{path} is refused: torch.load(weights_only=True) cannot read it (it needs pickled code or objects, "
-                f"or is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}); only if you trust its "
-                "source, convert it once: sd = torch.load(path, weights_only=False); safetensors.torch.save_file("
-                "sd.get('state_dict', sd), '<name>.safetensors'), and load the .safetensors file instead"
-            ) from e
-    else:
-        raise NPOError(f"{path}: unknown weights format {suffix!r}; use the .pt checkpoint or a .safetensors file")
+    ckpt = read_weights(
+        path,
+        pickle_fix="only if you trust its source, convert it once: sd = torch.load(path, weights_only=False); "
+        "safetensors.torch.save_file(sd.get('state_dict', sd), '<name>.safetensors'), and load the .safetensors "
+        "file instead",
+        missing="put the HPS v2.1 checkpoint (HPS_v2.1_compressed.pt) there",
+        formats="use the .pt checkpoint or a .safetensors file",
+    )
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not ckpt:
@@ -258,19 +247,14 @@ def convert_open_clip(
     return config, out
 
 
-class HPSv21(torch.nn.Module):
+class HPSv21(ClipPairScorer):
     """A CLIPModel converted from open_clip + a CLIP tokenizer + open_clip's preprocessing; ``score(images, prompts)``
     → [B] float32 (CPU), the cosine of image i and prompt i."""
 
     name = "HPS v2.1"
 
     def __init__(self, model, tokenizer, preprocess: ClipPreprocess, backend: str = "pil", batch_size: int = 16):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.backend = backend
-        self.batch_size = batch_size
+        super().__init__(model, tokenizer, preprocess, backend, batch_size)
         self.context = model.config.text_config.max_position_embeddings
         self.eot_id = model.config.text_config.eos_token_id
 
@@ -330,10 +314,6 @@ class HPSv21(torch.nn.Module):
         preprocess = open_clip_preprocess(config.vision_config.image_size)
         return cls(model, tokenizer, preprocess, backend=backend)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
     def token_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """[N, context] int64 as open_clip's tokenizer lays them out: BOS, tokens, EOT, zeros (truncated: BOS, 75
         tokens, EOT)."""
@@ -350,27 +330,5 @@ class HPSv21(torch.nn.Module):
         out = self.model.text_model(input_ids=self.token_ids(prompts).to(self.device))
         return self.model.text_projection(out.pooler_output).float()
 
-    def image_embeds(self, images) -> torch.Tensor:
-        """Projected image embeddings [N, D] float32 (not normalised) of IMAGE tensors or PIL images."""
-        pixels = self.preprocess(images, backend=self.backend, device=self.device)
-        dtype = self.model.visual_projection.weight.dtype
-        out = self.model.vision_model(pixel_values=pixels.to(dtype))
-        return self.model.visual_projection(out.pooler_output).float()
-
-    @torch.no_grad()
-    def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
-        """HPS v2.1 of images[i] for prompts[i]: [B] float32 cosines on the CPU, batched by ``batch_size``."""
-        if isinstance(images, torch.Tensor) and images.dim() != 4:
-            raise NPOError(f"images: shape {tuple(images.shape)}; expected a ComfyUI IMAGE batch [B, H, W, 3]")
-        n = len(images)
-        if n == 0:
-            raise NPOError("images: the batch is empty; connect at least one image")
-        if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-            got = "a string" if isinstance(prompts, str) else f"{type(prompts).__name__} of {len(prompts)}"
-            raise NPOError(f"prompts: expected a list of {n} strings, one per image; got {got}")
-        scores = []
-        for i in range(0, n, self.batch_size):
-            t = torch.nn.functional.normalize(self.text_embeds(prompts[i : i + self.batch_size]), dim=-1)
-            v = torch.nn.functional.normalize(self.image_embeds(images[i : i + self.batch_size]), dim=-1)
-            scores.append((t * v).sum(-1).cpu())
-        return torch.cat(scores)
+    def scale(self) -> float:
+        return 1.0  # HPS reports the cosine itself

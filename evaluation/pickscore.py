@@ -16,6 +16,7 @@ import torch
 
 from ..npo_core.errors import NPOError
 from .clip_preprocess import CONFIG_NAME, ClipPreprocess
+from .clip_scorer import ClipPairScorer
 from .weights import load_pretrained
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # either set is enough
@@ -46,18 +47,13 @@ def load_tokenizer(folder: Path):
         raise NPOError(f"{folder}: the CLIP tokenizer files cannot be read ({e}); copy them again") from e
 
 
-class PickScore(torch.nn.Module):
+class PickScore(ClipPairScorer):
     """A CLIPModel + its tokenizer + CLIP preprocessing; ``score(images, prompts)`` → [B] float32 (CPU)."""
 
     name = "PickScore"
 
     def __init__(self, model, tokenizer, preprocess: ClipPreprocess, backend: str = "pil", batch_size: int = 16):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.backend = backend
-        self.batch_size = batch_size
+        super().__init__(model, tokenizer, preprocess, backend, batch_size)
         positions = getattr(model.config.text_config, "max_position_embeddings", MAX_TOKENS)
         self.max_length = min(MAX_TOKENS, positions)
 
@@ -92,10 +88,6 @@ class PickScore(torch.nn.Module):
         model = model.to(device=device, dtype=dtype)
         return cls(model, load_tokenizer(proc), ClipPreprocess.from_file(proc), backend=backend)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings [N, D] float32 (not normalised)."""
         tok = self.tokenizer(
@@ -104,28 +96,5 @@ class PickScore(torch.nn.Module):
         out = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         return self.model.text_projection(out.pooler_output).float()
 
-    def image_embeds(self, images) -> torch.Tensor:
-        """Projected image embeddings [N, D] float32 (not normalised) of IMAGE tensors or PIL images."""
-        pixels = self.preprocess(images, backend=self.backend, device=self.device)
-        dtype = self.model.visual_projection.weight.dtype
-        out = self.model.vision_model(pixel_values=pixels.to(dtype))
-        return self.model.visual_projection(out.pooler_output).float()
-
-    @torch.no_grad()
-    def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
-        """PickScore of images[i] for prompts[i]: [B] float32 on the CPU, batched by ``batch_size``."""
-        if isinstance(images, torch.Tensor) and images.dim() != 4:
-            raise NPOError(f"images: shape {tuple(images.shape)}; expected a ComfyUI IMAGE batch [B, H, W, 3]")
-        n = len(images)
-        if n == 0:
-            raise NPOError("images: the batch is empty; connect at least one image")
-        if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-            got = "a string" if isinstance(prompts, str) else f"{type(prompts).__name__} of {len(prompts)}"
-            raise NPOError(f"prompts: expected a list of {n} strings, one per image; got {got}")
-        scale = self.model.logit_scale.float().exp()
-        scores = []
-        for i in range(0, n, self.batch_size):
-            t = torch.nn.functional.normalize(self.text_embeds(prompts[i : i + self.batch_size]), dim=-1)
-            v = torch.nn.functional.normalize(self.image_embeds(images[i : i + self.batch_size]), dim=-1)
-            scores.append((scale * (t * v).sum(-1)).cpu())
-        return torch.cat(scores)
+    def scale(self) -> torch.Tensor:
+        return self.model.logit_scale.float().exp()

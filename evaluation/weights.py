@@ -21,29 +21,39 @@ SAFETENSORS_FIX = (
 )
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from .safetensors or a weights-only pickle (.pth/.pt/.bin/.ckpt), on the CPU."""
+def read_weights(
+    path: str | Path,
+    pickle_fix: str = SAFETENSORS_FIX,
+    missing: str = "put the weights file there (or pass its full path)",
+    formats: str = "use .safetensors (or a weights-only .pth)",
+):
+    """What a .safetensors file or a weights-only pickle (.pth/.pt/.bin/.ckpt) holds, on the CPU; every other file,
+    and a pickle that needs more than weights_only, is refused naming the file (the fix texts are the caller's)."""
     path = Path(path)
     if not path.is_file():
-        raise NPOError(f"{path} not found: put the weights file there (or pass its full path)")
+        raise NPOError(f"{path} not found: {missing}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            sd = load_file(str(path), device="cpu")
+            return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own SafetensorError on a bad header
             raise NPOError(f"{path} is not a readable .safetensors file ({e}); download it again") from e
-    elif suffix in PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
             raise NPOError(
                 f"{path} is refused: torch.load(weights_only=True) cannot read it (it needs pickled code or objects, "
-                f"or is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}); {SAFETENSORS_FIX}"
+                f"or is damaged: {str(e).splitlines()[0] if str(e) else type(e).__name__}); {pickle_fix}"
             ) from e
-    else:
-        raise NPOError(f"{path}: unknown weights format {suffix!r}; use .safetensors (or a weights-only .pth)")
+    raise NPOError(f"{path}: unknown weights format {suffix!r}; {formats}")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from .safetensors or a weights-only pickle (.pth/.pt/.bin/.ckpt), on the CPU."""
+    sd = read_weights(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise NPOError(f"{path} holds {type(sd).__name__}, not a flat state dict of tensors; save model.state_dict()")
     return sd

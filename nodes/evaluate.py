@@ -81,6 +81,27 @@ class NPOLoadScorer(io.ComfyNode):
 SCORE_CHUNK = 16  # images per scorer call: the progress bar moves and Cancel is checked between calls
 
 
+def prompts_input() -> io.String.Input:
+    return io.String.Input(
+        "prompts",
+        multiline=True,
+        default="",
+        tooltip="The prompts, one per line: one for every image, one per image, or N prompts for a batch of N runs "
+        "of seeds (each prompt's images consecutive); or connect NPO Prompt List.",
+    )
+
+
+def frames_per_item_input() -> io.Int.Input:
+    return io.Int.Input(
+        "frames_per_item",
+        default=1,
+        min=1,
+        max=4096,
+        tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' scores. 1 for "
+        "images.",
+    )
+
+
 def score_frames(scorer, images: torch.Tensor, prompts: list[str], pbar) -> torch.Tensor:
     """The scorer's score of every frame (its prompt repeated), in chunks, the progress bar ticking per image."""
     out = []
@@ -168,21 +189,8 @@ class NPOScoreImages(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="The images (or the frames of videos, see frames_per_item)."),
                 NPOScorerType.Input("scorer", tooltip="A scorer from NPO Load Scorer (higher = better)."),
-                io.String.Input(
-                    "prompts",
-                    multiline=True,
-                    default="",
-                    tooltip="The prompts, one per line: one for every image, one per image, or N prompts for a batch "
-                    "of N runs of seeds (each prompt's images consecutive).",
-                ),
-                io.Int.Input(
-                    "frames_per_item",
-                    default=1,
-                    min=1,
-                    max=4096,
-                    tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' "
-                    "scores. 1 for images.",
-                ),
+                prompts_input(),
+                frames_per_item_input(),
             ],
             outputs=[
                 io.Float.Output(display_name="scores", is_output_list=True),
@@ -224,13 +232,7 @@ class NPOCompareReport(io.ComfyNode):
                     "images_b", tooltip="B's images (e.g. the same sampler without NPO), same prompts and seeds."
                 ),
                 NPOScorerType.Input("scorer", tooltip="A scorer from NPO Load Scorer (higher = better)."),
-                io.String.Input(
-                    "prompts",
-                    multiline=True,
-                    default="",
-                    tooltip="The prompts, one per line: one for every image, one per image, or N prompts for a batch "
-                    "of N runs of seeds (each prompt's images consecutive).",
-                ),
+                prompts_input(),
                 io.String.Input("label_a", default="NPO", tooltip="What A is called in the report."),
                 io.String.Input("label_b", default="plain CFG", tooltip="What B is called in the report."),
                 io.String.Input(
@@ -238,14 +240,7 @@ class NPOCompareReport(io.ComfyNode):
                     default="npo_compare/report",
                     tooltip="Where the JSON and CSV go, inside ComfyUI's output folder.",
                 ),
-                io.Int.Input(
-                    "frames_per_item",
-                    default=1,
-                    min=1,
-                    max=4096,
-                    tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' "
-                    "scores. 1 for images.",
-                ),
+                frames_per_item_input(),
                 io.Int.Input(
                     "bootstrap_seed",
                     default=0,

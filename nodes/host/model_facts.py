@@ -60,9 +60,9 @@ def folded_layers(mp, offset: NPOOffset) -> frozenset[str]:
     return frozenset(m for m in offset.modules() if any(p in f".{m}." for p in parts))
 
 
-def check_rows(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
+def check_rows(offset: NPOOffset, mp, input_name: str = "npo_offset", fam: Family | None = None) -> None:
     """Refuse an offset on layers whose rows mix the batch, naming the layers."""
-    fam = family(mp)
+    fam = fam or family(mp)
     bad = [m for m in offset.modules() if any(p in f".{m}." for p in fam.mixed_rows)]
     if bad:
         raise NPOError(
@@ -135,10 +135,10 @@ def patched_weight(mp, name: str) -> torch.Tensor:
     return comfy.lora.calculate_weight(patches, w, key)
 
 
-def check_family(offset: NPOOffset, mp, input_name: str = "npo_offset") -> None:
+def check_family(offset: NPOOffset, mp, input_name: str = "npo_offset", fam: Family | None = None) -> None:
     """An offset recorded (or detected) as made for one family, applied to another, is an error naming both."""
     made_for = offset.base_arch or "unknown"
-    fam = family(mp)
+    fam = fam or family(mp)
     if not fam.takes_offsets_made_for(made_for):
         raise NPOError(
             f"{input_name}: {offset.source or 'the offset'} was made for {made_for} but the model is {fam.name}. "
@@ -159,21 +159,22 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
 
     SD UNets map LDM, diffusers and kohya names (``comfy.utils.unet_to_diffusers``); every other family maps
     through ComfyUI's LoRA key map (``comfy.lora.model_lora_keys_unet``), slices of fused weights included."""
-    check_supported_model(mp)
-    check_family(offset, mp, input_name)
+    fam = family(mp)
+    check_supported_model(mp, fam=fam)
+    check_family(offset, mp, input_name, fam)
     try:
         if is_unet(mp):
-            out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), family(mp).name, context_dim(mp))
+            out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), fam.name, context_dim(mp))
         else:
             key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
-            out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, family(mp).name)
+            out = resolve_with_key_map(offset, key_map, param_shapes(mp), PREFIX, fam.name)
             if out.base_arch.startswith("unknown"):
-                out = out.replace(base_arch=family(mp).name)
+                out = out.replace(base_arch=fam.name)
             if "npo.base_variant" not in out.metadata:
                 out = out.replace(metadata={**out.metadata, "npo.base_variant": model_variant(mp)})
     except NPOError as e:
         raise NPOError(f"{input_name}: {e}") from None
-    check_rows(out, mp, input_name)
+    check_rows(out, mp, input_name, fam)
     if any(isinstance(e, FullWeight) for e in out.entries.values()):
         ref = reference if reference is not None else mp
         full = [k for k, e in out.entries.items() if isinstance(e, FullWeight)]
