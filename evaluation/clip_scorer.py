@@ -11,6 +11,19 @@ from ..npo_core.errors import NPOError
 from .clip_preprocess import ClipPreprocess
 
 
+def check_pairs(images, prompts: Sequence[str]) -> int:
+    """The number of images, after refusing a batch that is not [B, H, W, 3] or empty, or prompts not one per image."""
+    if isinstance(images, torch.Tensor) and images.dim() != 4:
+        raise NPOError(f"images: shape {tuple(images.shape)}; expected a ComfyUI IMAGE batch [B, H, W, 3]")
+    n = len(images)
+    if n == 0:
+        raise NPOError("images: the batch is empty; connect at least one image")
+    if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+        got = "a string" if isinstance(prompts, str) else f"{type(prompts).__name__} of {len(prompts)}"
+        raise NPOError(f"prompts: expected a list of {n} strings, one per image; got {got}")
+    return n
+
+
 class ClipPairScorer(torch.nn.Module):
     """Subclasses give ``text_embeds(prompts)`` and ``scale()``; ``score(images, prompts)`` → [B] float32 (CPU)."""
 
@@ -45,14 +58,7 @@ class ClipPairScorer(torch.nn.Module):
     @torch.no_grad()
     def score(self, images, prompts: Sequence[str]) -> torch.Tensor:
         """The score of images[i] for prompts[i]: [B] float32 on the CPU, batched by ``batch_size``."""
-        if isinstance(images, torch.Tensor) and images.dim() != 4:
-            raise NPOError(f"images: shape {tuple(images.shape)}; expected a ComfyUI IMAGE batch [B, H, W, 3]")
-        n = len(images)
-        if n == 0:
-            raise NPOError("images: the batch is empty; connect at least one image")
-        if isinstance(prompts, str) or len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-            got = "a string" if isinstance(prompts, str) else f"{type(prompts).__name__} of {len(prompts)}"
-            raise NPOError(f"prompts: expected a list of {n} strings, one per image; got {got}")
+        n = check_pairs(images, prompts)
         scale = self.scale()
         scores = []
         for i in range(0, n, self.batch_size):

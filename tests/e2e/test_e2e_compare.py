@@ -4,7 +4,6 @@ list execution), with and without Apply NPO, → NPO Load Scorer (a tiny random 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -16,21 +15,12 @@ import pytest
 from test_e2e_workflows import SIZE, STEPS, run_prompt
 
 pytest.importorskip("transformers")
-_HOST = Path(__file__).resolve().parents[1] / "host"
-
-
-def _scorer_kit():
-    """tests/host/test_host_scorers.py: the tiny PickScore folder builder (imported by path)."""
-    sys.path.insert(0, str(_HOST))
-    spec = importlib.util.spec_from_file_location("npo_scorer_kit", _HOST / "test_host_scorers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "host"))
+import npo_scorerkit  # noqa: E402  (the tiny PickScore folder)
 
 
 def test_compare_report_collects_a_prompt_list_over_http(server, object_info, tmp_path_factory):
-    ref = _scorer_kit()
-    tiny = ref.write_pickscore_folder(tmp_path_factory.mktemp("pickscore"))
+    tiny = npo_scorerkit.write_pickscore_folder(tmp_path_factory.mktemp("pickscore"))
     dest = server.base / "models" / "npo_scorers" / "tiny_pickscore"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(tiny, dest)

@@ -3,7 +3,7 @@
 A tiny random open_clip CLIP (embed 32 = width 32, so a missing transpose of a projection is no shape error; 2
 layers, 4 heads, 32 px images, patch 8, GELU as ViT-H-14) is saved as HPS saves its checkpoint
 (``{"state_dict": sd}``, also "module."-prefixed and in half precision); the tiny CLIP BPE tokenizer of
-test_host_scorers is written next to it. Reference: open_clip's ``encode_image`` / ``encode_text`` on open_clip's
+npo_scorerkit writes next to it. Reference: open_clip's ``encode_image`` / ``encode_text`` on open_clip's
 own eval transform of the PNGs and the HF tokenizer's ids (padded with its pad token, EOT: open_clip's argmax
 pooling takes the first EOT, so the padding must not matter), normalised, cosine.
 Host tier: the ComfyUI venvs have transformers; open_clip (test-only) comes from the shared base venv.
@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
-import test_host_scorers as ref  # noqa: E402  (tiny tokenizer, images and PNGs)
+import npo_scorerkit as ref  # noqa: E402  (tiny tokenizer, images and PNGs)
 
 from comfyui_npo.evaluation.hps import HPSv21, convert_open_clip, open_clip_preprocess  # noqa: E402
 from comfyui_npo.npo_core.errors import NPOError  # noqa: E402

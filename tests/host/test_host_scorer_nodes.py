@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
-import test_host_scorers as ref  # noqa: E402  (the tiny scorer folders and the transformers references)
+import npo_scorerkit as kit  # noqa: E402  (the tiny scorer folders and the PickScore reference)
+import test_host_scorers as ref  # noqa: E402  (the aesthetic reference)
 from test_host_scorers import clip_folder, vision_folder  # noqa: E402, F401  (fixtures)
 
 from comfyui_npo.nodes.evaluate import AESTHETIC, PICKSCORE, NPOCompareReport, NPOLoadScorer  # noqa: E402
@@ -45,10 +46,10 @@ def test_pickscore_report_equals_transformers(scorer_dir, clip_folder, out_dir):
     assert "PickScore_v1" in scorers.scorer_entries()
     with torch.inference_mode():
         scorer = NPOLoadScorer.execute(scorer=PICKSCORE, weights="PickScore_v1").result[0]
-    prompts = ref.PROMPTS[:3]
-    a, b = ref.comfy_images(37, 55, 3, seed=1), ref.comfy_images(37, 55, 3, seed=2)
+    prompts = kit.PROMPTS[:3]
+    a, b = kit.comfy_images(37, 55, 3, seed=1), kit.comfy_images(37, 55, 3, seed=2)
     _, doc = _report(out_dir, scorer, a, b, prompts)
-    want_a, want_b = ref.reference_pickscore(clip_folder, a, prompts), ref.reference_pickscore(clip_folder, b, prompts)
+    want_a, want_b = kit.reference_pickscore(clip_folder, a, prompts), kit.reference_pickscore(clip_folder, b, prompts)
     got = doc["scorers"]["PickScore"]
     assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
     assert got["mean_b"] == pytest.approx(float(want_b.double().mean()), abs=1e-5)
@@ -74,12 +75,12 @@ def _comfy_clip_vision(folder, tmp_path):
 
 
 def test_aesthetic_on_comfy_clip_vision_equals_transformers(scorer_dir, vision_folder, out_dir, tmp_path):  # noqa: F811
-    weights = ref.head_weights()
-    save_file(ref.head_state_dict(weights), str(scorer_dir / "aesthetic.safetensors"))
+    weights = kit.head_weights()
+    save_file(kit.head_state_dict(weights), str(scorer_dir / "aesthetic.safetensors"))
     cv = _comfy_clip_vision(vision_folder, tmp_path)
     with torch.inference_mode():
         scorer = NPOLoadScorer.execute(scorer=AESTHETIC, weights="aesthetic.safetensors", clip_vision=cv).result[0]
-    a, b = ref.comfy_images(61, 29, 4, seed=3), ref.comfy_images(61, 29, 4, seed=4)
+    a, b = kit.comfy_images(61, 29, 4, seed=3), kit.comfy_images(61, 29, 4, seed=4)
     _, doc = _report(out_dir, scorer, a, b, ["unused"])
     want_a = ref.reference_aesthetic(vision_folder, a, weights)
     want_b = ref.reference_aesthetic(vision_folder, b, weights)
@@ -94,7 +95,7 @@ def test_aesthetic_on_comfy_clip_vision_equals_transformers(scorer_dir, vision_f
     "NPOError naming the input and what to connect or where to put the files",
 )
 def test_loader_refusals(scorer_dir, vision_folder, tmp_path):  # noqa: F811
-    save_file(ref.head_state_dict(ref.head_weights()), str(scorer_dir / "aesthetic.safetensors"))
+    save_file(kit.head_state_dict(kit.head_weights()), str(scorer_dir / "aesthetic.safetensors"))
     with pytest.raises(NPOError, match="weights: choose the PickScore v1 files"):
         NPOLoadScorer.execute(scorer=PICKSCORE, weights="none")
     with pytest.raises(NPOError, match="clip_vision: the aesthetic scorer needs CLIP ViT-L/14"):
@@ -116,13 +117,13 @@ def test_folder_script_follows_compare_rate_and_matches_transformers(clip_folder
     a_dir.mkdir()
     b_dir.mkdir()
     prompts = [f"a red cat {'lower ' * i}".strip() for i in range(8)]
-    images_a, images_b = ref.comfy_images(37, 55, 8, seed=5), ref.comfy_images(37, 55, 8, seed=6)
+    images_a, images_b = kit.comfy_images(37, 55, 8, seed=5), kit.comfy_images(37, 55, 8, seed=6)
     for folder, images in ((a_dir, images_a), (b_dir, images_b)):
-        for i, (png, prompt) in enumerate(zip(ref.saved_pngs(images), prompts, strict=True)):
+        for i, (png, prompt) in enumerate(zip(kit.saved_pngs(images), prompts, strict=True)):
             png.save(folder / f"{i:03}.png")
             if not (folder is b_dir and i == 3):
                 (folder / f"{i:03}.txt").write_text(prompt + "\n")
-    ref.saved_pngs(images_a[:1])[0].save(a_dir / "only_a.png")
+    kit.saved_pngs(images_a[:1])[0].save(a_dir / "only_a.png")
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "report"
     run = subprocess.run(
@@ -136,8 +137,8 @@ def test_folder_script_follows_compare_rate_and_matches_transformers(clip_folder
     names = [p["name"] for p in doc["pairs"]]
     assert sorted(names) == [f"{i:03}.png" for i in range(8) if i != 3]
     keep = [int(n[:3]) for n in names]
-    want_a = ref.reference_pickscore(clip_folder, images_a[keep], [prompts[i] for i in keep])
-    want_b = ref.reference_pickscore(clip_folder, images_b[keep], [prompts[i] for i in keep])
+    want_a = kit.reference_pickscore(clip_folder, images_a[keep], [prompts[i] for i in keep])
+    want_b = kit.reference_pickscore(clip_folder, images_b[keep], [prompts[i] for i in keep])
     got = doc["scorers"]["PickScore"]
     assert got["n"] == 7 and got["wins_a"] == int((want_a > want_b).sum())
     assert got["mean_a"] == pytest.approx(float(want_a.double().mean()), abs=1e-5)
@@ -161,13 +162,13 @@ def test_hps_through_the_loader_equals_open_clip(scorer_dir, out_dir, monkeypatc
     folder = scorer_dir / "hps"
     folder.mkdir()
     torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
-    ref.write_tokenizer(folder)
+    kit.write_tokenizer(folder)
     monkeypatch.setattr(hps.HPSv21, "from_file", functools.partial(hps.HPSv21.from_file.__func__, hps.HPSv21,
                                                                    **hps_ref.HEADS))
     with torch.inference_mode():
         scorer = NPOLoadScorer.execute(scorer="HPS v2.1", weights="hps/HPS_v2.1_compressed.pt").result[0]
-    prompts = ref.PROMPTS[:3]
-    a, b = ref.comfy_images(37, 55, 3, seed=7), ref.comfy_images(37, 55, 3, seed=8)
+    prompts = kit.PROMPTS[:3]
+    a, b = kit.comfy_images(37, 55, 3, seed=7), kit.comfy_images(37, 55, 3, seed=8)
     _, doc = _report(out_dir, scorer, a, b, prompts)
     want_a, want_b = hps_ref.reference_hps(model, a, prompts, folder), hps_ref.reference_hps(model, b, prompts, folder)
     got = doc["scorers"]["HPS v2.1"]
