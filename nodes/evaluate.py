@@ -14,7 +14,7 @@ from .common import CATEGORY, NPOScorerType
 from .host import files, runtime, scorers
 from .plot import compare_grid
 
-PICKSCORE, AESTHETIC, HPS = "PickScore v1", "LAION aesthetic v2", "HPS v2.1"
+PICKSCORE, AESTHETIC, HPS, IMAGE_REWARD = "PickScore v1", "LAION aesthetic v2", "HPS v2.1", "ImageReward v1.0"
 NONE = "none"
 
 
@@ -27,16 +27,19 @@ class NPOLoadScorer(io.ComfyNode):
             category=CATEGORY,
             description="Loads one of the authors' image scorers from models/npo_scorers (nothing is downloaded): "
             "PickScore v1 (a folder in the Hugging Face layout), the LAION aesthetic predictor v2 (its MLP head "
-            "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision) or HPS v2.1 (its checkpoint, without the hpsv2 "
-            "package).",
+            "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision), HPS v2.1 (its checkpoint, without the hpsv2 "
+            "package) or ImageReward v1.0 (only where the ImageReward package is installed; the pack never installs "
+            "it).",
             inputs=[
                 io.Combo.Input(
                     "scorer",
-                    options=[PICKSCORE, AESTHETIC, HPS],
+                    options=[PICKSCORE, AESTHETIC, HPS, IMAGE_REWARD],
                     default=PICKSCORE,
                     tooltip="PickScore v1: logit_scale · cosine of text and image embeddings (SD1.5 ≈ 20.75 in the "
                     "paper). LAION aesthetic v2: 1–10 rating of the image alone (the prompt is not used). HPS v2.1: "
-                    "cosine of the normalised embeddings of its open_clip ViT-H-14 (run on transformers' CLIP).",
+                    "cosine of the normalised embeddings of its open_clip ViT-H-14 (run on transformers' CLIP). "
+                    "ImageReward v1.0: the ImageReward package's reward (SD1.5 ≈ 0.11 in the paper); "
+                    + image_reward_status(),
                 ),
                 io.Combo.Input(
                     "weights",
@@ -46,7 +49,8 @@ class NPOLoadScorer(io.ComfyNode):
                     "tokenizer and preprocessor_config.json of laion/CLIP-ViT-H-14-laion2B-s32B-b79K beside its "
                     "config.json and model.safetensors; aesthetic, sac+logos+ava1-l14-linearMSE.pth (or "
                     ".safetensors); HPS, HPS_v2.1_compressed.pt in a folder holding the tokenizer files of "
-                    "laion/CLIP-ViT-H-14.",
+                    "laion/CLIP-ViT-H-14; ImageReward, a folder holding ImageReward.pt and med_config.json of "
+                    "THUDM/ImageReward and the tokenizer files of bert-base-uncased in a bert-base-uncased subfolder.",
                 ),
                 io.ClipVision.Input(
                     "clip_vision",
@@ -75,7 +79,19 @@ class NPOLoadScorer(io.ComfyNode):
             from ..evaluation.hps import HPSv21
 
             return io.NodeOutput(scorers.ManagedScorer(HPSv21.from_file(path, os.path.dirname(path)), "HPS v2.1"))
-        raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}, {HPS}.")
+        if scorer == IMAGE_REWARD:
+            from ..evaluation.image_reward import ImageRewardScorer
+
+            return io.NodeOutput(scorers.ManagedScorer(ImageRewardScorer.from_folder(path), "ImageReward"))
+        raise NPOError(f"scorer: '{scorer}' is not one of {PICKSCORE}, {AESTHETIC}, {HPS}, {IMAGE_REWARD}.")
+
+
+def image_reward_status() -> str:
+    """Whether ImageReward can be chosen in this ComfyUI, and if not, why (shown in the scorer's tooltip)."""
+    from ..evaluation.image_reward import unavailable_reason
+
+    reason = unavailable_reason()
+    return f"unavailable here: {reason}." if reason else "the ImageReward package is installed here."
 
 
 SCORE_CHUNK = 16  # images per scorer call: the progress bar moves and Cancel is checked between calls

@@ -14,6 +14,7 @@ from .files import check_relative_name
 
 SCORER_FOLDER = "npo_scorers"
 HEAD_EXTENSIONS = (".safetensors", ".pth", ".pt")
+MODEL_FOLDER_MARKERS = {"config.json", "med_config.json"}  # a scorer folder (PickScore, ImageReward) is one entry
 
 
 def register_scorer_folder() -> list[str]:
@@ -28,13 +29,13 @@ def register_scorer_folder() -> list[str]:
 
 
 def scorer_entries() -> list[str]:
-    """Scorer folders (holding a config.json, e.g. PickScore_v1) and head files of ``models/npo_scorers``,
-    subfolders and symlinks followed, as paths relative to it with '/'."""
+    """Scorer folders (holding a config.json, e.g. PickScore_v1, or ImageReward's med_config.json) and head files of
+    ``models/npo_scorers``, subfolders and symlinks followed, as paths relative to it with '/'."""
     out: set[str] = set()
     for root in register_scorer_folder():
         for here, dirs, found in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root).replace(os.sep, "/")
-            if rel != "." and "config.json" in found:
+            if rel != "." and MODEL_FOLDER_MARKERS & set(found):
                 out.add(rel)
                 dirs[:] = []  # a model folder's own subfolders are not entries
                 continue

@@ -1,0 +1,1 @@
+"""Test stand-in of the ImageReward package's layout (see ../README.md)."""
