@@ -64,7 +64,8 @@ def write_folder(folder: Path) -> torch.nn.Module:
     pretrain.init_tokenizer = local_tokenizer
     try:
         torch.manual_seed(3)
-        model = importlib.import_module("ImageReward.ImageReward").ImageReward(med_config=str(folder / "med_config.json"))
+        package_model = importlib.import_module("ImageReward.ImageReward").ImageReward
+        model = package_model(med_config=str(folder / "med_config.json"))
     finally:
         pretrain.init_tokenizer = real
     with torch.no_grad():
@@ -176,6 +177,34 @@ def test_load_scorer_and_score_images_nodes(package, tmp_path, monkeypatch):
     assert evaluate.image_reward_status().startswith("unavailable here: the ImageReward package is not installed")
     with pytest.raises(NPOError, match="scorer: ImageReward v1.0 is unavailable"):
         evaluate.NPOLoadScorer.execute(scorer=evaluate.IMAGE_REWARD, weights="ImageReward")
+
+
+def test_folder_script_scores_with_image_reward(package, tmp_path):
+    """scripts/npo_compare_folders.py --image-reward on two folders of name.png + name.txt: the report's means are
+    the package's own per-PNG scores."""
+    import os
+    import subprocess
+
+    model = write_folder(tmp_path / "ImageReward")
+    images = {"a": kit.comfy_images(33, 47, 3, seed=1), "b": kit.comfy_images(33, 47, 3, seed=2)}
+    for side, batch in images.items():
+        (tmp_path / side).mkdir()
+        for i, png in enumerate(kit.saved_pngs(batch)):
+            png.save(tmp_path / side / f"{i}.png")
+            (tmp_path / side / f"{i}.txt").write_text(PROMPTS[i])
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STANDIN), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "npo_compare_folders.py"), str(tmp_path / "a"), str(tmp_path / "b"),
+         "--image-reward", str(tmp_path / "ImageReward"), "--out", str(tmp_path / "report"), "--resamples", "200"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "report.json").read_text())
+    order = [int(p["name"][0]) for p in doc["pairs"]]
+    for side in ("a", "b"):
+        want = reference(model, images[side][order], [PROMPTS[i] for i in order], tmp_path)
+        assert doc["scorers"]["ImageReward"][f"mean_{side}"] == pytest.approx(float(want.double().mean()), abs=1e-5)
 
 
 class _Payload:
