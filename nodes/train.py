@@ -150,12 +150,14 @@ class SelfNPOTrain(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "student_cond",
-                    options=list(tdft.STUDENT_CONDS),
-                    default="prompt",
+                    options=[tdft.AUTO, *tdft.STUDENT_CONDS],
+                    default=tdft.AUTO,
                     optional=True,
-                    tooltip="What the student is conditioned on: the prompt (the authors' code), the "
-                    "negative/empty conditioning (the branch NPO later queries), or a 50/50 mix. Flow / DiT "
-                    "models: negative (it helped on the pack's flow benchmark; prompt hardly did).",
+                    tooltip="What the student is conditioned on. auto: negative on flow-matching models (SD3.5, "
+                    "Wan, Flux.2, ...), prompt on SD-style ones. prompt: the authors' code. negative: the "
+                    "negative/empty conditioning, the branch NPO later queries; on the pack's flow benchmarks it "
+                    "beat tuned CFG (class-conditional FD -15 %, 6 of 6 units) where prompt was not significant "
+                    "(-2 %). mix: 50/50 per sample.",
                 ),
                 io.Int.Input(
                     "seed",
@@ -282,7 +284,7 @@ class SelfNPOTrain(io.ComfyNode):
         filename_prefix: str,
         latents=None,
         lora_layers: str = "attention",
-        student_cond: str = "prompt",
+        student_cond: str = tdft.AUTO,
         resume_from: str = NONE,
         pool_size: int = 16,
         width: int = 512,
@@ -397,7 +399,8 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
         mode=s.mode, rank=s.rank, lora_layers=s.lora_layers, training_dtype=s.training_dtype, steps=s.steps,
         batch_size=s.batch_size, learning_rate=parse_learning_rate(s.learning_rate),
         truncation_steps=s.truncation_steps, teacher_guidance=s.teacher_guidance, ema_decay=s.ema_decay,
-        loss=s.loss, student_cond=s.student_cond, seed=s.seed, save_every=s.save_every,
+        loss=s.loss, student_cond=tdft.resolve_student_cond(s.student_cond, tm.schedule_kind), seed=s.seed,
+        save_every=s.save_every,
     )
     resume_path = _resume_path(s.resume_from)
     checkpoint_path = resume_path or (_new_checkpoint_path(s.filename_prefix) if s.save_every > 0 else None)
@@ -464,7 +467,8 @@ def _report(run: _Run, result) -> str:
     last = result.losses[-1] if result.losses else float("nan")
     text = (
         f"Self-NPO ({run.settings.mode}) {result.steps_done}/{run.job.config.steps} steps, last loss {last:.5f}, "
-        f"lr {run.lr_text}"
+        f"lr {run.lr_text}, student_cond {run.job.config.tdft.student_cond}"
+        + (" (auto)" if run.settings.student_cond == tdft.AUTO else "")
     )
     if result.last_checkpoint:
         folder = os.path.join(files.output_dir(), CHECKPOINT_SUBDIR)

@@ -36,6 +36,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, C.Cond], torch.Tensor]  # (x, s
 Schedule = TDFTSchedule
 
 STUDENT_CONDS = ("prompt", "negative", "mix")
+AUTO = "auto"  # the node's default: resolved per schedule kind by resolve_student_cond
+
+
+def resolve_student_cond(choice: str, schedule_kind: str) -> str:
+    """``auto`` → the unconditional ("negative") student on flow (CONST) schedules, the authors' prompt student on
+    VP schedules (eps / v / x0, zero-terminal-SNR v); any other choice is kept."""
+    if choice != AUTO:
+        return choice
+    return "negative" if schedule_kind == "flow" else "prompt"
 LOSSES = ("pseudo_huber", "mse")
 
 

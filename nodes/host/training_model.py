@@ -53,12 +53,21 @@ class TrainingModel:
         return model_facts.unet_of(self.mp)
 
     def load(self) -> torch.device:
-        """Load the whole model onto ComfyUI's torch device for training (after any pool sampling)."""
+        """Unload every other model from ComfyUI's torch device (text encoders, VAE, earlier checkpoints), as core's
+        Train LoRA does, then load this whole model there for training (after any pool sampling). ComfyUI's model
+        management loads them again when a later node needs them."""
         import comfy.model_management as mm
 
+        device = mm.get_torch_device()
+        mine = [m for m in mm.current_loaded_models if m.model is not None and self._is_this_model(m.model)]
+        mm.free_memory(1e30, device, keep_loaded=mine)
         mm.load_models_gpu([self.mp], memory_required=0, force_full_load=True)
-        self.device = mm.get_torch_device()
+        self.device = device
         return self.device
+
+    def _is_this_model(self, patcher) -> bool:
+        """The patcher being trained, or a clone of it (the same weights: keeping it loaded saves a reload)."""
+        return patcher is self.mp or bool(getattr(patcher, "is_clone", lambda other: False)(self.mp))
 
     def lora_targets(self, preset: str) -> list[str]:
         """Linear layers (quantized ones included) a lora_layers preset (or regex) trains, leaving out layers

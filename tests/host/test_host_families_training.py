@@ -97,6 +97,16 @@ def test_flow_training_resumes_exactly(out_dir):
         assert torch.equal(full.entries[k].up, resumed.entries[k].up), k
 
 
+def test_student_cond_auto_is_the_unconditional_student_on_flow_models(out_dir):
+    """auto on a flow-matching model (Wan 2.1, CONST) trains exactly what student_cond = negative trains."""
+    fam = _family("wan21")
+    runs = {c: _train(fam, fk.tiny_model(fam), steps=2, student_cond=c) for c in ("auto", "negative", "prompt")}
+    auto, negative, prompt = (runs[c].result[0].entries for c in ("auto", "negative", "prompt"))
+    assert all(torch.equal(auto[k].up, negative[k].up) and torch.equal(auto[k].down, negative[k].down) for k in auto)
+    assert any(not torch.equal(auto[k].up, prompt[k].up) for k in auto)
+    assert "student_cond negative (auto)" in runs["auto"].ui.as_dict()["text"][0]
+
+
 @pytest.mark.fault(
     "a video model given an image LATENT (or the reverse) in Self-NPO Train",
     "NPOError naming the latents input, the shapes expected and given, before any sampling",

@@ -423,3 +423,38 @@ def test_prompts_of_different_lengths_train_padded_as_comfyui_batches_them(tiny,
     rows = torch.cat(seen).flatten(1)
     assert any(torch.equal(r, padded.flatten(1)[0]) for r in rows), "the 8-token prompt is not the repeated text"
     assert any(torch.equal(r, long[0][0].flatten(1)[0]) for r in rows)
+
+
+def test_training_unloads_the_other_models_first_and_sampling_reloads_them(tiny, out_dir, monkeypatch):
+    """A model loaded before Self-NPO Train (here a second checkpoint) is off ComfyUI's device while training runs, as
+    core's Train LoRA frees it; the model being trained is loaded; afterwards sampling loads what it needs."""
+    mm = comfy.model_management
+    model, other = tiny("sd15"), tiny("sd15", seed=1)
+    pos, neg = kit.make_conds("sd15")
+    mm.unload_all_models()
+    mm.load_models_gpu([other])
+    assert any(m.model is other for m in mm.current_loaded_models)
+    seen = []
+    real_load = training_model.TrainingModel.load
+
+    def load_and_look(self):
+        device = real_load(self)
+        seen.append([m.model for m in mm.current_loaded_models])
+        return device
+
+    monkeypatch.setattr(training_model.TrainingModel, "load", load_and_look)
+    train(model, pos, neg, steps=1)
+    (loaded,) = seen
+    assert not any(p is other for p in loaded), "the other model stayed loaded during training"
+    assert any(p.is_clone(model) for p in loaded), "the model being trained is not loaded"
+    got = kit.ksample(other, pos, neg, 5.0)  # ComfyUI's model management loads it again
+    assert torch.isfinite(got).all() and any(m.model is other for m in mm.current_loaded_models)
+
+
+def test_student_cond_auto_is_the_prompt_student_on_sd_models(tiny, out_dir):
+    """auto on an SD (VP, eps) model trains exactly what student_cond = prompt trains, not what negative trains."""
+    pos, neg = kit.make_conds("sd15")
+    runs = {c: train(tiny("sd15"), pos, neg, steps=2, student_cond=c).result[0] for c in ("auto", "prompt", "negative")}
+    auto, prompt, negative = (runs[c].entries for c in ("auto", "prompt", "negative"))
+    assert all(torch.equal(auto[k].up, prompt[k].up) and torch.equal(auto[k].down, prompt[k].down) for k in auto)
+    assert any(not torch.equal(auto[k].up, negative[k].up) for k in auto)

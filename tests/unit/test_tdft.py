@@ -454,3 +454,12 @@ def test_hostile_resume_files_are_refused(tmp_path, monkeypatch):
         with pytest.raises(TrainingError, match=f"resume_from: .*'{name}'.*{match}|resume_from: .*{match}.*{name}"):
             load_checkpoint(tmp_path / name, "t")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_student_cond_auto_resolves_by_schedule_kind():
+    """auto: the unconditional student on flow schedules, the authors' prompt student on VP ones; others kept."""
+    from comfyui_npo.training.tdft import AUTO, STUDENT_CONDS, resolve_student_cond
+
+    assert resolve_student_cond(AUTO, "flow") == "negative"
+    assert resolve_student_cond(AUTO, "vp") == "prompt" and resolve_student_cond(AUTO, "vp_zsnr") == "prompt"
+    assert all(resolve_student_cond(c, k) == c for c in STUDENT_CONDS for k in ("flow", "vp"))
