@@ -253,6 +253,16 @@ class SelfNPOTrain(io.ComfyNode):
                     tooltip="Data-free pool, video models (Wan, HunyuanVideo, LTX-Video, ...): frames per pool "
                     "sample (Wan: 4k+1, e.g. 1, 5, 9); image models ignore it.",
                 ),
+                io.Int.Input(
+                    "grad_accumulation_steps",
+                    default=1,
+                    min=1,
+                    max=1024,
+                    optional=True,
+                    tooltip="k micro-batches of batch_size per optimizer step: the update of one step on a batch of "
+                    "k × batch_size, in the memory of batch_size; each step takes k times as long. steps and the "
+                    "progress bar count optimizer steps; checkpoints are written between steps.",
+                ),
             ],
             outputs=[
                 NPOOffsetType.Output(display_name="npo_offset"),
@@ -292,6 +302,7 @@ class SelfNPOTrain(io.ComfyNode):
         pool_steps: int = 20,
         pool_cfg: float = 7.0,
         frames: int = 1,
+        grad_accumulation_steps: int = 1,
     ) -> io.NodeOutput:
         run = _plan(model, positive, negative, latents, _Settings.of(locals()))
         job, tm = run.job, run.job.model
@@ -351,6 +362,7 @@ class _Settings:
     pool_steps: int
     pool_cfg: float
     frames: int
+    grad_accumulation_steps: int
 
     @classmethod
     def of(cls, values: dict) -> _Settings:
@@ -400,7 +412,7 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
         batch_size=s.batch_size, learning_rate=parse_learning_rate(s.learning_rate),
         truncation_steps=s.truncation_steps, teacher_guidance=s.teacher_guidance, ema_decay=s.ema_decay,
         loss=s.loss, student_cond=tdft.resolve_student_cond(s.student_cond, tm.schedule_kind), seed=s.seed,
-        save_every=s.save_every,
+        save_every=s.save_every, grad_accumulation_steps=s.grad_accumulation_steps,
     )
     resume_path = _resume_path(s.resume_from)
     checkpoint_path = resume_path or (_new_checkpoint_path(s.filename_prefix) if s.save_every > 0 else None)

@@ -40,12 +40,16 @@ from ..npo_core.schedule import (
 KINDS = ("vp", "vp_zsnr", "flow")
 
 
-def sample_level_above(t_end: torch.Tensor, num_levels: int, gen: torch.Generator) -> torch.Tensor:
-    """s ~ U{t_end+1, …, L−1} per sample (strictly noisier than t_end; t_end = L−1 cannot occur on a grid
-    after ≥ 1 teacher step)."""
+def level_above(t_end: torch.Tensor, num_levels: int, u: torch.Tensor) -> torch.Tensor:
+    """s = the level ⌊u·(L − lo)⌋ above lo = t_end + 1 per sample, for u ~ U[0, 1) float64: s ~ U{t_end+1, …, L−1}
+    (strictly noisier than t_end; t_end = L−1 cannot occur on a grid after ≥ 1 teacher step)."""
     lo = (t_end + 1).clamp_max(num_levels - 1)
-    u = torch.rand(t_end.shape, generator=gen, dtype=torch.float64)
     return (lo + (u * (num_levels - lo).double()).long()).clamp_max(num_levels - 1)
+
+
+def sample_level_above(t_end: torch.Tensor, num_levels: int, gen: torch.Generator) -> torch.Tensor:
+    """``level_above`` with u drawn from ``gen`` (one float64 per sample)."""
+    return level_above(t_end, num_levels, torch.rand(t_end.shape, generator=gen, dtype=torch.float64))
 
 
 @runtime_checkable

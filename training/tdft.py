@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import conds as C
-from .schedules import TDFTSchedule
+from .schedules import TDFTSchedule, level_above
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, C.Cond], torch.Tensor]  # (x, sigma [B], cond) -> x0
 Schedule = TDFTSchedule
@@ -73,6 +73,35 @@ class TDFTConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StepDraws:
+    """One optimizer step's random numbers, per sample, drawn on the CPU in the order the loop consumes them (start
+    grid index ``k``, start noise ``eps``, the student's prompt-or-negative ``mix`` mask for student_cond mix, the
+    uniform ``u`` of the student's level, the re-noise ``xi``), so a step's samples get the same numbers however its
+    batch is split into micro-batches."""
+
+    k: torch.Tensor  # [N] int64
+    eps: torch.Tensor  # z0's shape, float32
+    mix: torch.Tensor | None  # [N] bool (True: the prompt), student_cond mix only
+    u: torch.Tensor  # [N] float64 in [0, 1)
+    xi: torch.Tensor  # z0's shape, float32
+
+    @classmethod
+    def draw(cls, shape: tuple[int, ...], cfg: TDFTConfig, gen: torch.Generator) -> StepDraws:
+        b = shape[0]
+        k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
+        eps = torch.randn(shape, generator=gen, dtype=torch.float32)
+        mix = torch.rand(b, generator=gen) < cfg.mix_prob if cfg.student_cond == "mix" else None
+        u = torch.rand((b,), generator=gen, dtype=torch.float64)
+        xi = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return cls(k, eps, mix, u, xi)
+
+    def rows(self, lo: int, hi: int) -> StepDraws:
+        """The draws of samples lo..hi−1 (one micro-batch)."""
+        return StepDraws(self.k[lo:hi], self.eps[lo:hi], None if self.mix is None else self.mix[lo:hi],
+                         self.u[lo:hi], self.xi[lo:hi])
+
+
 @dataclass
 class Rollout:
     x_t: torch.Tensor  # truncated state (the model's x-space: VE for VP, x_t for flow)
@@ -97,15 +126,18 @@ def guided_x0(
 
 
 def sample_start(
-    z0: torch.Tensor, schedule: Schedule, cfg: TDFTConfig, gen: torch.Generator
+    z0: torch.Tensor, schedule: Schedule, cfg: TDFTConfig, gen: torch.Generator, draws: StepDraws | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid index k per sample and the noised start (VP: x = z0 + ν_{t_k}·ε; flow: (1 − t)·z0 + t·ε),
-    randomness from ``gen``, on CPU."""
+    randomness from ``draws`` or else ``gen``, on CPU."""
     b = z0.shape[0]
-    k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
-    eps = torch.randn(z0.shape, generator=gen, dtype=torch.float32).to(z0.device, z0.dtype)
+    if draws is None:
+        k = torch.randint(0, cfg.grid_points, (b,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen, dtype=torch.float32)
+    else:
+        k, eps = draws.k, draws.eps
     t = schedule.grid(cfg.grid_points, cfg.grid_stride)[k]
-    return k, schedule.noise(z0, t, eps)
+    return k, schedule.noise(z0, t, eps.to(z0.device, z0.dtype))
 
 
 @torch.no_grad()
@@ -117,12 +149,13 @@ def teacher_rollout(
     cond_neg: C.Cond,
     cfg: TDFTConfig,
     gen: torch.Generator,
+    draws: StepDraws | None = None,
 ) -> Rollout:
     """K guided DDIM (VP) / Euler (flow) steps from the noised start, then the target. Samples that
     reached level 0 are frozen (as in the authors' code) and, unlike there, not evaluated again until the
     final target."""
     grid = schedule.grid(cfg.grid_points, cfg.grid_stride)
-    k, x = sample_start(z0, schedule, cfg, gen)
+    k, x = sample_start(z0, schedule, cfg, gen, draws)
     t = grid[k]
     t_start = t.clone()
     dev, dt = z0.device, z0.dtype
@@ -160,24 +193,33 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor, cfg: TDFTConfig) -> torch.
     return (torch.sqrt(d.square() + c * c) - c).mean()
 
 
-def student_cond(cond_pos: C.Cond, cond_neg: C.Cond, cfg: TDFTConfig, batch: int, gen: torch.Generator) -> C.Cond:
+def student_cond(
+    cond_pos: C.Cond, cond_neg: C.Cond, cfg: TDFTConfig, batch: int, gen: torch.Generator,
+    draws: StepDraws | None = None,
+) -> C.Cond:
     if cfg.student_cond == "prompt":
         return cond_pos
     if cfg.student_cond == "negative":
         return cond_neg
-    mask = torch.rand(batch, generator=gen) < cfg.mix_prob
+    mask = torch.rand(batch, generator=gen) < cfg.mix_prob if draws is None else draws.mix
     return C.where(mask, cond_pos, cond_neg)
 
 
 def student_loss(
-    student: Denoiser, schedule: Schedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig, gen: torch.Generator
+    student: Denoiser, schedule: Schedule, roll: Rollout, cond: C.Cond, cfg: TDFTConfig, gen: torch.Generator,
+    draws: StepDraws | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of the student on the re-noised truncated state; returns (loss, s). The student's x0 comes
-    from the denoiser at level s (flow: x_s − s·v), the loss is in x0 space."""
+    """Loss of the student on the re-noised truncated state (the mean over the batch's elements); returns (loss, s).
+    The student's x0 comes from the denoiser at level s (flow: x_s − s·v), the loss is in x0 space."""
     x_t = roll.x_t
     dev, dt = x_t.device, x_t.dtype
-    s = schedule.sample_level(roll.t_end, gen)
-    xi = torch.randn(x_t.shape, generator=gen, dtype=torch.float32).to(dev, dt)
+    if draws is None:
+        s = schedule.sample_level(roll.t_end, gen)
+        xi = torch.randn(x_t.shape, generator=gen, dtype=torch.float32)
+    else:
+        s = level_above(roll.t_end, schedule.num_levels, draws.u)
+        xi = draws.xi
+    xi = xi.to(dev, dt)
     x_s = schedule.renoise(x_t, roll.t_end, s, xi)
     pred = student(x_s, schedule.sigma(s).to(dev, dt), cond)
     return loss_fn(pred, roll.target, cfg), s

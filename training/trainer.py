@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..npo_core.atomic import atomic_write
+from . import conds as C
 from .data import StartData
 from .ema import EMATeacher
 from .schedules import TDFTSchedule
-from .tdft import Denoiser, Schedule, TDFTConfig, student_cond, student_loss, teacher_rollout
+from .tdft import Denoiser, Schedule, StepDraws, TDFTConfig, student_cond, student_loss, teacher_rollout
 
 CHECKPOINT_FORMAT = "comfyui-npo-train/1"
 MAX_SKIPPED_STEPS = 30  # overflowing steps in a row (scale halved each time) before training is given up
@@ -37,6 +38,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     save_every: int = 0
+    # k micro-batches of batch_size per optimizer step: the update of one step on a k·batch_size batch (the same
+    # samples and random numbers), in the activation memory of one micro-batch; checkpoints at step boundaries only
+    grad_accumulation_steps: int = 1
     # Dynamic loss scaling (torch.amp.GradScaler) for a forward computed in float16: without it the
     # backward's fp16 activation gradients (≈ 1/numel of the output each) underflow to zero. Steps whose
     # scaled gradients overflow are skipped and the scale halves, as in the authors' fp16 training.
@@ -128,8 +132,8 @@ class Trainer:
         if not isinstance(schedule, TDFTSchedule):
             raise TypeError(f"not a TDFT schedule: {type(schedule).__name__} (use training.schedules.make_schedule)")
         cfg.tdft.validate(schedule)
-        if cfg.steps < 1 or cfg.batch_size < 1:
-            raise ValueError("steps and batch_size must be ≥ 1")
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accumulation_steps < 1:
+            raise ValueError("steps, batch_size and grad_accumulation_steps must be ≥ 1")
         self.schedule, self.cfg, self.signature = schedule, cfg, signature
         self.resume_from = resume_from
         self.resume_state = None
@@ -186,6 +190,39 @@ def train(
     )
 
 
+def _accumulate_gradients(
+    t: Trainer, denoiser: Denoiser, data: StartData, step: int, gen: torch.Generator, scaler, ema: EMATeacher,
+    dev: torch.device, cb: Callbacks, last_ckpt: Path | None,
+) -> float | None:
+    """The (scaled) gradients of one optimizer step on its batch_size·k samples, k micro-batches of batch_size each
+    backpropagating loss / k (the mean over the step's samples); returns the step's loss, None if cancelled."""
+    cfg = t.cfg
+    micro, k = cfg.batch_size, cfg.grad_accumulation_steps
+    z0_all, c_pos_all, c_neg_all = data.batch(step, micro * k)
+    draws_all = StepDraws.draw(tuple(z0_all.shape), cfg.tdft, gen)
+    total = 0.0
+    for j in range(k):
+        if j and cb.should_stop():
+            return None
+        rows = torch.arange(j * micro, (j + 1) * micro)
+        z0 = z0_all[rows].to(dev)
+        c_pos, c_neg = C.index(c_pos_all, rows), C.index(c_neg_all, rows)
+        draws = draws_all.rows(j * micro, (j + 1) * micro)
+        with ema.swapped_in():
+            roll = teacher_rollout(denoiser, t.schedule, z0, c_pos, c_neg, cfg.tdft, gen, draws)
+        c_student = student_cond(c_pos, c_neg, cfg.tdft, micro, gen, draws)
+        loss, _ = student_loss(denoiser, t.schedule, roll, c_student, cfg.tdft, gen, draws)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the loss became {value} at step {step + 1}{_last(last_ckpt)}. Lower learning_rate, use "
+                "training_dtype fp32, or resume from the last checkpoint."
+            )
+        scaler.scale(loss / k).backward()
+        total += value / k
+    return total
+
+
 def _run(
     t: Trainer, denoiser: Denoiser, params: dict, data: StartData, cb: Callbacks, checkpoint_path: Path | None
 ) -> TrainResult:
@@ -219,21 +256,11 @@ def _run(
         if cb.should_stop():
             stopped = True
             break
-        z0, c_pos, c_neg = data.batch(step, cfg.batch_size)
-        dev = plist[0].device
-        z0 = z0.to(dev)
-        with ema.swapped_in():
-            roll = teacher_rollout(denoiser, schedule, z0, c_pos, c_neg, cfg.tdft, gen)
-        c_student = student_cond(c_pos, c_neg, cfg.tdft, cfg.batch_size, gen)
-        loss, _ = student_loss(denoiser, schedule, roll, c_student, cfg.tdft, gen)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"the loss became {value} at step {step + 1}{_last(last_ckpt)}. Lower learning_rate, use "
-                "training_dtype fp32, or resume from the last checkpoint."
-            )
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        value = _accumulate_gradients(t, denoiser, data, step, gen, scaler, ema, plist[0].device, cb, last_ckpt)
+        if value is None:  # cancelled between micro-batches: this step's gradients are dropped
+            stopped = True
+            break
         scaler.unscale_(opt)
         norm = float(torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         if not math.isfinite(norm):  # checked before the update: weights and checkpoint stay good

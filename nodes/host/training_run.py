@@ -48,6 +48,7 @@ class Recipe:
     student_cond: str = "prompt"
     seed: int = 0
     save_every: int = 0
+    grad_accumulation_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -109,6 +110,7 @@ def plan_job(
         ema_decay=recipe.ema_decay,
         seed=recipe.seed,
         save_every=recipe.save_every,
+        grad_accumulation_steps=recipe.grad_accumulation_steps,
         tdft=tdft.TDFTConfig(
             truncation_steps=recipe.truncation_steps,
             teacher_guidance=float(recipe.teacher_guidance),

@@ -463,3 +463,76 @@ def test_student_cond_auto_resolves_by_schedule_kind():
     assert resolve_student_cond(AUTO, "flow") == "negative"
     assert resolve_student_cond(AUTO, "vp") == "prompt" and resolve_student_cond(AUTO, "vp_zsnr") == "prompt"
     assert all(resolve_student_cond(c, k) == c for c in STUDENT_CONDS for k in ("flow", "vp"))
+
+
+def _accumulation_run(batch_size: int, accumulation: int, student: str = "prompt", steps: int = 3, **kw):
+    torch.manual_seed(0)
+    net = TinyEps()
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation_steps=accumulation, learning_rate=3e-3,
+                      weight_decay=0.0, seed=4, tdft=tdft.TDFTConfig(student_cond=student), **kw.pop("cfg", {}))
+    done = []
+    cb = Callbacks(on_step=lambda s, t, loss: done.append(s), **kw.pop("callbacks", {}))
+    res = train(denoiser_of(net), VP, dict(net.named_parameters()), _data(12), cfg, cb, **kw)
+    return res, net, done
+
+
+@pytest.mark.parametrize("student", ["prompt", "mix"])
+def test_gradient_accumulation_equals_one_step_on_the_larger_batch(student):
+    """3 micro-batches of 2 per optimizer step update the weights as one step on a batch of 6 does (the same samples
+    and random numbers); progress counts optimizer steps; a single micro-batch per step is a different run."""
+    acc, net_acc, done = _accumulation_run(2, 3, student)
+    big, net_big, _ = _accumulation_run(6, 1, student)
+    small, net_small, _ = _accumulation_run(2, 1, student)
+    assert acc.steps_done == 3 and done == [1, 2, 3] and len(acc.losses) == 3
+    np.testing.assert_allclose(acc.losses, big.losses, rtol=1e-5, atol=1e-7)
+    for a, b, c in zip(net_acc.parameters(), net_big.parameters(), net_small.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a - c).abs().max() > 1e-4 for a, c in zip(net_acc.parameters(), net_small.parameters(), strict=True))
+
+
+def test_accumulated_gradient_is_the_larger_batch_gradient():
+    """The gradient the optimizer steps on (AdamW hides a wrong scale in its update) is the 6-sample batch's."""
+
+    def first_step_grads(batch_size, accumulation):
+        grads = {}
+        real_backward = torch.Tensor.backward
+
+        def record(self, *a, **k):
+            real_backward(self, *a, **k)
+            for i, p in enumerate(net_params):
+                grads[i] = p.grad.detach().clone()  # after the step's last micro-batch: its accumulated gradient
+
+        torch.manual_seed(0)
+        net = TinyEps()
+        net_params = list(net.parameters())
+        cfg = TrainConfig(steps=1, batch_size=batch_size, grad_accumulation_steps=accumulation, learning_rate=3e-3,
+                          weight_decay=0.0, seed=4)
+        torch.Tensor.backward = record
+        try:
+            train(denoiser_of(net), VP, dict(net.named_parameters()), _data(12), cfg)
+        finally:
+            torch.Tensor.backward = real_backward
+        return grads
+
+    acc, big = first_step_grads(2, 3), first_step_grads(6, 1)
+    for i in big:
+        torch.testing.assert_close(acc[i], big[i], rtol=1e-5, atol=1e-7)
+
+
+def test_cancel_mid_accumulation_drops_the_partial_step_and_resume_is_exact_at_step_boundaries(tmp_path):
+    """A cancel between micro-batches ends the run at the last whole step (its gradients are dropped, no update);
+    resuming from the checkpoint of a step boundary equals an uninterrupted run."""
+    full, net_full, _ = _accumulation_run(2, 3, steps=4)
+    calls = []
+
+    def stop_in_step_3():  # asked before each step and between micro-batches: True at step 3's second micro-batch
+        calls.append(1)
+        return len(calls) >= 3 + 3 + 1 + 1
+
+    part, _, done = _accumulation_run(2, 3, steps=4, cfg={"save_every": 1}, checkpoint_path=tmp_path / "ck.pt",
+                                      callbacks={"should_stop": stop_in_step_3})
+    assert part.stopped_early and part.steps_done == 2 and done == [1, 2] and len(part.losses) == 2
+    resumed, net_res, _ = _accumulation_run(2, 3, steps=4, resume_from=tmp_path / "ck.pt")
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-7)
+    for a, b in zip(net_full.parameters(), net_res.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
