@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from npo_headless import EXAMPLES  # noqa: E402
 from npo_headless.workflows import (  # noqa: E402
+    EXAMPLE_COMPARE,
     EXAMPLE_GUIDER,
     EXAMPLE_KSAMPLER,
     EXAMPLE_SD35,
@@ -43,6 +44,8 @@ CARDS = {
     EXAMPLE_WAN21: ("NPO on Wan 2.1", ["Wan 2.1 T2V", "Apply NPO", "KSampler"], "text-to-video, your own offset"),
     EXAMPLE_WAN21_SELF_NPO: ("Self-NPO on Wan 2.1", ["Wan 2.1 T2V", "Self-NPO Train", "Apply NPO"],
                              "train a video offset, same-seed A/B"),
+    EXAMPLE_COMPARE: ("Does NPO help?", ["Prompt List", "KSampler ± Apply NPO", "NPO Compare Report"],
+                      "PickScore per pair, win rate, p-value"),
 }
 
 

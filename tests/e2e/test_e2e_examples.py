@@ -13,9 +13,41 @@ EXAMPLES = kit.example_names()
 def test_the_examples_are_titled_and_numbered_simplest_first():
     """The template browser shows a pack's workflows by file name: readable titles, numbered in order."""
     assert EXAMPLES == [kit.EXAMPLE_KSAMPLER, kit.EXAMPLE_SDXL, kit.EXAMPLE_GUIDER, kit.EXAMPLE_SELF_NPO,
-                        kit.EXAMPLE_SD35, kit.EXAMPLE_WAN21, kit.EXAMPLE_WAN21_SELF_NPO]
-    assert [int(name.split(" ", 1)[0]) for name in EXAMPLES] == [1, 2, 3, 4, 5, 6, 7]
+                        kit.EXAMPLE_SD35, kit.EXAMPLE_WAN21, kit.EXAMPLE_WAN21_SELF_NPO, kit.EXAMPLE_COMPARE]
+    assert [int(name.split(" ", 1)[0]) for name in EXAMPLES] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(" " in name and "_" not in name for name in EXAMPLES)
+
+
+WINDOWS_FORBIDDEN = set('<>:"/\\|?*')  # with control characters; nor may a name end in a dot or a space
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10))}
+
+
+def portable_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a file name on Windows (a git clone there would fail for the whole pack), or None."""
+    bad = sorted({c for c in name if c in WINDOWS_FORBIDDEN or ord(c) < 32})
+    if bad:
+        return f"holds {''.join(bad)!r}"
+    if name != name.rstrip(". "):
+        return "ends in a dot or a space"
+    if name.split(".", 1)[0].strip().upper() in WINDOWS_RESERVED:
+        return "is a name Windows reserves for a device"
+    return None
+
+
+def test_portable_name_problem_finds_what_windows_refuses():
+    assert portable_name_problem("8 Does NPO help on my checkpoint.json") is None
+    for name in ("8 Does NPO help?.json", 'a "b".json', "a:b.jpg", "a|b", "a*b", "a<b>", "a\\b", "tab\there",
+                 "trailing.", "trailing ", "con.json", "COM1.jpg", "aux"):
+        assert portable_name_problem(name), name
+
+
+def test_example_file_names_are_portable():
+    """Every file in example_workflows/ can be checked out on Windows, macOS and Linux."""
+    files = sorted(p.name for p in kit.EXAMPLES.iterdir())
+    assert len(files) >= 2 * len(EXAMPLES)  # the workflows and their thumbnails
+    problems = {name: portable_name_problem(name) for name in files if portable_name_problem(name)}
+    assert not problems, problems
+    assert len({name.lower() for name in files}) == len(files), "two names differ only in case"
 
 
 KNOWN_FILES = {  # the files the examples name, and where the frontend's missing-model dialog fetches them
@@ -86,6 +118,10 @@ def test_example_tells_the_user_which_files_to_pick(name):
             assert not offset.startswith("tiny_"), "examples must name the real offset file, not a test asset"
         if n["type"] == "CheckpointLoaderSimple":
             assert not n["widgets_values"][0].startswith("tiny_")
+        if n["type"] == "NPOLoadScorer":  # scorer files: in models/npo_scorers, named in the Note
+            weights = n["widgets_values"][1]
+            assert "models/npo_scorers" in notes and weights in notes, f"the Note does not name '{weights}'"
+            assert not weights.startswith("tiny") and weights != "none"
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:

@@ -14,8 +14,9 @@ import random
 import npo_e2ekit as kit
 import pytest
 
-# Examples 5 and 6 (SD3.5, Wan 2.1) need DiT assets: tests/e2e/test_e2e_dit_examples.py runs them.
-EXAMPLES = [name for name in kit.example_names() if name not in kit.DIT_EXAMPLES]
+# Examples 5, 6 and 7 (SD3.5, Wan 2.1) need DiT assets: tests/e2e/test_e2e_dit_examples.py and
+# test_e2e_dit_self_npo.py run them. Example 8 (Does NPO help) needs scorer files: test_e2e_compare_example.py.
+EXAMPLES = [name for name in kit.example_names() if name not in kit.DIT_EXAMPLES + kit.SCORER_EXAMPLES]
 SUBSTITUTIONS = {"ckpt_name": kit.TINY_CKPT, "offset_name": kit.TINY_OFFSET}
 SIZE, STEPS = 64, 3
 FAST = {("EmptyLatentImage", "width"): SIZE, ("EmptyLatentImage", "height"): SIZE,
