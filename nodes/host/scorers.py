@@ -14,7 +14,10 @@ from .files import check_relative_name
 
 SCORER_FOLDER = "npo_scorers"
 HEAD_EXTENSIONS = (".safetensors", ".pth", ".pt")
-MODEL_FOLDER_MARKERS = {"config.json", "med_config.json"}  # a scorer folder (PickScore, ImageReward) is one entry
+# A folder is one scorer entry when it holds a transformers model (config.json with its weights: PickScore) or an
+# ImageReward folder (med_config.json); any other folder (e.g. HPS's, tokenizer files and a .pt beside them, maybe
+# with laion's config.json) lists its weight files
+MODEL_FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def register_scorer_folder() -> list[str]:
@@ -35,12 +38,16 @@ def scorer_entries() -> list[str]:
     for root in register_scorer_folder():
         for here, dirs, found in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root).replace(os.sep, "/")
-            if rel != "." and MODEL_FOLDER_MARKERS & set(found):
+            if rel != "." and _is_model_folder(set(found)):
                 out.add(rel)
                 dirs[:] = []  # a model folder's own subfolders are not entries
                 continue
             out.update(f if rel == "." else f"{rel}/{f}" for f in found if f.endswith(HEAD_EXTENSIONS))
     return sorted(out)
+
+
+def _is_model_folder(found: set[str]) -> bool:
+    return "med_config.json" in found or ("config.json" in found and any(w in found for w in MODEL_FOLDER_WEIGHTS))
 
 
 def scorer_path(name: str, input_name: str = "weights") -> str:

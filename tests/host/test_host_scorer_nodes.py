@@ -163,6 +163,8 @@ def test_hps_through_the_loader_equals_open_clip(scorer_dir, out_dir, monkeypatc
     folder.mkdir()
     torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
     kit.write_tokenizer(folder)
+    (folder / "config.json").write_text("{}")  # laion's config.json beside the tokenizer: still the .pt is listed
+    assert "hps/HPS_v2.1_compressed.pt" in scorers.scorer_entries() and "hps" not in scorers.scorer_entries()
     monkeypatch.setattr(hps.HPSv21, "from_file", functools.partial(hps.HPSv21.from_file.__func__, hps.HPSv21,
                                                                    **hps_ref.HEADS))
     with torch.inference_mode():
