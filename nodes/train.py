@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..npo_core.errors import NPOError
 from ..npo_core.families import PRESET_NAMES
-from ..training import tdft
+from ..training import optimizers, tdft
 from ..training.trainer import Callbacks
 from .common import CATEGORY, NPOOffsetType
 from .host import files, runtime, training_conds, training_run
@@ -263,6 +263,16 @@ class SelfNPOTrain(io.ComfyNode):
                     "k × batch_size, in the memory of batch_size; each step takes k times as long. steps and the "
                     "progress bar count optimizer steps; checkpoints are written between steps.",
                 ),
+                io.Combo.Input(
+                    "optimizer",
+                    options=list(optimizers.OPTIMIZERS),
+                    default=optimizers.ADAMW,
+                    optional=True,
+                    tooltip="AdamW: the authors'. Adafactor (torch's): factored second moments, less optimizer "
+                    "memory in full mode; relative step sizes, so learning_rate auto is its own 1e-2. AdamW 8-bit: "
+                    "bitsandbytes' 8-bit states, " + _bitsandbytes_status() + " A resume continues with the "
+                    "optimizer it was trained with.",
+                ),
             ],
             outputs=[
                 NPOOffsetType.Output(display_name="npo_offset"),
@@ -303,6 +313,7 @@ class SelfNPOTrain(io.ComfyNode):
         pool_cfg: float = 7.0,
         frames: int = 1,
         grad_accumulation_steps: int = 1,
+        optimizer: str = optimizers.ADAMW,
     ) -> io.NodeOutput:
         run = _plan(model, positive, negative, latents, _Settings.of(locals()))
         job, tm = run.job, run.job.model
@@ -363,6 +374,7 @@ class _Settings:
     pool_cfg: float
     frames: int
     grad_accumulation_steps: int
+    optimizer: str
 
     @classmethod
     def of(cls, values: dict) -> _Settings:
@@ -412,7 +424,7 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
         batch_size=s.batch_size, learning_rate=parse_learning_rate(s.learning_rate),
         truncation_steps=s.truncation_steps, teacher_guidance=s.teacher_guidance, ema_decay=s.ema_decay,
         loss=s.loss, student_cond=tdft.resolve_student_cond(s.student_cond, tm.schedule_kind), seed=s.seed,
-        save_every=s.save_every, grad_accumulation_steps=s.grad_accumulation_steps,
+        save_every=s.save_every, grad_accumulation_steps=s.grad_accumulation_steps, optimizer=s.optimizer,
     )
     resume_path = _resume_path(s.resume_from)
     checkpoint_path = resume_path or (_new_checkpoint_path(s.filename_prefix) if s.save_every > 0 else None)
@@ -426,6 +438,11 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
     if ignored:
         runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
     return _Run(job, settings, positive_entries, negative_entries, samples, ignored)
+
+
+def _bitsandbytes_status() -> str:
+    reason = optimizers.unavailable_reason(optimizers.ADAMW_8BIT)
+    return f"unavailable here: {reason}." if reason else "bitsandbytes is installed here."
 
 
 def parse_learning_rate(value) -> float:

@@ -1,5 +1,6 @@
-"""The TDFT training loop: AdamW, EMA teacher, gradient clipping, checkpoints that resume exactly,
-progress and cancel callbacks. Host-agnostic: a denoiser callable and named parameters."""
+"""The TDFT training loop: AdamW (or Adafactor, 8-bit AdamW), EMA teacher, gradient clipping, gradient
+accumulation, checkpoints that resume exactly, progress and cancel callbacks. Host-agnostic: a denoiser callable and
+named parameters."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..npo_core.atomic import atomic_write
 from . import conds as C
 from .data import StartData
 from .ema import EMATeacher
+from .optimizers import ADAMW, make_optimizer, unavailable_reason
 from .schedules import TDFTSchedule
 from .tdft import Denoiser, Schedule, StepDraws, TDFTConfig, student_cond, student_loss, teacher_rollout
 
@@ -41,6 +43,7 @@ class TrainConfig:
     # k micro-batches of batch_size per optimizer step: the update of one step on a k·batch_size batch (the same
     # samples and random numbers), in the activation memory of one micro-batch; checkpoints at step boundaries only
     grad_accumulation_steps: int = 1
+    optimizer: str = ADAMW  # training.optimizers: AdamW (the authors'), Adafactor, AdamW 8-bit (bitsandbytes)
     # Dynamic loss scaling (torch.amp.GradScaler) for a forward computed in float16: without it the
     # backward's fp16 activation gradients (≈ 1/numel of the output each) underflow to zero. Steps whose
     # scaled gradients overflow are skipped and the scale halves, as in the authors' fp16 training.
@@ -92,6 +95,7 @@ def save_checkpoint(
         "signature": signature,
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "schedule": schedule,
+        "optimizer_name": cfg.optimizer,
     }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -134,6 +138,9 @@ class Trainer:
         cfg.tdft.validate(schedule)
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accumulation_steps < 1:
             raise ValueError("steps, batch_size and grad_accumulation_steps must be ≥ 1")
+        reason = unavailable_reason(cfg.optimizer)
+        if reason:
+            raise ValueError(f"optimizer: {cfg.optimizer} cannot run here: {reason}.")
         self.schedule, self.cfg, self.signature = schedule, cfg, signature
         self.resume_from = resume_from
         self.resume_state = None
@@ -145,6 +152,12 @@ class Trainer:
                     f"resume_from: '{Path(resume_from).name}' was trained on another noise schedule ({made_on}; "
                     f"this model's is {schedule.fingerprint()}): a ModelSampling node or the shift changed. Resume "
                     "with the same schedule, or start fresh."
+                )
+            trained_with = state.get("optimizer_name", ADAMW)  # checkpoints written before the choice: AdamW
+            if trained_with != cfg.optimizer:
+                raise TrainingError(
+                    f"resume_from: '{Path(resume_from).name}' was trained with {trained_with}, this run uses "
+                    f"{cfg.optimizer}; resume with optimizer {trained_with}, or start fresh."
                 )
             done = int(state["step"])
             if done > cfg.steps:
@@ -231,7 +244,7 @@ def _run(
     plist = list(params.values())
     for p in plist:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(plist, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, plist, cfg.learning_rate, cfg.weight_decay)
     ema = EMATeacher(params, cfg.ema_decay)
     scaler = torch.amp.GradScaler(plist[0].device.type, enabled=cfg.fp16_loss_scaling)
     skipped_in_a_row = 0

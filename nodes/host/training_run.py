@@ -14,7 +14,7 @@ import torch
 
 from ...npo_core.errors import NPOError
 from ...npo_core.offset import Dense, NPOOffset
-from ...training import tdft
+from ...training import optimizers, tdft
 from ...training.data import StartData
 from ...training.lora import LoRASet
 from ...training.trainer import Callbacks, TrainConfig, Trainer, TrainingError, TrainResult
@@ -49,6 +49,7 @@ class Recipe:
     seed: int = 0
     save_every: int = 0
     grad_accumulation_steps: int = 1
+    optimizer: str = optimizers.ADAMW
 
 
 @dataclasses.dataclass
@@ -105,12 +106,13 @@ def plan_job(
     cfg = TrainConfig(
         steps=recipe.steps,
         batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate or auto,
+        learning_rate=recipe.learning_rate or optimizers.auto_learning_rate(recipe.optimizer, auto),
         weight_decay=rates.full_weight_decay if recipe.mode == "full" else 0.0,
         ema_decay=recipe.ema_decay,
         seed=recipe.seed,
         save_every=recipe.save_every,
         grad_accumulation_steps=recipe.grad_accumulation_steps,
+        optimizer=recipe.optimizer,
         tdft=tdft.TDFTConfig(
             truncation_steps=recipe.truncation_steps,
             teacher_guidance=float(recipe.teacher_guidance),

@@ -21,7 +21,7 @@ EXPECTED_NODES = {
                       "truncation_steps", "teacher_guidance", "ema_decay", "loss", "seed", "gradient_checkpointing",
                       "training_dtype", "save_every", "filename_prefix", "latents", "lora_layers", "student_cond",
                       "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg", "frames",
-                      "grad_accumulation_steps"],
+                      "grad_accumulation_steps", "optimizer"],
                      ["NPO_OFFSET", "IMAGE", "INT"]),
     "NPOSaveOffset": (["npo_offset", "filename_prefix", "model"], []),
     "NPOLoadScorer": (["scorer", "weights", "clip_vision"], ["NPO_SCORER"]),

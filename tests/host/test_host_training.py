@@ -480,3 +480,20 @@ def test_grad_accumulation_through_the_node_equals_the_larger_batch(tiny, out_di
         torch.testing.assert_close(acc.entries[k].down, e.down, rtol=0, atol=2e-5)
         far = max(far, float((small.entries[k].up - e.up).abs().max()))
     assert far > 5e-5, far
+
+
+def test_adafactor_through_the_node_and_8bit_adamw_refused_without_bitsandbytes(tiny, out_dir, monkeypatch):
+    """optimizer Adafactor trains with its own auto learning rate (1e-2); AdamW 8-bit without bitsandbytes is refused
+    before any sampling, naming the package."""
+    from comfyui_npo.training import optimizers
+
+    pos, neg = kit.make_conds("sd15")
+    out = train(tiny("sd15"), pos, neg, steps=2, optimizer="Adafactor")
+    assert out.result[2] == 2 and "lr auto (0.01)" in out.ui.as_dict()["text"][0]
+    assert any(float(e.up.abs().max()) > 0 for e in out.result[0].entries.values())
+    monkeypatch.setattr(optimizers.importlib.util, "find_spec", lambda name: None)
+    sampled = []
+    monkeypatch.setattr(training_model, "sample_pool", lambda *a, **k: sampled.append(1))
+    with pytest.raises(NPOError, match="optimizer: AdamW 8-bit cannot run here: it needs the bitsandbytes package"):
+        train(tiny("sd15"), pos, neg, steps=2, optimizer="AdamW 8-bit")
+    assert not sampled
