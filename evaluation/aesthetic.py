@@ -111,6 +111,7 @@ class AestheticScorer(nn.Module):
     """CLIP ViT-L/14 vision model + AestheticHead: ``score(images, prompts=None)`` → [B] (prompts unused)."""
 
     name = "LAION aesthetic v2"
+    uses_prompt = False  # rates the image alone
 
     def __init__(self, vision, preprocess: ClipPreprocess, head: AestheticHead, backend: str = "pil"):
         super().__init__()

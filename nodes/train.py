@@ -12,8 +12,8 @@ from ..npo_core.errors import NPOError
 from ..npo_core.families import PRESET_NAMES
 from ..training import optimizers, tdft
 from ..training.trainer import Callbacks
-from .common import CATEGORY, NPOOffsetType
-from .host import files, runtime, training_conds, training_run
+from .common import CATEGORY, NPOOffsetType, NPOScorerType
+from .host import files, runtime, training_conds, training_preview, training_run
 from .host.training_model import TrainingModel
 from .plot import loss_curve_image
 
@@ -273,6 +273,36 @@ class SelfNPOTrain(io.ComfyNode):
                     "bitsandbytes' 8-bit states, " + _bitsandbytes_status() + " A resume continues with the "
                     "optimizer it was trained with.",
                 ),
+                io.Int.Input(
+                    "preview_every",
+                    default=100,
+                    min=0,
+                    max=1_000_000,
+                    optional=True,
+                    tooltip="Every N optimizer steps (and at the end) one fixed-seed pair is sampled, plain CFG and "
+                    "with the current offset on the negative pass (8 Euler steps, half the pool's size, the first "
+                    "prompt, the negative, pool_cfg), shown as the progress preview over the loss curve and saved "
+                    "beside the checkpoints (when save_every > 0). 0 = off.",
+                ),
+                io.Vae.Input(
+                    "preview_vae",
+                    optional=True,
+                    tooltip="Decode the previews with this VAE (exact images); without it ComfyUI's latent "
+                    "previewer draws them (TAESD or a rough latent-to-RGB).",
+                ),
+                NPOScorerType.Input(
+                    "preview_scorer",
+                    optional=True,
+                    tooltip="A scorer from NPO Load Scorer: each preview pair is scored, logged and plotted "
+                    "(connect preview_vae: scores of rough latent previews mean little).",
+                ),
+                io.String.Input(
+                    "preview_prompt",
+                    default="",
+                    optional=True,
+                    tooltip="The text of the first training prompt, for preview_scorer (PickScore, HPS and "
+                    "ImageReward score an image against its prompt; the aesthetic scorer ignores it).",
+                ),
             ],
             outputs=[
                 NPOOffsetType.Output(display_name="npo_offset"),
@@ -314,6 +344,10 @@ class SelfNPOTrain(io.ComfyNode):
         frames: int = 1,
         grad_accumulation_steps: int = 1,
         optimizer: str = optimizers.ADAMW,
+        preview_every: int = 100,
+        preview_vae=None,
+        preview_scorer=None,
+        preview_prompt: str = "",
     ) -> io.NodeOutput:
         run = _plan(model, positive, negative, latents, _Settings.of(locals()))
         job, tm = run.job, run.job.model
@@ -335,7 +369,8 @@ class SelfNPOTrain(io.ComfyNode):
                 on_step=lambda done, total, value: pbar.update_absolute(pool + done, pool + steps),
                 should_stop=runtime.interrupted,
             )
-            result, offset = training_run.train_offset(job, data, callbacks, gradient_checkpointing)
+            preview = _preview(run, pool, steps, pbar, preview_vae, preview_scorer)
+            result, offset = training_run.train_offset(job, data, callbacks, gradient_checkpointing, preview)
         if result.stopped_early:
             runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
         if mode == "full" and rank > 0 and offset.entries:
@@ -375,6 +410,8 @@ class _Settings:
     frames: int
     grad_accumulation_steps: int
     optimizer: str
+    preview_every: int
+    preview_prompt: str
 
     @classmethod
     def of(cls, values: dict) -> _Settings:
@@ -438,6 +475,28 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
     if ignored:
         runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
     return _Run(job, settings, positive_entries, negative_entries, samples, ignored)
+
+
+def _preview(run: _Run, pool: int, steps: int, pbar, vae, scorer) -> training_preview.TrainingPreview | None:
+    """The validation preview of the run (None when preview_every is 0)."""
+    s, tm = run.settings, run.job.model
+    if s.preview_every <= 0:
+        return None
+    if scorer is not None and not s.preview_prompt.strip() and getattr(scorer, "uses_prompt", True):
+        raise NPOError(
+            f"preview_prompt: {scorer.name} scores an image against its prompt; write the text of the first training "
+            "prompt (or disconnect preview_scorer)."
+        )
+    shape = training_preview.preview_shape(tm.latent.pool_shape(s.width, s.height, s.frames),
+                                           tm.latent.spatial_factor)
+    settings = training_preview.PreviewSettings(s.preview_every, shape, s.pool_cfg, s.seed, vae, scorer,
+                                                s.preview_prompt.strip())
+
+    def show(step: int, sheet) -> None:
+        pbar.update_absolute(pool + step, pool + steps, ("JPEG", sheet, training_preview.PREVIEW_MAX_SIZE))
+
+    return training_preview.TrainingPreview(tm.mp, settings, show,
+                                            training_preview.preview_stem(run.job.checkpoint_path))
 
 
 def _bitsandbytes_status() -> str:

@@ -68,6 +68,7 @@ class ManagedScorer:
 
         self.name = name
         self.module = module
+        self.uses_prompt = getattr(module, "uses_prompt", True)  # the aesthetic scorer rates the image alone
         holder = torch.nn.Module()  # ComfyUI's patcher sets attributes (device, ...) on the module it manages
         holder.scorer = module
         self.patcher = comfy.model_patcher.ModelPatcher(

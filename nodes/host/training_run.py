@@ -21,6 +21,7 @@ from ...training.trainer import Callbacks, TrainConfig, Trainer, TrainingError, 
 from . import model_facts
 from .runtime import explain_out_of_memory
 from .training_model import TrainingModel
+from .training_preview import TrainingPreview, full_weights_off, lora_off
 
 MODES = ("lora", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -145,11 +146,12 @@ def start_data(job: TrainingJob, samples: torch.Tensor, prompt_of: torch.Tensor)
 
 
 def train_offset(
-    job: TrainingJob, data: StartData, callbacks: Callbacks, gradient_checkpointing: bool
+    job: TrainingJob, data: StartData, callbacks: Callbacks, gradient_checkpointing: bool,
+    preview: TrainingPreview | None = None,
 ) -> tuple[TrainResult, NPOOffset]:
-    """TDFT on the job's trainable weights (LoRA adapters or all weights); returns (result, offset).
-    Call under ``torch.inference_mode(False)`` and ``torch.enable_grad()`` (ComfyUI runs nodes in inference
-    mode)."""
+    """TDFT on the job's trainable weights (LoRA adapters or all weights); returns (result, offset), with the
+    ``preview`` pair sampled every ``preview.settings.every`` steps. Call under ``torch.inference_mode(False)`` and
+    ``torch.enable_grad()`` (ComfyUI runs nodes in inference mode)."""
     tm, recipe = job.model, job.recipe
     device = tm.device or tm.load()
     dtype = DTYPES[recipe.training_dtype]
@@ -165,6 +167,8 @@ def train_offset(
             params = lset.named_trainable()
         else:
             params = session.full_params(dtype)
+        if preview is not None:
+            callbacks = _with_preview(callbacks, preview, denoiser, data, lset, params, session)
         try:
             with explain_out_of_memory("Self-NPO training", TRAIN_OOM_REMEDIES):
                 result = job.trainer.run(denoiser, params, data, callbacks, job.checkpoint_path)
@@ -187,6 +191,26 @@ def train_offset(
                 entries, source_format="self-npo", base_arch=name, source="Self-NPO Train", metadata=meta
             )
     return result, offset
+
+
+def _with_preview(callbacks: Callbacks, preview: TrainingPreview, denoiser, data: StartData, lset, params,
+                  session) -> Callbacks:
+    """``callbacks`` whose on_step also runs the preview when it is due (first prompt, the negative)."""
+    if lset is not None:
+        def offset_off():
+            return lora_off(lset)
+    else:
+        def offset_off():
+            return full_weights_off(params, session.original)
+    losses: list[float] = []
+
+    def on_step(done: int, total: int, value: float) -> None:
+        losses.append(value)
+        callbacks.on_step(done, total, value)
+        if preview.due(done, total):
+            preview.run(done, losses, denoiser, data.conds_pos[0], data.cond_neg, offset_off)
+
+    return Callbacks(on_step=on_step, should_stop=callbacks.should_stop, on_checkpoint=callbacks.on_checkpoint)
 
 
 def _metadata(job: TrainingJob, result: TrainResult) -> dict[str, str]:

@@ -497,3 +497,99 @@ def test_adafactor_through_the_node_and_8bit_adamw_refused_without_bitsandbytes(
     with pytest.raises(NPOError, match="optimizer: AdamW 8-bit cannot run here: it needs the bitsandbytes package"):
         train(tiny("sd15"), pos, neg, steps=2, optimizer="AdamW 8-bit")
     assert not sampled
+
+
+def test_validation_preview_is_the_pair_ksampler_gives_and_is_shown_and_saved(tiny, out_dir, monkeypatch):
+    """The last preview pair (at the final step, with the final offset) equals ComfyUI's KSampler (euler, simple,
+    8 steps, pool_cfg, the preview's seed and size) on the model and on Apply NPO with the returned offset; every
+    preview reaches the progress bar and is saved beside the checkpoints."""
+    import comfy.sample
+
+    from comfyui_npo.nodes.host import sampling, training_preview
+
+    shown, pairs = [], []
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            if preview is not None:
+                shown.append((value, preview))
+
+        def update(self, n):
+            pass
+
+    monkeypatch.setattr(runtime, "progress_bar", Bar)
+    real_pair = training_preview.TrainingPreview.sample_pair
+
+    def record(self, *a, **k):
+        pairs.append(real_pair(self, *a, **k))
+        return pairs[-1]
+
+    monkeypatch.setattr(training_preview.TrainingPreview, "sample_pair", record)
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    out = train(model, pos, neg, steps=3, preview_every=2, save_every=1, learning_rate=3e-3, pool_cfg=5.0)
+    offset = out.result[0]
+    assert len(pairs) == 2 and [v for v, _ in shown] == [2 + 2, 2 + 3]  # steps 2 and 3 (the end), after the pool
+    assert all(kind == "JPEG" and img.width == 2 * 256 + 8 for _, (kind, img, _) in shown)
+    saved = sorted(p.name for p in (out_dir / "npo_training").glob("*_preview_*.png"))
+    assert saved == ["t_00001__preview_000002.png", "t_00001__preview_000003.png"]
+
+    plain, npo = pairs[-1]
+    shape = training_preview.preview_shape((1, 4, 8, 8), 8)  # the 64 px pool: at least 64 px a side
+    assert tuple(plain.shape) == shape == (1, 4, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros(shape)
+
+    def ksampler(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 8, 5.0, "euler", "simple", pos[:1], neg, latent, seed=0,
+                                       disable_pbar=True)
+
+    want_plain, want_npo = ksampler(model), ksampler(sampling.apply_offset(model, offset, 1.0))
+    got_plain, got_npo = (model.model.process_latent_out(x.cpu()) for x in (plain, npo))
+    torch.testing.assert_close(got_plain, want_plain, rtol=1e-4, atol=1e-4)
+    effect = float((want_npo - want_plain).abs().max())
+    assert effect > 0.1, effect  # the offset acts: the two references differ
+    # Apply NPO adds the LoRA on the negative rows in its own order of operations: float noise, measured 3e-4 to
+    # 8e-4 of an effect of 5.4; the offset on both passes, or on none, would be off by the effect itself
+    assert float((got_npo - want_npo).abs().max()) < 1e-3 * effect
+
+
+def test_preview_decodes_with_the_vae_scores_each_pair_and_works_in_full_mode(tiny, out_dir, monkeypatch):
+    """Full mode (the trained weights swapped for the originals in the plain pass), a connected VAE decodes the pair,
+    a connected scorer scores both images each time; a text scorer without preview_prompt is refused first."""
+    from comfyui_npo.nodes.host import training_preview
+
+    decoded, scored = [], []
+
+    class StandInVAE:
+        def decode(self, latent):
+            img = torch.sigmoid(latent[:, :3]).movedim(1, -1)  # [B, h, w, 3] in 0..1
+            decoded.append(img)
+            return img
+
+    class StandInScorer:
+        name, uses_prompt = "stand-in", True
+
+        def score(self, images, prompts):
+            scored.append(prompts)
+            return torch.tensor([float(sum(im.getpixel((0, 0)))) for im in images])
+
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    with pytest.raises(NPOError, match="preview_prompt: stand-in scores an image against its prompt"):
+        train(model, pos, neg, steps=2, preview_every=1, preview_scorer=StandInScorer())
+    runs = []
+    real_run = training_preview.TrainingPreview.run
+    monkeypatch.setattr(training_preview.TrainingPreview, "run",
+                        lambda self, *a, **k: (runs.append(self), real_run(self, *a, **k))[1])
+    out = train(model, pos, neg, steps=2, mode="full", learning_rate=1e-4, preview_every=1,
+                preview_vae=StandInVAE(), preview_scorer=StandInScorer(), preview_prompt="a red fox")
+    assert out.result[2] == 2 and len(decoded) == 4 and scored == [["a red fox"] * 2] * 2
+    history = runs[0].history
+    assert history.steps == [1, 2] and len(history.plain) == len(history.npo) == 2
+    first = decoded[0][0]  # the first plain image, as the scorer saw it (its top-left pixel, uint8 levels)
+    assert history.plain[0] == float(sum((255.0 * first[0, 0]).clamp(0, 255).to(torch.uint8).tolist()))
