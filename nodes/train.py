@@ -280,9 +280,9 @@ class SelfNPOTrain(io.ComfyNode):
                     max=1_000_000,
                     optional=True,
                     tooltip="Every N optimizer steps (and at the end) one fixed-seed pair is sampled, plain CFG and "
-                    "with the current offset on the negative pass (8 Euler steps, half the pool's size, the first "
-                    "prompt, the negative, pool_cfg), shown as the progress preview over the loss curve and saved "
-                    "beside the checkpoints (when save_every > 0). 0 = off.",
+                    "with the current offset on the negative pass (8 Euler steps, half the pool's width and height "
+                    "but at least 512 px, the first prompt, the negative, pool_cfg), shown as the progress preview "
+                    "over the loss curve and saved beside the checkpoints (when save_every > 0). 0 = off.",
                 ),
                 io.Vae.Input(
                     "preview_vae",
@@ -365,11 +365,13 @@ class SelfNPOTrain(io.ComfyNode):
         pbar.update_absolute(pool + done, pool + steps)  # a resumed run starts at the steps already done
         with torch.inference_mode(False), torch.enable_grad():
             data = training_run.start_data(job, samples, prompt_of)
+            preview = _preview(run, preview_vae, preview_scorer)
             callbacks = Callbacks(
-                on_step=lambda done, total, value: pbar.update_absolute(pool + done, pool + steps),
+                on_step=lambda done, total, value: pbar.update_absolute(
+                    pool + done, pool + steps, preview.progress_preview(done) if preview else None
+                ),
                 should_stop=runtime.interrupted,
             )
-            preview = _preview(run, pool, steps, pbar, preview_vae, preview_scorer)
             result, offset = training_run.train_offset(job, data, callbacks, gradient_checkpointing, preview)
         if result.stopped_early:
             runtime.throw_if_interrupted()  # ComfyUI's cancel: the last checkpoint is kept for resume_from
@@ -477,7 +479,7 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
     return _Run(job, settings, positive_entries, negative_entries, samples, ignored)
 
 
-def _preview(run: _Run, pool: int, steps: int, pbar, vae, scorer) -> training_preview.TrainingPreview | None:
+def _preview(run: _Run, vae, scorer) -> training_preview.TrainingPreview | None:
     """The validation preview of the run (None when preview_every is 0)."""
     s, tm = run.settings, run.job.model
     if s.preview_every <= 0:
@@ -487,16 +489,10 @@ def _preview(run: _Run, pool: int, steps: int, pbar, vae, scorer) -> training_pr
             f"preview_prompt: {scorer.name} scores an image against its prompt; write the text of the first training "
             "prompt (or disconnect preview_scorer)."
         )
-    shape = training_preview.preview_shape(tm.latent.pool_shape(s.width, s.height, s.frames),
-                                           tm.latent.spatial_factor)
+    shape = training_preview.preview_shape(tm.latent.pool_shape(s.width, s.height, s.frames))
     settings = training_preview.PreviewSettings(s.preview_every, shape, s.pool_cfg, s.seed, vae, scorer,
                                                 s.preview_prompt.strip())
-
-    def show(step: int, sheet) -> None:
-        pbar.update_absolute(pool + step, pool + steps, ("JPEG", sheet, training_preview.PREVIEW_MAX_SIZE))
-
-    return training_preview.TrainingPreview(tm.mp, settings, show,
-                                            training_preview.preview_stem(run.job.checkpoint_path))
+    return training_preview.TrainingPreview(tm.mp, settings, training_preview.preview_stem(run.job.checkpoint_path))
 
 
 def _bitsandbytes_status() -> str:

@@ -26,6 +26,7 @@ from . import runtime
 PREVIEW_STEPS = 8  # Euler steps per preview image
 PREVIEW_SCHEDULER = "simple"
 PREVIEW_MAX_SIZE = 1024  # px, the longest side ComfyUI shows of a progress preview
+MIN_PREVIEW_LATENT = 64  # latent pixels a side the preview keeps, if the pool has them (PixArt fails below ~34)
 
 
 @dataclass
@@ -48,21 +49,28 @@ class PreviewHistory:
     npo: list[float] = field(default_factory=list)
 
 
-def preview_shape(pool_shape: tuple[int, ...], spatial_factor: int) -> tuple[int, ...]:
-    """The pool's latent shape at half the width and height (at least 64 px a side), one sample."""
-    lo = max(1, 64 // spatial_factor)
+def preview_shape(pool_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One sample of the pool's latent shape at half its height and width, but not below 64 latent pixels a side
+    (512 px for 8× latents; PixArt's position-embedding interpolation is 0 below about 34) unless the pool is
+    smaller."""
     *head, h, w = pool_shape
-    return (1, *head[1:], max(lo, h // 2), max(lo, w // 2))
+    return (1, *head[1:], max(min(h, MIN_PREVIEW_LATENT), h // 2), max(min(w, MIN_PREVIEW_LATENT), w // 2))
 
 
 class TrainingPreview:
     """Samples, decodes, scores, shows and saves one preview pair every ``settings.every`` steps."""
 
-    def __init__(self, mp, settings: PreviewSettings, show: Callable[[int, Image.Image], None],
-                 save_stem: str | None) -> None:
-        self.mp, self.settings, self.show, self.save_stem = mp, settings, show, save_stem
+    def __init__(self, mp, settings: PreviewSettings, save_stem: str | None) -> None:
+        self.mp, self.settings, self.save_stem = mp, settings, save_stem
         self.history = PreviewHistory()
         self.saved: list[str] = []
+        self.last: tuple[int, Image.Image] | None = None  # (step, sheet) of the newest preview
+
+    def progress_preview(self, step: int):
+        """The progress bar's preview for ``step`` (ComfyUI's (format, image, max size)), None between previews."""
+        if self.last is None or self.last[0] != step:
+            return None
+        return ("JPEG", self.last[1], PREVIEW_MAX_SIZE)
 
     def due(self, step: int, total: int) -> bool:
         every = self.settings.every
@@ -71,7 +79,8 @@ class TrainingPreview:
     @torch.no_grad()
     def run(self, step: int, losses: list[float], denoise, cond_pos: dict, cond_neg: dict,
             offset_off: Callable[[], contextlib.AbstractContextManager]) -> Image.Image:
-        """The preview at ``step``: sample the pair, decode it, score it, show it and save it; returns the sheet."""
+        """The preview at ``step``: sample the pair, decode it, score it, save it and keep it for the progress bar;
+        returns the sheet."""
         runtime.throw_if_interrupted()
         plain, npo = self.sample_pair(denoise, cond_pos, cond_neg, offset_off)
         images = [self.decode(x) for x in (plain, npo)]
@@ -83,7 +92,7 @@ class TrainingPreview:
             runtime.log.info("Self-NPO preview at step %d: %s plain %.4f, with the offset %.4f", step,
                              self.settings.scorer.name, *scores)
         sheet = preview_sheet(images, step, losses, self.history, getattr(self.settings.scorer, "name", ""))
-        self.show(step, sheet)
+        self.last = (step, sheet)
         if self.save_stem:
             path = f"{self.save_stem}_preview_{step:06}.png"
             atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

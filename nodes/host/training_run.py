@@ -206,9 +206,9 @@ def _with_preview(callbacks: Callbacks, preview: TrainingPreview, denoiser, data
 
     def on_step(done: int, total: int, value: float) -> None:
         losses.append(value)
-        callbacks.on_step(done, total, value)
-        if preview.due(done, total):
+        if preview.due(done, total):  # before the progress update, which shows it
             preview.run(done, losses, denoiser, data.conds_pos[0], data.cond_neg, offset_off)
+        callbacks.on_step(done, total, value)
 
     return Callbacks(on_step=on_step, should_stop=callbacks.should_stop, on_checkpoint=callbacks.on_checkpoint)
 

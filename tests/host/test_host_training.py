@@ -533,12 +533,15 @@ def test_validation_preview_is_the_pair_ksampler_gives_and_is_shown_and_saved(ti
     out = train(model, pos, neg, steps=3, preview_every=2, save_every=1, learning_rate=3e-3, pool_cfg=5.0)
     offset = out.result[0]
     assert len(pairs) == 2 and [v for v, _ in shown] == [2 + 2, 2 + 3]  # steps 2 and 3 (the end), after the pool
+    assert training_preview.preview_shape((1, 4, 256, 192)) == (1, 4, 128, 96)  # SDXL's 2048×1536 pool: half
+    assert training_preview.preview_shape((1, 4, 128, 96)) == (1, 4, 64, 64)  # 1024×768: not below 64 latent px
+    assert training_preview.preview_shape((1, 16, 9, 60, 104)) == (1, 16, 9, 60, 64)  # Wan 832×480
     assert all(kind == "JPEG" and img.width == 2 * 256 + 8 for _, (kind, img, _) in shown)
     saved = sorted(p.name for p in (out_dir / "npo_training").glob("*_preview_*.png"))
     assert saved == ["t_00001__preview_000002.png", "t_00001__preview_000003.png"]
 
     plain, npo = pairs[-1]
-    shape = training_preview.preview_shape((1, 4, 8, 8), 8)  # the 64 px pool: at least 64 px a side
+    shape = training_preview.preview_shape((1, 4, 8, 8))  # the 64 px pool: smaller than 64 latent px, kept
     assert tuple(plain.shape) == shape == (1, 4, 8, 8)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     latent = torch.zeros(shape)
