@@ -22,71 +22,36 @@ ComfyUI is found at --comfyui, $COMFYUI_PATH or ~/comfy/ComfyUI.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib.util
 import json
 import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from npo_headless import REPO, find_comfyui
 from npo_headless.assets import TINY_CKPT, ensure_assets
-from npo_headless.server import (
-    ComfyServer,
-    execution_error,
-    get_json,
-    post_json,
-    prepare_base_directory,
-    queue_prompt,
-    wait_history,
+from npo_headless.runner import (
+    UsageError,
+    api_titles,
+    environment_problem,
+    fmt_time,
+    has_accelerator,
+    interrupt,
+    pack_object_info,
+    prompt_failure,
+    resolve_model_file,
+    run_prompt,
+    start_server,
 )
+from npo_headless.server import prepare_base_directory
 from npo_headless.workflows import EXAMPLE_SELF_NPO, ui_to_api, validate_against_object_info
 
 WORKFLOW = REPO / "example_workflows" / f"{EXAMPLE_SELF_NPO}.json"
-VENV_PYTHON = "~/.cache/comfyui-npo/venv-comfy-<version>/bin/python"
-CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
-REQUIRED_MODULES = ("torch", "torchvision", "aiohttp", "safetensors", "yaml", "PIL", "einops", "transformers")
-
-INSTALL_HELP = f"""\
-ComfyUI was not found (looked at --comfyui, $COMFYUI_PATH and ~/comfy/ComfyUI).
-
-Install it, then run this script again with a Python that has ComfyUI's requirements:
-
-    mkdir -p ~/comfy && git clone https://github.com/Comfy-Org/ComfyUI ~/comfy/ComfyUI
-    python3 -m venv ~/comfy/venv
-    ~/comfy/venv/bin/pip install -r ~/comfy/ComfyUI/requirements.txt   # GPU: see ComfyUI's README for torch
-    ~/comfy/venv/bin/python scripts/run_demo.py
-
-(`bash scripts/test.sh` also builds such Pythons, {VENV_PYTHON}, one per tested ComfyUI version.)
-Or point COMFYUI_PATH (or --comfyui) at an existing ComfyUI checkout."""
-
+SCRIPT = "scripts/run_demo.py"
 # Quick settings for the built-in tiny random checkpoint (a smoke run, not a real training).
 TINY_DEFAULTS = {"steps": 10, "batch_size": 2, "pool_size": 4, "pool_steps": 4, "size": 64, "sample_steps": 10}
-
-
-# ---------------------------------------------------------------------------------------------
-# environment
-# ---------------------------------------------------------------------------------------------
-def missing_modules() -> list[str]:
-    return [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
-
-
-def has_accelerator() -> str | None:
-    """'cuda' / 'mps' when this Python's torch sees one (ComfyUI then runs on it), else None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,125 +151,6 @@ def training_prompts(prompt: dict, train: str) -> list[str]:
 
     walk(prompt[train]["inputs"]["positive"])
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# progress
-# ---------------------------------------------------------------------------------------------
-def fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    return (f"{h}:" if h else "") + f"{rem // 60:02d}:{rem % 60:02d}"
-
-
-class Progress:
-    """One text line per node; a live counter for nodes that report progress (\\r on a terminal, else a line
-    every 10% or 30 s)."""
-
-    def __init__(self, titles: dict[str, str], stream=sys.stdout):
-        self.titles, self.stream = titles, stream
-        self.tty = stream.isatty()
-        self.t0 = time.time()
-        self.node: str | None = None
-        self.node_t0 = self.t0
-        self.first: tuple[float, int] | None = None
-        self.last_print = 0.0
-        self.last_bucket = -1
-        self.open_line = False
-
-    def _write(self, text: str, live: bool = False) -> None:
-        if self.open_line and not live:
-            self.stream.write("\n")
-        self.stream.write(("\r" + text + "\x1b[K") if live else text + "\n")
-        self.open_line = live
-        self.stream.flush()
-
-    def executing(self, nid: str | None) -> None:
-        if nid == self.node:
-            return
-        now = time.time()
-        if self.node is not None and self.first is not None:
-            self._write(f"[{fmt_time(now - self.t0)}]   {self.titles.get(self.node, self.node)} done in "
-                        f"{fmt_time(now - self.node_t0)}")
-        self.node, self.node_t0, self.first, self.last_bucket = nid, now, None, -1
-        if nid is not None:
-            self._write(f"[{fmt_time(now - self.t0)}] {self.titles.get(nid, nid)}")
-
-    def cached(self, nodes: list) -> None:
-        if nodes:
-            names = ", ".join(self.titles.get(str(n), str(n)) for n in nodes)
-            self._write(f"[{fmt_time(time.time() - self.t0)}] cached (not run again): {names}")
-
-    def progress(self, nid: str, value: int, total: int) -> None:
-        if nid != self.node:
-            self.executing(nid)
-        now = time.time()
-        if self.first is None:
-            self.first = (now, value)
-        t_first, v_first = self.first
-        eta = ""
-        if value > v_first and total:
-            rate = (now - t_first) / (value - v_first)
-            eta = f", {rate:.2f} s/it, ETA {fmt_time(rate * (total - value))}"
-        pct = 100 * value // max(total, 1)
-        line = f"    {self.titles.get(nid, nid)}: {value}/{total} ({pct}%){eta}"
-        if self.tty:
-            self._write(line, live=True)
-        elif pct // 10 != self.last_bucket or now - self.last_print > 30 or value == total:
-            self._write(line)
-            self.last_print, self.last_bucket = now, pct // 10
-
-    def done(self) -> None:
-        self.executing(None)
-        self._write(f"[{fmt_time(time.time() - self.t0)}] finished")
-
-
-async def _run_ws(url: str, prompt: dict, progress: Progress, server) -> str:
-    import aiohttp
-
-    client_id = uuid.uuid4().hex
-    ws_url = url.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}"
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(ws_url, heartbeat=30, max_msg_size=0) as ws:
-            pid = queue_prompt(url, prompt, client_id=client_id)
-            while True:
-                try:
-                    msg = await ws.receive(timeout=5)
-                except asyncio.TimeoutError:
-                    if not server.alive():
-                        raise RuntimeError("the ComfyUI server stopped") from None
-                    continue
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    continue  # latent previews
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    return pid  # the socket closed: wait_history() below takes over
-                data = json.loads(msg.data)
-                kind, body = data.get("type"), data.get("data") or {}
-                if body.get("prompt_id") not in (None, pid):
-                    continue
-                if kind == "executing":
-                    if body.get("node") is None and body.get("prompt_id") == pid:
-                        return pid
-                    progress.executing(str(body["node"]) if body.get("node") is not None else None)
-                elif kind == "execution_cached":
-                    progress.cached(body.get("nodes") or [])
-                elif kind == "progress" and body.get("node") is not None:
-                    progress.progress(str(body["node"]), int(body.get("value", 0)), int(body.get("max", 0)))
-                elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-                    return pid
-
-
-def run_prompt(server, prompt: dict, titles: dict[str, str]) -> dict:
-    """Queue the prompt, show progress from the websocket, return its /history entry."""
-    progress = Progress(titles)
-    try:
-        pid = asyncio.run(_run_ws(server.url, prompt, progress, server))
-    except ImportError:  # no aiohttp: poll /history without progress
-        pid = queue_prompt(server.url, prompt)
-        print("(no aiohttp: polling /history, no progress display)")
-    entry = wait_history(server.url, pid, timeout=10 ** 7, server=server)
-    progress.done()
-    return entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,28 +261,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     o = parse_args(argv)
     comfy = find_comfyui(o.comfyui)
-    if comfy is None:
-        print(INSTALL_HELP, file=sys.stderr)
-        return 2
-    missing = missing_modules()
-    if missing:
-        print(f"This Python ({sys.executable}) lacks ComfyUI's requirements ({', '.join(missing)}). Run the demo "
-              f"with the Python ComfyUI runs with, e.g.\n\n    {VENV_PYTHON} scripts/run_demo.py ...\n\n"
-              f"(bash scripts/test.sh creates that venv), or pip install -r {comfy / 'requirements.txt'}.",
-              file=sys.stderr)
+    problem = environment_problem(comfy, SCRIPT)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     ckpt: Path | None = None
     if o.checkpoint:
-        ckpt = Path(o.checkpoint).expanduser()
-        if not ckpt.is_file() and (comfy / "models" / "checkpoints" / o.checkpoint).is_file():
-            ckpt = comfy / "models" / "checkpoints" / o.checkpoint
-        if not ckpt.is_file():
-            print(f"error: checkpoint {o.checkpoint} not found", file=sys.stderr)
+        try:
+            ckpt = resolve_model_file(o.checkpoint, comfy, ("checkpoints",), "checkpoint")
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        if not ckpt.name.lower().endswith(CHECKPOINT_EXTS):
-            print(f"error: {ckpt.name}: ComfyUI lists only {', '.join(CHECKPOINT_EXTS)} files", file=sys.stderr)
-            return 2
-        ckpt = ckpt.resolve()
     else:
         for k, v in TINY_DEFAULTS.items():
             if getattr(o, k) is None:
@@ -459,17 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         # The tiny model's ops are small: on a CPU one thread is fastest (several spin against each other on a
         # busy machine; measured 10x slower). A real checkpoint gets torch's default unless --threads.
         threads = o.threads or ("1" if accel is None and not o.checkpoint else None)
-        print(f"ComfyUI: {comfy}  ({accel or 'CPU'}{', --cpu' if not accel else ''}"
-              f"{f', {threads} thread(s)' if threads and not accel else ''})")
-        server = ComfyServer(comfy, sys.executable, base, base / "comfyui.log", port=o.port, cpu=accel is None,
-                                 threads=threads)
-        t0 = time.time()
-        server.start(timeout=300)
-        print(f"server up at {server.url} in {time.time() - t0:.0f} s (log: {server.log_path})")
-
-        object_info = get_json(server.url + "/object_info", timeout=120)
-        if "SelfNPOTrain" not in object_info:
-            print("error: the pack's nodes did not load in ComfyUI:\n" + server.log_tail(60), file=sys.stderr)
+        server = start_server(comfy, base, accel, threads, o.port)
+        object_info = pack_object_info(server, "SelfNPOTrain")
+        if object_info is None:
             return 1
         workflow = json.loads(WORKFLOW.read_text())
         prompt = customize(ui_to_api(workflow, object_info), object_info, ckpt.name, o)
@@ -490,14 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         if accel is None and o.checkpoint:
             print("note: running on the CPU; with a full-size checkpoint this takes hours.")
 
-        entry = run_prompt(server, prompt, {nid: e.get("_meta", {}).get("title") or e["class_type"]
-                                                 for nid, e in prompt.items()})
-        status = (entry.get("status") or {}).get("status_str")
-        if status != "success":
-            err = execution_error(entry) or entry.get("status")
-            msg = err.get("exception_message", err) if isinstance(err, dict) else err
-            node = err.get("node_type", "?") if isinstance(err, dict) else "?"
-            print(f"error: the workflow failed in {node}: {msg}", file=sys.stderr)
+        entry = run_prompt(server, prompt, api_titles(prompt))
+        failed = prompt_failure(entry)
+        if failed:
+            print(f"error: the workflow failed in {failed[0]}: {failed[1]}", file=sys.stderr)
             return 1
 
         results = collect(entry, prompt, base, out)
@@ -517,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
               "Load NPO Offset -> Apply NPO.")
         return 0
     except KeyboardInterrupt:
-        if server is not None and server.alive():
-            post_json(server.url + "/interrupt", {})
+        interrupt(server)
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a clear message plus the server's log, not only a traceback
@@ -529,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-            if server.log_path.is_file():
-                shutil.copy2(server.log_path, out / "comfyui.log")
+        if (base / "comfyui.log").is_file():  # start_server's log, also of a start that failed
+            shutil.copy2(base / "comfyui.log", out / "comfyui.log")
         if o.keep_base:
             print(f"ComfyUI base folder kept: {base}")
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import register_pack
 
 SCORER_OPTIONS = ("--pickscore", "--hps", "--aesthetic", "--image-reward")
+PATH_OPTIONS = (*SCORER_OPTIONS, "--pickscore-processor", "--hps-tokenizer", "--clip-vision")  # options naming files
 
 
 def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,16 @@ def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def wants_scorers(args: argparse.Namespace) -> bool:
     return any(getattr(args, opt[2:].replace("-", "_")) for opt in SCORER_OPTIONS)
+
+
+def missing_scorer_files(args: argparse.Namespace) -> list[str]:
+    """'--option path' for each scorer option naming a path that does not exist (checked before long work)."""
+    out = []
+    for opt in PATH_OPTIONS:
+        value = getattr(args, opt[2:].replace("-", "_"), None)
+        if value and not Path(value).expanduser().exists():
+            out.append(f"{opt} {value}")
+    return out
 
 
 def build_scorers(args: argparse.Namespace) -> list:

@@ -19,19 +19,20 @@ from .assets import SDXL_OFFSET, TINY_CKPT, TINY_OFFSET
 HOST = "127.0.0.1"
 
 
-def prepare_base_directory(base: Path, assets: Path | None = None, checkpoints: tuple[Path, ...] = ()) -> None:
+def prepare_base_directory(base: Path, assets: Path | None = None, checkpoints: tuple[Path, ...] = (),
+                           offsets: tuple[Path, ...] = ()) -> None:
     """A ComfyUI ``--base-directory``: this pack linked into custom_nodes/, the tiny ``assets`` (checkpoint,
-    TAESD, NPO offsets) and any ``checkpoints`` linked into models/, empty input/output/temp folders, and
-    user settings for a quiet frontend (no first-run dialogs)."""
+    TAESD, NPO offsets), any ``checkpoints`` and any NPO ``offsets`` linked into models/ (by file name), empty
+    input/output/temp folders, and user settings for a quiet frontend (no first-run dialogs)."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_FOLDER
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    placements: dict[str, list[Path]] = {"checkpoints": list(checkpoints)}
+    placements: dict[str, list[Path]] = {"checkpoints": list(checkpoints), "npo": list(offsets)}
     if assets is not None:
         placements["checkpoints"].append(assets / TINY_CKPT)
         placements["vae_approx"] = [assets / "taesd_encoder.safetensors", assets / "taesd_decoder.safetensors"]
-        placements["npo"] = [assets / TINY_OFFSET, assets / SDXL_OFFSET]  # symlinks load, as ComfyUI's own
+        placements["npo"] += [assets / TINY_OFFSET, assets / SDXL_OFFSET]  # symlinks load, as ComfyUI's own
     for folder, sources in placements.items():
         d = base / "models" / folder
         d.mkdir(parents=True, exist_ok=True)
