@@ -273,6 +273,15 @@ class SelfNPOTrain(io.ComfyNode):
                     "bitsandbytes' 8-bit states, " + _bitsandbytes_status() + " A resume continues with the "
                     "optimizer it was trained with.",
                 ),
+                io.Boolean.Input(
+                    "partial_loading",
+                    default=False,
+                    optional=True,
+                    tooltip="lora mode, for models larger than the GPU: ComfyUI loads what fits after keeping room "
+                    "for training, and casts the rest of the frozen weights to the GPU layer by layer in each "
+                    "forward, as it does for sampling in low VRAM. Slower in proportion to the weights left off the "
+                    "GPU; needs gradient_checkpointing. Off: the whole model is loaded.",
+                ),
                 io.Int.Input(
                     "preview_every",
                     default=100,
@@ -348,8 +357,10 @@ class SelfNPOTrain(io.ComfyNode):
         preview_vae=None,
         preview_scorer=None,
         preview_prompt: str = "",
+        partial_loading: bool = False,
     ) -> io.NodeOutput:
         run = _plan(model, positive, negative, latents, _Settings.of(locals()))
+        preview = _preview(run, preview_vae, preview_scorer)  # its inputs checked before any sampling
         job, tm = run.job, run.job.model
         pool = 0 if latents is not None else pool_size
         pbar = runtime.progress_bar(pool + steps)
@@ -360,12 +371,11 @@ class SelfNPOTrain(io.ComfyNode):
             # latent i trains with prompt i (cycling when there are fewer prompts), as the authors train each
             # image with its own caption
             prompt_of = torch.arange(samples.shape[0]) % len(job.positive)
-        tm.load()
+        tm.load(partial_loading, tm.training_memory(batch_size, run.spatial) if partial_loading else 0.0)
         done = job.trainer.done
         pbar.update_absolute(pool + done, pool + steps)  # a resumed run starts at the steps already done
         with torch.inference_mode(False), torch.enable_grad():
             data = training_run.start_data(job, samples, prompt_of)
-            preview = _preview(run, preview_vae, preview_scorer)
             callbacks = Callbacks(
                 on_step=lambda done, total, value: pbar.update_absolute(
                     pool + done, pool + steps, preview.progress_preview(done) if preview else None
@@ -414,6 +424,7 @@ class _Settings:
     optimizer: str
     preview_every: int
     preview_prompt: str
+    partial_loading: bool
 
     @classmethod
     def of(cls, values: dict) -> _Settings:
@@ -430,6 +441,7 @@ class _Run:
     negative: list
     samples: torch.Tensor | None  # the connected latents as the sampler gets them, or None (data-free pool)
     ignored_patches: list[str]
+    spatial: tuple[int, ...]  # the training latents' spatial shape ((T,) H, W)
 
     @property
     def lr_text(self) -> str:
@@ -458,6 +470,12 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
         if s.width % f or s.height % f:
             raise NPOError(f"width/height: {s.width}×{s.height} is not divisible by this model's latent factor {f}.")
         spatial = layout.pool_shape(s.width, s.height, s.frames)[2:]
+    if s.partial_loading and s.mode != "lora":
+        raise NPOError("partial_loading: full mode trains every weight, so all of them must be on the device; use "
+                       "mode lora (or turn partial_loading off).")
+    if s.partial_loading and not s.gradient_checkpointing:
+        raise NPOError("partial_loading: needs gradient_checkpointing on (without it the backward keeps every "
+                       "weight cast to the device alive, which is what partial loading avoids).")
     recipe = training_run.Recipe(
         mode=s.mode, rank=s.rank, lora_layers=s.lora_layers, training_dtype=s.training_dtype, steps=s.steps,
         batch_size=s.batch_size, learning_rate=parse_learning_rate(s.learning_rate),
@@ -476,7 +494,7 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
     ignored = tm.ignored_sampling_patches()
     if ignored:
         runtime.log.warning("Self-NPO Train: %s: %s", IGNORED_PATCHES_NOTE, ", ".join(ignored))
-    return _Run(job, settings, positive_entries, negative_entries, samples, ignored)
+    return _Run(job, settings, positive_entries, negative_entries, samples, ignored, spatial)
 
 
 def _preview(run: _Run, vae, scorer) -> training_preview.TrainingPreview | None:

@@ -52,18 +52,30 @@ class TrainingModel:
     def diffusion_model(self) -> torch.nn.Module:
         return model_facts.unet_of(self.mp)
 
-    def load(self) -> torch.device:
+    def load(self, partial: bool = False, memory_required: float = 0.0) -> torch.device:
         """Unload every other model from ComfyUI's torch device (text encoders, VAE, earlier checkpoints), as core's
-        Train LoRA does, then load this whole model there for training (after any pool sampling). ComfyUI's model
-        management loads them again when a later node needs them."""
+        Train LoRA does, then load this model there for training: whole, or with ``partial`` as ComfyUI loads a
+        model that does not fit (``memory_required`` bytes kept free for training; the rest of the frozen weights
+        stays on the offload device and is cast to the device layer by layer in each forward). ComfyUI's model
+        management loads the others again when a later node needs them."""
         import comfy.model_management as mm
 
         device = mm.get_torch_device()
         mine = [m for m in mm.current_loaded_models if m.model is not None and self._is_this_model(m.model)]
-        mm.free_memory(1e30, device, keep_loaded=mine)
-        mm.load_models_gpu([self.mp], memory_required=0, force_full_load=True)
+        # partial: this model is unloaded too, so that ComfyUI loads it again within the budget
+        mm.free_memory(1e30, device, keep_loaded=[] if partial else mine)
+        if partial:
+            mm.load_models_gpu([self.mp], memory_required=memory_required, force_full_load=False)
+        else:
+            mm.load_models_gpu([self.mp], memory_required=0, force_full_load=True)
         self.device = device
         return self.device
+
+    def training_memory(self, batch_size: int, spatial: tuple[int, ...]) -> float:
+        """Bytes to keep free for training a batch at ``spatial``: ComfyUI's own activation estimate for a forward
+        of the teacher's CFG batch, times 3 (the backward of a checkpointed block and the optimizer)."""
+        shape = [2 * batch_size, self.latent.channels, *spatial]
+        return 3.0 * float(self.mp.model.memory_required(shape))
 
     def _is_this_model(self, patcher) -> bool:
         """The patcher being trained, or a clone of it (the same weights: keeping it loaded saves a reload)."""

@@ -22,7 +22,7 @@ EXPECTED_NODES = {
                       "training_dtype", "save_every", "filename_prefix", "latents", "lora_layers", "student_cond",
                       "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg", "frames",
                       "grad_accumulation_steps", "optimizer", "preview_every", "preview_vae", "preview_scorer",
-                      "preview_prompt"],
+                      "preview_prompt", "partial_loading"],
                      ["NPO_OFFSET", "IMAGE", "INT"]),
     "NPOSaveOffset": (["npo_offset", "filename_prefix", "model"], []),
     "NPOLoadScorer": (["scorer", "weights", "clip_vision"], ["NPO_SCORER"]),
