@@ -305,6 +305,7 @@ class DiTBench(Bench):
     def __init__(
         self, arch, smoke: bool, latent: int, batch: int, device: str = "cpu", dtype: str = "fp32",
         text_tokens: int = 0, gradient_checkpointing: bool | None = None, pool: int = 8, prompts: int = 2,
+        accumulation: int = 1,
     ):
         import folder_paths
         import torch
@@ -324,7 +325,6 @@ class DiTBench(Bench):
         g = torch.Generator().manual_seed(1)
         tokens = arch.text_tokens(smoke, text_tokens)
         self.latent = arch.latent_shape(latent)
-        recipe = node_recipe(defaults, batch_size=batch or defaults["batch_size"], save_every=0)
         with torch.inference_mode():  # as ComfyUI runs nodes: the weights are inference tensors
             self.mp = build_model(arch, smoke, dtype, device, seed=0)
             positive = [random_cond(arch, tokens, g)[0] for _ in range(prompts)]  # Conditioning (Combine)
@@ -332,6 +332,11 @@ class DiTBench(Bench):
             latents = torch.randn([pool, *self.latent[1:]], generator=g)  # the node's latents input
             # Self-NPO Train with latents connected, through the entry point it uses:
             self.tm = TrainingModel(self.mp)
+            recipe = node_recipe(
+                defaults, batch_size=batch or defaults["batch_size"], save_every=0,
+                grad_accumulation_steps=accumulation,
+                student_cond=tdft.resolve_student_cond(defaults["student_cond"], self.tm.schedule_kind),  # as the node
+            )
             samples = self.tm.sampler_latent(latents)
             self.job = training_run.plan_job(
                 self.tm, recipe, training_conds.conditioning_entries(positive, "positive"),
