@@ -273,15 +273,6 @@ class SelfNPOTrain(io.ComfyNode):
                     "bitsandbytes' 8-bit states, " + _bitsandbytes_status() + " A resume continues with the "
                     "optimizer it was trained with.",
                 ),
-                io.Boolean.Input(
-                    "partial_loading",
-                    default=False,
-                    optional=True,
-                    tooltip="lora mode, for models larger than the GPU: ComfyUI loads what fits after keeping room "
-                    "for training, and casts the rest of the frozen weights to the GPU layer by layer in each "
-                    "forward, as it does for sampling in low VRAM. Slower in proportion to the weights left off the "
-                    "GPU; needs gradient_checkpointing. Off: the whole model is loaded.",
-                ),
                 io.Int.Input(
                     "preview_every",
                     default=100,
@@ -311,6 +302,15 @@ class SelfNPOTrain(io.ComfyNode):
                     optional=True,
                     tooltip="The text of the first training prompt, for preview_scorer (PickScore, HPS and "
                     "ImageReward score an image against its prompt; the aesthetic scorer ignores it).",
+                ),
+                io.Boolean.Input(
+                    "partial_loading",
+                    default=False,
+                    optional=True,
+                    tooltip="lora mode, for models larger than the GPU: ComfyUI loads what fits after keeping room "
+                    "for training, and casts the rest of the frozen weights to the GPU layer by layer in each "
+                    "forward, as it does for sampling in low VRAM. Slower in proportion to the weights left off the "
+                    "GPU; needs gradient_checkpointing. Off: the whole model is loaded.",
                 ),
             ],
             outputs=[

@@ -134,7 +134,8 @@ def test_nothing_is_overwritten(npo_dir, out_dir, tiny):
     kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run")
     ck1 = (out_dir / "npo_training" / "run_00001_.pt").read_bytes()
     kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="run", seed=1)
-    assert sorted(os.listdir(out_dir / "npo_training")) == ["run_00001_.pt", "run_00002_.pt"]
+    assert sorted(os.listdir(out_dir / "npo_training")) == [  # the runs' checkpoints and their final previews
+        "run_00001_.pt", "run_00001__preview_000001.png", "run_00002_.pt", "run_00002__preview_000001.png"]
     assert (out_dir / "npo_training" / "run_00001_.pt").read_bytes() == ck1
 
 
@@ -155,7 +156,8 @@ def test_training_and_saving_write_only_into_comfy_folders(npo_dir, out_dir, tmp
     with torch.inference_mode():
         NPOSaveOffset.execute(npo_offset=out.result[0], filename_prefix="w")
     new = sorted(set(_files(tmp_path)) - set(before))
-    assert new == ["npo/w_00001_.safetensors", "output/npo_training/w_00001_.pt"]
+    assert new == ["npo/w_00001_.safetensors", "output/npo_training/w_00001_.pt",
+                   "output/npo_training/w_00001__preview_000003.png"]  # the preview at the end, beside it
     assert _listing(Path(folder_paths.models_dir)) == models_before  # the ComfyUI install is not written to
 
 

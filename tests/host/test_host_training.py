@@ -437,8 +437,8 @@ def test_training_unloads_the_other_models_first_and_sampling_reloads_them(tiny,
     seen = []
     real_load = training_model.TrainingModel.load
 
-    def load_and_look(self):
-        device = real_load(self)
+    def load_and_look(self, *a, **k):
+        device = real_load(self, *a, **k)
         seen.append([m.model for m in mm.current_loaded_models])
         return device
 
