@@ -127,7 +127,9 @@ def test_wan_training_example_note_says_cost_knobs_and_reuse():
 # ---------------------------------------------------------------------------------------------
 def test_wan_training_example_user_defaults(dit_object_info):
     info = dit_object_info["SelfNPOTrain"]
-    assert kit.input_order(info)[-1] == "frames"  # the last widget value of the shipped node
+    (node,) = dit._nodes(NAME, "SelfNPOTrain")
+    widgets = [n for n in kit.input_order(info) if kit.is_widget(kit.input_spec(info, n)[0])]
+    assert list(kit.widget_values(node, info)) == widgets  # the example stores a value for every widget, in order
     prompt = kit.ui_to_api(kit.load_example(NAME), dit_object_info)
     (train,) = by_class(prompt, "SelfNPOTrain")
     ti = prompt[train]["inputs"]
