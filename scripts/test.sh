@@ -18,7 +18,9 @@
 #    A venv that already has everything is used as is (nothing is reinstalled).
 # 3. The host and e2e tiers run once per version, in that version's venv, with COMFYUI_PATH set to it.
 #    Without any ComfyUI they skip, with one loud line in the summary.
-# 4. A summary line per run (version, passed, failed, skipped, seconds). Any failure fails the whole run.
+# 4. `ruff check .` and scripts/check_publish.py (what a Comfy Registry publish would ship and lack)
+#    run first; either failing fails the run.
+# 5. A summary line per run (version, passed, failed, skipped, seconds). Any failure fails the whole run.
 #
 # Extra arguments go to every pytest run; arguments that name test paths replace the tiers (paths
 # under tests/unit run once in the base venv, the others once per ComfyUI version).
@@ -115,6 +117,7 @@ add_tree() {  # add_tree LABEL DIR (a tree already in the list is not added twic
     TREES+=("$2")
 }
 
+MATRIX_VERSIONS=()   # every tarball's version (the matrix proper), whichever NPO_COMFY_VERSIONS runs
 if [[ -d "$TARBALLS" ]]; then
     shopt -s nullglob
     tarballs=("$TARBALLS"/ComfyUI-v*.tar.gz)
@@ -135,6 +138,7 @@ if [[ -d "$TARBALLS" ]]; then
             echo "$sum" > "$tmp/.tarball-sha256"
             rm -rf "$dest" && mv "$tmp" "$dest"
         fi
+        MATRIX_VERSIONS+=("${ver#v}")
         add_tree "$ver" "$dest/ComfyUI"
     done < <(printf '%s\n' "${tarballs[@]+"${tarballs[@]}"}" | sort -V)
 fi
@@ -200,6 +204,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 say "ruff check ."
 "$VENV/bin/ruff" check .
+say "check_publish.py (is the pack ready for the Comfy Registry? the owner's two values may still be unset)"
+"$BASE_PY" scripts/check_publish.py --owner-fields pending --matrix "${MATRIX_VERSIONS[*]+${MATRIX_VERSIONS[*]}}"
 
 for tier in tests/unit tests/host tests/e2e; do [[ -d "$tier" ]] || die "test folder $tier is missing."; done
 UNIT_PATHS=(tests/unit)
