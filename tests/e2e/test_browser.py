@@ -218,6 +218,19 @@ def test_example_loads_in_the_frontend(browser, object_info, name):
     _assert_same_prompt(browser.js("app.graphToPrompt().then(p => p.output)"), kit.ui_to_api(wf, object_info), name)
 
 
+def test_a_workflow_saved_with_todays_pack_loads_with_its_values(browser):
+    """Every pack node's widget values, saved by the v0.33.0 frontend, read back under the same names here."""
+    from test_e2e_widget_contract import saved_workflow
+
+    workflow, expected = saved_workflow()
+    browser.close_toasts()
+    browser.load_workflow(workflow)
+    browser.close_dialogs()
+    front = browser.js("app.graphToPrompt().then(p => p.output)")
+    _assert_same_prompt(front, expected, "the saved every-pack-node workflow")
+    assert not browser.exceptions(), browser.exceptions()
+
+
 def _assert_same_prompt(front: dict, ours: dict, name: str) -> None:
     assert set(front) == set(ours)
     for nid, entry in ours.items():

@@ -5,32 +5,26 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
+from pathlib import Path
 
 import npo_e2ekit as kit
 
-# node id → (input names in order: required then optional, output types). The order is part of the
-# pack's contract: saved workflows store widget values by position.
-EXPECTED_NODES = {
-    "NPOLoadOffset": (["offset_name", "base_model"], ["NPO_OFFSET"]),
-    "NPOApply": (["model", "npo_offset", "strength", "start_percent", "end_percent"], ["MODEL"]),
-    "NPONegativeModel": (["model", "npo_offset", "strength", "base_model", "merge_weight"], ["MODEL"]),
-    "NPOCFGGuider": (["model", "positive", "negative", "cfg", "strength", "npo_offset", "negative_model"], ["GUIDER"]),
-    "NPOCompressOffset": (["npo_offset", "model", "rank"], ["NPO_OFFSET"]),
-    # example 4 ("4 Train a Self-NPO offset and compare") stores these widget values by position
-    "SelfNPOTrain": (["model", "positive", "negative", "steps", "batch_size", "learning_rate", "mode", "rank",
-                      "truncation_steps", "teacher_guidance", "ema_decay", "loss", "seed", "gradient_checkpointing",
-                      "training_dtype", "save_every", "filename_prefix", "latents", "lora_layers", "student_cond",
-                      "resume_from", "pool_size", "width", "height", "pool_steps", "pool_cfg", "frames",
-                      "grad_accumulation_steps", "optimizer", "preview_every", "preview_vae", "preview_scorer",
-                      "preview_prompt", "partial_loading"],
-                     ["NPO_OFFSET", "IMAGE", "INT"]),
-    "NPOSaveOffset": (["npo_offset", "filename_prefix", "model"], []),
-    "NPOLoadScorer": (["scorer", "weights", "clip_vision"], ["NPO_SCORER"]),
-    "NPOCompareReport": (["images_a", "images_b", "scorer", "prompts", "label_a", "label_b", "filename_prefix",
-                          "frames_per_item", "bootstrap_seed", "scorer_2", "scorer_3"], ["STRING", "IMAGE"]),
-    "NPOScoreImages": (["images", "scorer", "prompts", "frames_per_item"], ["FLOAT", "STRING"]),
-    "NPOPromptList": (["text", "prompt_file"], ["STRING", "INT"]),
+# node id → output types. The inputs, in order, are frozen in node_contract.json
+# (test_e2e_widget_contract.py): saved workflows store widget values by position.
+EXPECTED_OUTPUTS = {
+    "NPOLoadOffset": ["NPO_OFFSET"],
+    "NPOApply": ["MODEL"],
+    "NPONegativeModel": ["MODEL"],
+    "NPOCFGGuider": ["GUIDER"],
+    "NPOCompressOffset": ["NPO_OFFSET"],
+    "SelfNPOTrain": ["NPO_OFFSET", "IMAGE", "INT"],
+    "NPOSaveOffset": [],
+    "NPOLoadScorer": ["NPO_SCORER"],
+    "NPOCompareReport": ["STRING", "IMAGE"],
+    "NPOScoreImages": ["FLOAT", "STRING"],
+    "NPOPromptList": ["STRING", "INT"],
 }
+CONTRACT = json.loads((Path(__file__).with_name("node_contract.json")).read_text(encoding="utf-8"))
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"
 
 
@@ -51,7 +45,9 @@ def test_comfyui_starts_complete(server):
 
 
 def test_object_info_lists_every_node_with_declared_inputs(object_info):
-    for node_id, (inputs, outputs) in EXPECTED_NODES.items():
+    assert set(CONTRACT) == set(EXPECTED_OUTPUTS)
+    for node_id, outputs in EXPECTED_OUTPUTS.items():
+        inputs = [entry["name"] for entry in CONTRACT[node_id]]
         assert node_id in object_info, f"{node_id} is not registered; /object_info has no such node"
         info = object_info[node_id]
         assert info["python_module"] == PACK_MODULE, info["python_module"]
@@ -64,7 +60,7 @@ def test_object_info_lists_every_node_with_declared_inputs(object_info):
 
 def test_every_pack_input_has_a_tooltip(object_info):
     pack_nodes = {k: v for k, v in object_info.items() if v.get("python_module") == PACK_MODULE}
-    assert set(EXPECTED_NODES) <= set(pack_nodes)
+    assert set(EXPECTED_OUTPUTS) <= set(pack_nodes)
     missing = []
     for node_id, info in pack_nodes.items():
         for section in ("required", "optional"):
