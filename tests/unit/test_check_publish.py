@@ -23,10 +23,6 @@ def _copy(tmp_path: Path) -> Path:
         if (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
-    for rel in (".comfyignore", cp.ICON_PATH, cp.PUBLISH_WORKFLOW, "scripts/check_publish.py"):
-        if (ROOT / rel).is_file() and not (dest / rel).is_file():  # new files not yet added to the index
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
     _index(dest)
     return dest
 
