@@ -15,16 +15,10 @@ import npo_hostkit as kit
 import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+from test_host_families import _family  # every family used here is in every ComfyUI of the matrix
 from test_host_three_cond import _chunk_reference
 
 from comfyui_npo.nodes.host import sampling
-
-
-def _family(name):
-    fam = fk.family(name)
-    if not fam.available():
-        pytest.skip(f"{fam.config_class} is not in this ComfyUI")
-    return fam
 
 
 def _guider_sample(guider, fam, batch):

@@ -16,21 +16,11 @@ import npo_familykit as fk
 import npo_hostkit as kit
 import pytest
 import torch
+from test_host_families import NAMES, _family  # the families this ComfyUI has, the refused one out
 
 from comfyui_npo.nodes.host import model_facts, runtime, sampling, training_model
 from comfyui_npo.nodes.offsets import NPOSaveOffset
 from comfyui_npo.npo_core.errors import NPOError
-
-NAMES = [f.name for f in fk.all_families()]
-
-
-def _family(name):
-    fam = fk.family(name)
-    if not fam.available():
-        pytest.skip(f"{fam.config_class} is not in this ComfyUI")
-    if fk.refused_reason(fam):
-        pytest.skip(f"{fam.config_class} is refused by design")
-    return fam
 
 
 def _pool_size(fam, model) -> dict:
@@ -263,15 +253,18 @@ def test_prompts_a_model_cannot_batch_are_refused_with_their_shapes(out_dir, mon
     assert sampled == []
 
 
-def test_cogvideox_trains_on_its_zero_terminal_snr_v_prediction_schedule(out_dir, monkeypatch):
-    """CogVideoX samples with V_PREDICTION_DDPM on a zero-terminal-SNR table: Self-NPO Train must build the
-    ``vp_zsnr`` TDFT schedule from that table (ComfyUI ends it at a finite ν ≈ 4519, not ∞)."""
-    fam = _family("cogvideox")
-    model = fk.tiny_model(fam)
-    table = model.get_model_object("model_sampling").sigmas
-    assert model_facts.schedule_kind(model)[0] == "vp_zsnr" and torch.isfinite(table).all() and float(table[-1]) > 1000
-    built = []
-    real = training_model.make_schedule
-    monkeypatch.setattr(training_model, "make_schedule", lambda k, s, n=1.0: built.append(k) or real(k, s, n))
-    out = _train(fam, model)
-    assert out.result[2] == 3 and built and set(built) == {"vp_zsnr"}
+if "cogvideox" in NAMES:  # CogVideoX arrived after v0.3.64: not collected where its config class is missing
+
+    def test_cogvideox_trains_on_its_zero_terminal_snr_v_prediction_schedule(out_dir, monkeypatch):
+        """CogVideoX samples with V_PREDICTION_DDPM on a zero-terminal-SNR table: Self-NPO Train must build the
+        ``vp_zsnr`` TDFT schedule from that table (ComfyUI ends it at a finite ν ≈ 4519, not ∞)."""
+        fam = _family("cogvideox")
+        model = fk.tiny_model(fam)
+        table = model.get_model_object("model_sampling").sigmas
+        assert model_facts.schedule_kind(model)[0] == "vp_zsnr"
+        assert torch.isfinite(table).all() and float(table[-1]) > 1000
+        built = []
+        real = training_model.make_schedule
+        monkeypatch.setattr(training_model, "make_schedule", lambda k, s, n=1.0: built.append(k) or real(k, s, n))
+        out = _train(fam, model)
+        assert out.result[2] == 3 and built and set(built) == {"vp_zsnr"}

@@ -1,8 +1,8 @@
 """Tiny models of every model family, built from ComfyUI's own classes (host tier only).
 
 Each family module (``fam_*.py``) exports ``FAMILIES: list[TinyFamily]``. A family is available on
-a ComfyUI version when its config class exists there (``available()``); tests parametrize over
-``all_families()`` and skip the ones the running version lacks, with the reason.
+a ComfyUI version when its config class exists there (``available()``); tests parametrize over the
+families the running version has (test_host_families.py: NAMES, and LACKING pins which each release lacks).
 
 Weights: ``build_model()`` returns a BaseModel whose diffusion model holds torch.empty garbage;
 ``init_weights`` (npo_hostkit) fills every parameter from a seed, then ``fix_buffers`` fills any
