@@ -11,6 +11,7 @@ family; ``lineage`` is the SD base a third-party UNet offset is detected as from
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -195,6 +196,33 @@ def family_for(config_mro: Sequence[str], unet: bool) -> Family:
                 return record
             return replace(record, config=own, name=own, text_context=None, modelspec=None)
     return Family(config=own, name=own, unet=unet)
+
+
+# What a file's module names look like when they do not land (no npo.base_arch to say): a regex over the
+# name with dots written as underscores (kohya style), and the families it suggests; the first that most
+# keys match wins. Names come from ComfyUI's model classes and the diffusers layouts its LoRA key maps read.
+KEY_MARKS: tuple[tuple[str, str], ...] = (
+    (r"(^|_)(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)_", "SD UNets (SD15, SD2, SDXL)"),
+    (r"(^|_)(double_stream_blocks|single_stream_blocks)_", "HiDream"),
+    (r"(^|_)joint_blocks_", "SD3 / SD3.5 (MMDiT)"),
+    (r"(^|_)(double_layers|single_layers)_", "AuraFlow"),
+    (r"(^|_)(double_blocks|single_blocks|single_transformer_blocks)_", "Flux, Chroma or HunyuanVideo"),
+    (r"(^|_)transformer_blocks_\d+_(img_mod|txt_mod|img_mlp|txt_mlp)", "QwenImage"),
+    (r"(^|_)blocks_\d+_(self_attn|cross_attn)_(q|k|v|o)(_|$)", "Wan 2.x (WAN21_T2V, WAN22_T2V)"),
+    (r"(^|_)(noise_refiner|context_refiner)_", "Lumina2 / ZImage"),
+)
+
+
+def looks_like(module_names: Sequence[str]) -> str | None:
+    """The family description of ``KEY_MARKS`` that most of ``module_names`` match, or None."""
+    best, count = None, 0
+    flat = [n.split(" ", 1)[0].replace(".", "_") for n in module_names]  # "module (weight)" → module
+    for pattern, what in KEY_MARKS:
+        rx = re.compile(pattern)
+        n = sum(1 for name in flat if rx.search(name))
+        if n > count:
+            best, count = what, n
+    return best
 
 
 def detected_from_context(context: int) -> str | None:

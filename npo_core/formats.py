@@ -5,6 +5,10 @@ Understood:
   lora_linear_layer.up|...}.weight`` (no alpha → scale 1; the authors' released files);
 - kohya: ``lora_unet_<module with _>.{lora_up,lora_down}.weight`` + ``.alpha``;
 - ComfyUI: ``diffusion_model.<ldm module>.{lora_up.weight,lora_down.weight,alpha,diff,diff_b}``;
+- LyCORIS LoHa (``hada_w1_a/b``, ``hada_w2_a/b``[, ``hada_t1/t2``]) and LoKr (``lokr_w1`` or ``lokr_w1_a/b``,
+  ``lokr_w2`` or ``lokr_w2_a/b``[, ``lokr_t2``]) modules, and DoRA LoRAs (``dora_scale``, or PEFT's
+  ``lora_magnitude_vector``), in any of the namings above: kept as ``Factored`` entries that the host's
+  weight adapters turn into a dense ΔW;
 - full UNet state dicts (diffusers or LDM names, e.g. Self-NPO's ``unet.ckpt``): absolute weights,
   turned into δ = θ_file − θ_reference when applied.
 Pickles load only through ``torch.load(weights_only=True)``. Everything else is refused with an
@@ -13,6 +17,7 @@ Pickles load only through ``torch.load(weights_only=True)``. Everything else is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -23,7 +28,7 @@ import torch
 from . import families
 from .atomic import atomic_write
 from .errors import NPOError
-from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
+from .offset import Dense, Entry, Factored, FullWeight, LowRank, NPOOffset
 
 FORMAT_VERSION = "1"
 SAFETENSORS_EXT = (".safetensors", ".sft")
@@ -43,21 +48,37 @@ _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.default.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_A.weight", "down"),
+    (".lora_magnitude_vector.default.weight", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector.default", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".dora_scale", "dora_scale"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".hada_t1", "hada_t1"),
+    (".hada_t2", "hada_t2"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2", "lokr_w2"),
+    (".lokr_t2", "lokr_t2"),
     (".alpha", "alpha"),
     (".diff_b", "diff_b"),
     (".diff", "diff"),
 )
-_UNSUPPORTED_MARKERS = (
-    "hada_",
-    "lokr_",
-    ".lora_mid.",
-    "oft_",
-    ".dora_scale",
-    ".set_weight",
-    "lora_magnitude",
-    ".w_norm",
-    ".b_norm",
+# marker in a key → why that adapter cannot be an NPO offset here
+_UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
+    (".oft_", "OFT/BOFT rotate the weight (W' = R·W): ComfyUI's strength is not a scale of one ΔW"),
+    (".lora_mid.", "LoCon's CP-decomposed 'lora_mid' layers are not read"),
+    (".set_weight", "'set_weight' replaces the weight instead of adding to it"),
+    (".w_norm", "norm-layer 'w_norm'/'b_norm' patches are not read"),
+    (".b_norm", "norm-layer 'w_norm'/'b_norm' patches are not read"),
 )
+_LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _UNET_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "unet.", "model.")
 _NON_UNET_PREFIXES = (
     "text_encoder",
@@ -208,12 +229,13 @@ def parse_state_dict(
     metadata = dict(metadata or {})
     if not sd:
         raise NPOError(f"{source}: the file holds no tensors.")
-    unsupported = [k for k in sd if any(m in k for m in _UNSUPPORTED_MARKERS)]
-    if unsupported:
-        raise NPOError(
-            f"{source}: LoRA variant not supported for NPO (LoHa/LoKr/OFT/DoRA/LoCon-mid keys such as "
-            f"'{unsupported[0]}'). Use a plain LoRA (up/down/alpha) or a full-weight offset."
-        )
+    for marker, why in _UNSUPPORTED_MARKERS:
+        hit = next((k for k in sd if marker in k), None)
+        if hit is not None:
+            raise NPOError(
+                f"{source}: adapter not supported as an NPO offset (key '{hit}'): {why}. Supported: LoRA "
+                "(up/down/alpha), LoHa, LoKr, DoRA, .diff tensors and full weights."
+            )
     for k, t in sd.items():
         _check_values(source, k, t)
     is_lora = any(_split_role(k) is not None for k in sd)
@@ -266,7 +288,10 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
         namings.add(naming)
         for leaf in ("weight", "bias"):
             _claim(file_modules, f"{path}.{leaf}", module, source)
-        if "up" in parts or "down" in parts:
+        factored = _factored(module, parts, peft_alpha, source)
+        if factored is not None:
+            entries[f"{path}.weight"] = factored
+        elif "up" in parts or "down" in parts:
             if "up" not in parts or "down" not in parts:
                 raise NPOError(f"{source}: LoRA module '{module}' has only one of up/down; the file is incomplete.")
             up, down = parts["up"], parts["down"]
@@ -280,12 +305,68 @@ def _parse_lora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sou
             entries[f"{path}.weight"] = LowRank(up, down, alpha)
         elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
             raise NPOError(f"{source}: '{module}.alpha' has no lora_up/lora_down; the file is incomplete.")
+        elif "dora_scale" in parts or "magnitude" in parts:
+            raise NPOError(
+                f"{source}: '{module}' has a DoRA magnitude but no lora_up/lora_down; the file is incomplete."
+            )
         if "diff" in parts:
             entries[f"{path}.weight"] = Dense(parts["diff"])
         if "diff_b" in parts:
             entries[f"{path}.bias"] = Dense(parts["diff_b"])
     file_modules = {k: v for k, v in file_modules.items() if k in entries}
+    kinds = sorted({_KIND_NAMES[e.kind] for e in entries.values() if isinstance(e, Factored)})
+    if kinds:
+        fmt = f"{fmt} ({', '.join(kinds)})"
     return _finish(entries, namings, fmt, metadata, source, ignored, file_modules)
+
+
+_KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
+
+
+def _factored(module: str, parts: Mapping[str, torch.Tensor], peft_alpha: float | None, source: str) -> Factored | None:
+    """The module as a LoHa / LoKr / DoRA entry (ComfyUI's role names), None for a plain LoRA or diff;
+    an incomplete set of factors is an error naming the missing ones."""
+    roles = set(parts)
+    if any(r.startswith("hada_") for r in roles):
+        kind = "loha"
+        missing = [r for r in _LOHA_ROLES if r not in roles]
+        if ("hada_t1" in roles) != ("hada_t2" in roles):
+            missing.append("hada_t2" if "hada_t1" in roles else "hada_t1")
+    elif any(r.startswith("lokr_") for r in roles):
+        kind = "lokr"
+        missing = []
+        for w in ("lokr_w1", "lokr_w2"):
+            if w not in roles and not {f"{w}_a", f"{w}_b"} <= roles:
+                missing.append(f"{w} (or {w}_a and {w}_b)")
+        if "lokr_t2" in roles and not {"lokr_w2_a", "lokr_w2_b"} <= roles:
+            missing.append("lokr_w2_a and lokr_w2_b (for lokr_t2)")
+    elif ("dora_scale" in roles or "magnitude" in roles) and {"up", "down"} <= roles:
+        kind = "dora"
+        missing = []
+    else:
+        return None
+    if missing:
+        raise NPOError(
+            f"{source}: {_KIND_NAMES[kind]} module '{module}' lacks {', '.join(missing)}; the file is incomplete."
+        )
+    stray = sorted(roles & {"up", "down", "diff"}) if kind != "dora" else []
+    if stray:
+        raise NPOError(
+            f"{source}: '{module}' mixes {_KIND_NAMES[kind]} factors with LoRA keys ({stray}); the file is "
+            "inconsistent."
+        )
+    names = {"up": "lora_up.weight", "down": "lora_down.weight", "magnitude": "dora_scale"}
+    tensors = {names.get(r, r): t for r, t in parts.items() if r != "diff_b"}
+    if kind == "dora":
+        up, down = tensors["lora_up.weight"], tensors["lora_down.weight"]
+        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+            raise NPOError(
+                f"{source}: LoRA module '{module}' has mismatched up {tuple(up.shape)} / down {tuple(down.shape)}; "
+                "the file is corrupt."
+            )
+        if "alpha" not in tensors and peft_alpha is not None:
+            tensors["alpha"] = torch.tensor(peft_alpha)
+    return Factored(kind, tensors)
 
 
 def _claim(file_modules: dict[str, str], key: str, module: str, source: str) -> None:
@@ -381,7 +462,17 @@ def detect_base_arch(entries: Mapping[str, Entry]) -> str:
 # ---------------------------------------------------------------------------------------------
 def _fit_shape(source: str, key: str, e: Entry, target: tuple[int, ...]) -> Entry:
     """Check ``e`` against the parameter shape; allow Linear-vs-1×1-conv differences (trailing 1s)."""
+    if isinstance(e, Factored) and e.delta is None:
+        raise NPOError(f"{source}: '{key}': its {e.kind} factors were not expanded by a weight adapter.")
     shape = tuple(e.weight_shape)
+    if isinstance(e, Factored):
+        if not e.fits(target):
+            raise NPOError(
+                f"{source}: '{key}' makes a ΔW of shape {shape} but the model's parameter is {target}. The offset "
+                "was made for another architecture; use one made for this model's base."
+            )
+        delta = e.delta.float().reshape(target)
+        return dataclasses.replace(e, delta=delta, shape=target) if e.needs_weight else Dense(delta)
     if shape == target:
         return e
     squeeze = lambda s: tuple(d for i, d in enumerate(s) if i < 2 or d != 1)  # noqa: E731
@@ -463,8 +554,14 @@ def raise_unmatched(src: str, names: list[str], total: int, model_arch: str) -> 
     names = sorted(names)
     shown = "\n  ".join(names[:20])
     more = f"\n  … and {len(names) - 20} more" if len(names) > 20 else ""
+    looks = families.looks_like(names)
+    hint = (
+        f"\nIts keys look like an offset for {looks}, not for {model_arch}: use one made for this model's family."
+        if looks is not None and model_arch not in looks
+        else ""
+    )
     raise NPOError(
-        f"{src}: {len(names)} of {total} keys do not land on the model ({model_arch}):\n  {shown}{more}\nThe "
+        f"{src}: {len(names)} of {total} keys do not land on the model ({model_arch}):\n  {shown}{more}{hint}\nThe "
         "offset was made for another architecture or uses an unknown key format (expected a LoRA layout "
         "ComfyUI's LoraLoader reads for this model, or the model's own parameter names)."
     )

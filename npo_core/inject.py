@@ -14,6 +14,7 @@ the rows of their own forward.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import NPOError
-from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
+from .offset import Dense, Entry, Factored, FullWeight, LowRank, NPOOffset
 
 UNCOND = 1  # ComfyUI's cond_or_uncond value for the negative/uncond chunk (0 = positive)
 
@@ -343,5 +344,6 @@ class OffsetInjector:
 def dense_cost_note(offset: NPOOffset) -> str:
     """One line on what an offset costs per negative pass, for logs and the Load node's summary."""
     dense = sum(e.numel() for e in offset.entries.values() if isinstance(e, (Dense, FullWeight)))
+    dense += sum(math.prod(e.weight_shape) for e in offset.entries.values() if isinstance(e, Factored))
     low = sum(e.numel() for e in offset.entries.values() if isinstance(e, LowRank))
     return f"{low:,} low-rank + {dense:,} dense offset parameters evaluated on the negative rows"

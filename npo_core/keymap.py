@@ -21,7 +21,7 @@ import torch
 
 from .errors import NPOError
 from .formats import _fit_shape, file_key, raise_unmatched
-from .offset import Dense, Entry, FullWeight, LowRank, NPOOffset
+from .offset import Dense, Entry, Factored, FullWeight, LowRank, NPOOffset
 
 Slice = tuple[int, int, int]  # (dim, start, length)
 
@@ -150,11 +150,25 @@ def _place(src: str, key: str, entry: Entry, t: _Target, shape: tuple[int, ...])
         )
     sub = list(shape)
     sub[dim] = length
-    if tuple(entry.weight_shape) != tuple(sub):
+    if not isinstance(entry, Factored) and tuple(entry.weight_shape) != tuple(sub):
         raise NPOError(
             f"{src}: '{key}' has shape {tuple(entry.weight_shape)} but its slice of the model's '{t.name}' is "
             f"{tuple(sub)}. The offset was made for another architecture; use one made for this model."
         )
+    if isinstance(entry, Factored):
+        if entry.needs_weight or entry.delta is None:
+            raise NPOError(
+                f"{src}: '{key}' is a DoRA (weight-decomposed) module on a slice of the fused '{t.name}'; DoRA is "
+                "read only where a file module is a whole parameter. Use a file in the model's own names "
+                "(diffusion_model.…) or one trained without DoRA."
+            )
+        if not entry.fits(tuple(sub)):
+            raise NPOError(
+                f"{src}: '{key}' makes a ΔW of shape {tuple(entry.weight_shape)} but its slice of the model's "
+                f"'{t.name}' is {tuple(sub)}. The offset was made for another architecture; use one made for this "
+                "model."
+            )
+        entry = Dense(entry.delta.float().reshape(sub))
     fn = t.function or (lambda w: w)
     if isinstance(entry, LowRank):
         up = entry.up.float().flatten(1) * entry.scale

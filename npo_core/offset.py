@@ -87,7 +87,99 @@ class FullWeight:
         return self.value.numel()
 
 
-Entry = LowRank | Dense | FullWeight
+@dataclass(frozen=True)
+class Factored:
+    """A LyCORIS LoHa / LoKr module or a DoRA LoRA, kept as the file's tensors under ComfyUI's names for them
+    (``hada_w1_a``, ``lokr_w1``, ``lora_up.weight``, ``dora_scale``, ``alpha``, ...).
+
+    ``delta`` is the factors' ΔW (alpha applied, strength 1), computed by the host's weight adapter, in the
+    factors' natural shape until the keys are mapped. Without ``dora_scale`` it becomes a ``Dense`` entry when
+    resolved. With one (``needs_weight``) the final ΔW = W' − W depends on the model's weight W
+    (``weight_decomposed``); ``shape`` is then the parameter's."""
+
+    kind: str  # "loha", "lokr" or "dora"
+    tensors: Mapping[str, torch.Tensor]
+    delta: torch.Tensor | None = None
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def needs_weight(self) -> bool:
+        return "dora_scale" in self.tensors
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.shape is not None:
+            return self.shape
+        if self.delta is not None:
+            return tuple(self.delta.shape)
+        return factored_shape(self.kind, self.tensors)
+
+    def fits(self, target: tuple[int, ...]) -> bool:
+        """Same output rows and the same number of elements: ComfyUI reshapes the factors' product to the weight."""
+        shape = self.weight_shape
+        return len(target) >= 2 and shape[0] == target[0] and _numel(shape) == _numel(target)
+
+    def numel(self) -> int:
+        return sum(t.numel() for k, t in self.tensors.items() if k != "alpha")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _product_shape(a: torch.Tensor | None, b: torch.Tensor | None, full: torch.Tensor | None) -> tuple[int, ...]:
+    """Shape of a factor that is either ``full`` or the product ``a @ b`` (flattened past dim 1)."""
+    if full is not None:
+        return tuple(full.shape)
+    return (int(a.shape[0]), _numel(tuple(b.shape[1:])))
+
+
+def factored_shape(kind: str, t: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The shape of ΔW the factors make (LyCORIS's layout, as ComfyUI's adapters read it). CP/Tucker forms
+    (``hada_t1``, ``lokr_t2``: ``einsum("i j k l, j r, i p -> p r k l", t, b, a)``) give [out, in, kh, kw];
+    the others [out, everything else] that ComfyUI reshapes to the weight."""
+    if kind == "dora":
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        return (int(up.shape[0]), int(down.shape[1]), *down.shape[2:])
+    if kind == "loha":
+        if "hada_t1" in t:
+            return (int(t["hada_w1_a"].shape[1]), int(t["hada_w1_b"].shape[1]), *t["hada_t1"].shape[2:])
+        return (int(t["hada_w1_a"].shape[0]), _numel(tuple(t["hada_w1_b"].shape[1:])))
+    if kind == "lokr":
+        w1 = _product_shape(t.get("lokr_w1_a"), t.get("lokr_w1_b"), t.get("lokr_w1"))
+        if "lokr_t2" in t:
+            w2 = (int(t["lokr_w2_a"].shape[1]), int(t["lokr_w2_b"].shape[1]), *t["lokr_t2"].shape[2:])
+        else:
+            w2 = _product_shape(t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_w2"))
+        if len(w2) == 4:  # ComfyUI: w1.unsqueeze(2).unsqueeze(2), then the Kronecker product
+            return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        return (w1[0] * w2[0], w1[1] * _numel(w2[1:]))
+    raise NPOError(f"unknown factored offset kind '{kind}'")
+
+
+Entry = LowRank | Dense | FullWeight | Factored
+
+
+def weight_decomposed(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight W' = m · V / ‖V‖ with V = W + ΔW, in fp32. ‖V‖ is taken per output row when ``magnitude``
+    has one value per row (PEFT's ``lora_magnitude_vector``, LyCORIS ``wd_on_out``), else per input column
+    (LyCORIS's [1, in, …] layout); ComfyUI tells the two apart the same way (first dimension = rows)."""
+    v = weight.float() + delta.float()
+    m = magnitude.float()
+    ones = [1] * (v.dim() - 1)
+    if m.shape[0] == v.shape[0] and m.numel() == v.shape[0]:
+        norm = v.flatten(1).norm(dim=1).reshape(v.shape[0], *ones)
+        return v * m.reshape(v.shape[0], *ones) / norm
+    if m.numel() == v.shape[1]:
+        norm = v.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, v.shape[1], *ones[1:])
+        return v * m.reshape(1, v.shape[1], *ones[1:]) / norm
+    raise NPOError(
+        f"a DoRA magnitude of shape {tuple(m.shape)} fits neither the rows ({v.shape[0]}) nor the columns "
+        f"({v.shape[1]}) of a weight of shape {tuple(v.shape)}; the file was made for another model."
+    )
 
 
 @dataclass
@@ -122,7 +214,8 @@ class NPOOffset:
     def kinds(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries.values():
-            out[type(e).__name__] = out.get(type(e).__name__, 0) + 1
+            name = e.kind if isinstance(e, Factored) else type(e).__name__
+            out[name] = out.get(name, 0) + 1
         return out
 
     def numel(self) -> int:
@@ -130,7 +223,7 @@ class NPOOffset:
 
     @property
     def is_resolved(self) -> bool:
-        return self.naming == "ldm" and not any(isinstance(e, FullWeight) for e in self.entries.values())
+        return self.naming == "ldm" and not any(isinstance(e, (FullWeight, Factored)) for e in self.entries.values())
 
     def summary(self) -> str:
         ranks = self.ranks()
@@ -174,6 +267,22 @@ class NPOOffset:
                         f"{tuple(ref.shape)}; this state dict was made for another architecture."
                     )
                 out[k] = Dense(e.value.float() - ref.float().to(e.value.device))
+            else:
+                out[k] = e
+        return self.replace(entries=out)
+
+    def resolved_decompositions(self, reference: Callable[[str], torch.Tensor]) -> NPOOffset:
+        """Turn DoRA-weighted Factored entries (mapped onto the model's names) into Dense ΔW = W' − W with
+        W = reference(key), the model's current parameter; other entries pass through."""
+        out: dict[str, Entry] = {}
+        for k, e in self.entries.items():
+            if isinstance(e, Factored) and e.needs_weight and e.delta is not None:
+                w = reference(k).float()
+                try:
+                    decomposed = weight_decomposed(w, e.delta.to(w.device), e.tensors["dora_scale"].to(w.device))
+                except NPOError as err:
+                    raise NPOError(f"{self.source}: '{k}': {err}") from None
+                out[k] = Dense(decomposed - w)
             else:
                 out[k] = e
         return self.replace(entries=out)
@@ -250,7 +359,7 @@ def _dense(e: Entry) -> torch.Tensor:
         return e.delta()
     if isinstance(e, Dense):
         return e.delta
-    raise NPOError("a full-weight entry must be resolved against a model before arithmetic")
+    raise NPOError("a full-weight or LoHa/LoKr/DoRA entry must be resolved against a model before arithmetic")
 
 
 def negative_offset(

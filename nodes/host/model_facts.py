@@ -18,7 +18,8 @@ from ...npo_core import families, formats
 from ...npo_core.errors import NPOError
 from ...npo_core.families import Family
 from ...npo_core.keymap import resolve_with_key_map
-from ...npo_core.offset import Dense, FullWeight, NPOOffset
+from ...npo_core.offset import Dense, Factored, FullWeight, NPOOffset
+from . import adapters
 
 PREFIX = "diffusion_model."
 log = logging.getLogger("comfyui-npo")
@@ -163,6 +164,7 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
     check_supported_model(mp, fam=fam)
     check_family(offset, mp, input_name, fam)
     try:
+        offset = adapters.expanded(offset)
         if is_unet(mp):
             out = formats.resolve(offset, param_shapes(mp), diffusers_to_ldm(mp), fam.name, context_dim(mp))
         else:
@@ -175,8 +177,13 @@ def resolve_for_model(offset: NPOOffset, mp, reference=None, input_name: str = "
     except NPOError as e:
         raise NPOError(f"{input_name}: {e}") from None
     check_rows(out, mp, input_name, fam)
+    ref = reference if reference is not None else mp
+    if any(isinstance(e, Factored) for e in out.entries.values()):
+        try:
+            out = out.resolved_decompositions(lambda k: patched_weight(ref, k))
+        except NPOError as e:
+            raise NPOError(f"{input_name}: {e}") from None
     if any(isinstance(e, FullWeight) for e in out.entries.values()):
-        ref = reference if reference is not None else mp
         full = [k for k, e in out.entries.items() if isinstance(e, FullWeight)]
         out = out.resolved_full_weights(lambda k: patched_weight(ref, k))
         if reference is None:

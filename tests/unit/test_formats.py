@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from comfyui_npo.npo_core import formats
 from comfyui_npo.npo_core.errors import NPOError
-from comfyui_npo.npo_core.offset import Dense, FullWeight, LowRank, NPOOffset
+from comfyui_npo.npo_core.offset import Dense, Factored, FullWeight, LowRank, NPOOffset
 
 # A two-block "UNet": LDM names and shapes, and the diffusers → LDM map ComfyUI would give.
 TARGETS = {
@@ -164,7 +164,10 @@ def test_shape_mismatch_is_an_error():
             {f"unet.{DIFF_Q}.lora.up.weight": torch.zeros(8, 2), f"unet.{DIFF_Q}.lora.down.weight": torch.zeros(3, 8)},
             "mismatched",
         ),
-        ({f"unet.{DIFF_Q}.hada_w1_a": torch.zeros(2, 2)}, "not supported"),
+        ({f"unet.{DIFF_Q}.hada_w1_a": torch.zeros(2, 2)}, "LoHa module .* lacks hada_w1_b, hada_w2_a, hada_w2_b"),
+        ({f"unet.{DIFF_Q}.lokr_w1": torch.zeros(2, 2)}, r"LoKr module .* lacks lokr_w2 \(or lokr_w2_a and lokr_w2_b\)"),
+        ({f"unet.{DIFF_Q}.oft_blocks": torch.zeros(2, 2, 2)}, "not supported as an NPO offset.*OFT/BOFT rotate"),
+        ({f"unet.{DIFF_Q}.dora_scale": torch.zeros(8, 1)}, "DoRA magnitude but no lora_up"),
         (
             {
                 f"unet.{DIFF_Q}.lora.up.weight": torch.full((8, 2), float("nan")),
@@ -189,7 +192,8 @@ def test_shape_mismatch_is_an_error():
     ],
 )
 @pytest.mark.fault(
-    "state dicts with no tensors, unknown keys, half a LoRA pair, mismatched ranks, LoHa, text-encoder-only keys",
+    "state dicts with no tensors, unknown keys, half a LoRA pair, mismatched ranks, an incomplete LoHa/LoKr/DoRA "
+    "module, OFT, text-encoder-only keys",
     "NPOError naming the file and the problem",
 )
 def test_bad_state_dicts_are_refused_with_the_file_name(sd, match):
@@ -316,3 +320,89 @@ def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         formats.save_offset(off, path)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["o.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoHa / LoKr / DoRA: parsed as Factored entries; the host's adapter fills in ``delta``
+# ---------------------------------------------------------------------------------------------
+def test_loha_lokr_and_dora_modules_parse_as_factored_entries_with_their_shapes():
+    lin = f"lora_unet_{LDM_K.replace('.', '_')}"  # [8, 768]
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"  # [8, 4, 3, 3]
+    sd = {
+        f"{lin}.hada_w1_a": torch.randn(8, 2),
+        f"{lin}.hada_w1_b": torch.randn(2, 768),
+        f"{lin}.hada_w2_a": torch.randn(8, 2),
+        f"{lin}.hada_w2_b": torch.randn(2, 768),
+        f"{lin}.alpha": torch.tensor(1.0),
+        f"{conv}.lokr_w1": torch.randn(2, 2),
+        f"{conv}.lokr_w2_a": torch.randn(2, 4),  # CP form: w2_a [r, out/2], w2_b [r, in/2], t2 [r, r, 3, 3]
+        f"{conv}.lokr_w2_b": torch.randn(2, 2),
+        f"{conv}.lokr_t2": torch.randn(2, 2, 3, 3),
+        f"{conv}.diff_b": torch.randn(8),
+    }
+    off = formats.parse_state_dict(sd, {}, "ly.safetensors")
+    assert off.kinds() == {"loha": 1, "lokr": 1, "Dense": 1}
+    assert off.source_format == "kohya (LoHa, LoKr)" and not off.is_resolved
+    assert off.entries[f"{LDM_K.replace('.', '_')}.weight"].weight_shape == (8, 768)
+    assert off.entries["input_blocks_1_0_in_layers_2.weight"].weight_shape == (8, 4, 3, 3)
+    assert off.base_arch == "SD15"  # the cross-attention width read off the LoHa's factors
+
+
+def test_a_factored_entry_resolves_to_its_expanded_delta_reshaped_to_the_weight():
+    """The adapter's ΔW comes in the factors' natural shape [out, in·kh·kw]; it lands reshaped on a conv."""
+    delta = torch.randn(8, 4 * 9)
+    off = NPOOffset({"input_blocks.1.0.in_layers.2.weight": Factored("loha", {}, delta=delta)}, naming="ldm")
+    out = resolve(off).entries["input_blocks.1.0.in_layers.2.weight"]
+    assert isinstance(out, Dense) and torch.equal(out.delta, delta.reshape(8, 4, 3, 3))
+    wrong = NPOOffset({f"{LDM_Q}.weight": Factored("lokr", {}, delta=torch.randn(8, 16))}, naming="ldm")
+    with pytest.raises(NPOError, match=r"makes a ΔW of shape \(8, 16\) but the model's parameter is \(8, 8\)"):
+        resolve(wrong)
+    with pytest.raises(NPOError, match="not expanded"):
+        resolve(NPOOffset({f"{LDM_Q}.weight": Factored("loha", {"hada_w1_a": torch.zeros(8, 1)})}, naming="ldm"))
+
+
+def test_dora_decomposition_is_taken_against_the_reference_weight():
+    """W' = m · (W + ΔW) / ‖W + ΔW‖ per output row (m [out] or [out, 1]) or per input column (m [1, in])."""
+    g = torch.Generator().manual_seed(0)
+    w, d = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g) * 0.1
+    rows, cols = torch.rand(8, generator=g) + 0.5, torch.rand(8, generator=g) + 0.5
+    v = w + d
+    by_rows = torch.stack([rows[i] * v[i] / v[i].norm() for i in range(8)])
+    by_cols = torch.stack([cols[j] * v[:, j] / v[:, j].norm() for j in range(8)], dim=1)
+    for m, want in ((rows, by_rows), (rows.reshape(8, 1), by_rows), (cols.reshape(1, 8), by_cols)):
+        e = Factored("dora", {"dora_scale": m}, delta=d, shape=(8, 8))
+        off = NPOOffset({f"{LDM_Q}.weight": e}, naming="ldm").resolved_decompositions(lambda k: w)
+        assert off.is_resolved
+        assert torch.allclose(off.entries[f"{LDM_Q}.weight"].delta, want - w, atol=1e-6)
+    bad = Factored("dora", {"dora_scale": torch.ones(5)}, delta=d, shape=(8, 8))
+    with pytest.raises(NPOError, match=r"magnitude of shape \(5,\) fits neither"):
+        NPOOffset({f"{LDM_Q}.weight": bad}, source="d.safetensors").resolved_decompositions(lambda k: w)
+
+
+@pytest.mark.parametrize(
+    "module,looks",
+    [
+        ("lora_unet_double_blocks_0_img_attn_qkv", "Flux, Chroma or HunyuanVideo"),
+        ("diffusion_model.joint_blocks.3.x_block.attn.qkv", "SD3 / SD3.5"),
+        ("diffusion_model.blocks.0.self_attn.q", "Wan 2.x"),
+        ("transformer.transformer_blocks.0.img_mlp.net.0.proj", "QwenImage"),
+    ],
+)
+@pytest.mark.fault(
+    "an offset of another family without npo.base_arch metadata",
+    "the key list, and the family its key names look like",
+)
+def test_keys_of_another_family_are_named_by_the_family_they_look_like(module, looks):
+    off = formats.parse_state_dict(
+        {f"{module}.lora_up.weight": torch.zeros(8, 2), f"{module}.lora_down.weight": torch.zeros(2, 8)}, {}, "dit.sft"
+    )
+    with pytest.raises(NPOError, match="do not land") as err:
+        resolve(off)
+    assert f"look like an offset for {looks}" in str(err.value) and "not for SD15" in str(err.value)
+
+
+def test_a_file_of_the_models_own_kind_gets_no_family_hint():
+    off = formats.parse_state_dict({"input_blocks.9.1.proj_out.diff": torch.zeros(8, 8)}, {}, "x.sft")
+    with pytest.raises(NPOError, match="do not land") as err:
+        formats.resolve(off, TARGETS, D2L, "SDXL", 768)
+    assert "look like" not in str(err.value)
