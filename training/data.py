@@ -10,6 +10,18 @@ import torch
 from . import conds as C
 
 
+def epoch_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """Item indices of one step over n items: a fresh permutation per epoch, a pure function of (seed, step), so a
+    resumed run draws what an uninterrupted one would."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        sel = pos.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
 @dataclass
 class StartData:
     latents: torch.Tensor  # [N, C, H, W] clean start latents z0 (the model's latent space, scaled)
@@ -30,14 +42,7 @@ class StartData:
 
     def indices(self, step: int, batch_size: int) -> torch.Tensor:
         """Latent indices for a step: a fresh permutation per epoch, a pure function of (seed, step)."""
-        n = self.latents.shape[0]
-        pos = torch.arange(step * batch_size, (step + 1) * batch_size)
-        out = torch.empty(batch_size, dtype=torch.long)
-        for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            sel = pos.div(n, rounding_mode="floor") == epoch
-            out[sel] = perm[pos[sel] % n]
-        return out
+        return epoch_indices(self.latents.shape[0], self.seed, step, batch_size)
 
     def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, C.Cond, C.Cond]:
         idx = self.indices(step, batch_size)

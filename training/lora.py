@@ -37,6 +37,9 @@ def select_modules(root: nn.Module, pattern: str) -> list[str]:
     return out
 
 
+LORA_INITS = ("uniform", "gaussian")  # up (B) starts at 0 in both: the adapter starts as the identity
+
+
 class LoRASet(nn.Module):
     def __init__(
         self,
@@ -47,8 +50,11 @@ class LoRASet(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        init: str = "uniform",
     ) -> None:
         super().__init__()
+        if init not in LORA_INITS:
+            raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
         if rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {rank}")
         if not module_names:
@@ -67,7 +73,10 @@ class LoRASet(nn.Module):
                 down = torch.empty(rank, m.in_channels, *m.kernel_size, dtype=torch.float32)
                 up = torch.zeros(m.out_channels, rank, 1, 1, dtype=dtype, device=dev)
             fan_in = down[0].numel()
-            down.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=generator)
+            if init == "gaussian":  # PEFT's init_lora_weights="gaussian" (the authors' DPO-NPO): A ~ N(0, 1/r)
+                down.normal_(0.0, 1.0 / rank, generator=generator)
+            else:
+                down.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=generator)
             self.downs.append(nn.Parameter(down.to(dev, dtype)))
             self.ups.append(nn.Parameter(up))
         self._handles: list = []

@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import conds as C
+from .data import epoch_indices
+
 INDEX = "pairs.jsonl"
 KEYS = ("prompt", "preferred", "rejected")
 
@@ -115,3 +118,29 @@ def best_and_worst(scores: Sequence[float], prompt: str) -> tuple[int, int]:
             "(raise samples_per_prompt, change the seed, or use another scorer)."
         )
     return best, worst
+
+
+@dataclass
+class PairData:
+    """Encoded pairs: ``preferred`` / ``rejected`` [N, C, ...] latents (the model's latent space, scaled), pair i
+    made for prompt ``prompt_of[i]`` of ``conds`` (one cond per prompt, batch 1 each)."""
+
+    preferred: torch.Tensor
+    rejected: torch.Tensor
+    conds: list[C.Cond]
+    prompt_of: torch.Tensor
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preferred.shape != self.rejected.shape or self.preferred.dim() < 3 or self.preferred.shape[0] < 1:
+            raise ValueError(
+                f"preferred {tuple(self.preferred.shape)} and rejected {tuple(self.rejected.shape)} must be "
+                "non-empty latent batches of one shape"
+            )
+        if self.prompt_of.shape[0] != self.preferred.shape[0] or int(self.prompt_of.max()) >= len(self.conds):
+            raise ValueError("prompt_of must give a valid prompt index for every pair")
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, C.Cond]:
+        """(preferred, rejected, cond) of the step's pairs, drawn as ``StartData`` draws latents."""
+        idx = epoch_indices(self.preferred.shape[0], self.seed, step, batch_size)
+        return self.preferred[idx], self.rejected[idx], C.cat([self.conds[int(p)] for p in self.prompt_of[idx]])

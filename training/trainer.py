@@ -1,6 +1,8 @@
-"""The TDFT training loop: AdamW (or Adafactor, 8-bit AdamW), EMA teacher, gradient clipping, gradient
-accumulation, checkpoints that resume exactly, progress and cancel callbacks. Host-agnostic: a denoiser callable and
-named parameters."""
+"""The training loop of both ways to an offset: Self-NPO's TDFT (with its EMA teacher) and Diffusion-NPO's reversed
+DPO (``training.preference``). AdamW (or Adafactor, 8-bit AdamW), gradient clipping, gradient accumulation,
+checkpoints that resume exactly, progress and cancel callbacks. Host-agnostic: a denoiser callable and named
+parameters. An objective (``_TDFTObjective``, ``_PreferenceObjective``) makes one optimizer step's gradients and
+carries its own state into the checkpoints."""
 
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from . import conds as C
 from .data import StartData
 from .ema import EMATeacher
 from .optimizers import ADAMW, make_optimizer, unavailable_reason
+from .pairs import PairData
+from .preference import AdapterOff, PairDraws, PreferenceConfig, preference_step
 from .schedules import TDFTSchedule
 from .tdft import Denoiser, Schedule, StepDraws, TDFTConfig, student_cond, student_loss, teacher_rollout
 
 CHECKPOINT_FORMAT = "comfyui-npo-train/1"
+OBJECTIVES = ("self-npo", "preference")
 MAX_SKIPPED_STEPS = 30  # overflowing steps in a row (scale halved each time) before training is given up
 
 
@@ -49,6 +54,8 @@ class TrainConfig:
     # scaled gradients overflow are skipped and the scale halves, as in the authors' fp16 training.
     fp16_loss_scaling: bool = False
     tdft: TDFTConfig = field(default_factory=TDFTConfig)
+    objective: str = "self-npo"  # OBJECTIVES: Self-NPO's TDFT, or Diffusion-NPO's reversed DPO ("preference")
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +80,7 @@ def save_checkpoint(
     path: Path,
     step: int,
     params: dict[str, nn.Parameter],
-    ema: EMATeacher,
+    objective_state: dict,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
     losses: list[float],
@@ -81,13 +88,16 @@ def save_checkpoint(
     signature: str,
     scaler: torch.amp.GradScaler | None = None,
     schedule: str = "",
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Atomic write (``npo_core.atomic``): a crash leaves the old file or the new one."""
+    """Atomic write (``npo_core.atomic``): a crash leaves the old file or the new one. ``objective_state``: the
+    objective's own entries (TDFT: its ``ema``). ``metadata``: strings kept as they are (the host's provenance:
+    prompt, workflow)."""
     state = {
+        **objective_state,
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-        "ema": ema.state_dict(),
         "optimizer": opt.state_dict(),
         "rng": gen.get_state(),
         "losses": torch.tensor(losses, dtype=torch.float64),
@@ -96,6 +106,7 @@ def save_checkpoint(
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "schedule": schedule,
         "optimizer_name": cfg.optimizer,
+        "metadata": dict(metadata or {}),
     }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -106,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike, signature: str) -> dict:
     except Exception as e:
         raise TrainingError(f"resume_from: cannot read '{Path(path).name}' ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"resume_from: '{Path(path).name}' is not a Self-NPO training checkpoint of this pack.")
+        raise TrainingError(f"resume_from: '{Path(path).name}' is not a training checkpoint of this pack.")
     if state.get("signature") != signature:
         raise TrainingError(
             f"resume_from: '{Path(path).name}' was made for another model or training setup "
@@ -135,7 +146,12 @@ class Trainer:
     ) -> None:
         if not isinstance(schedule, TDFTSchedule):
             raise TypeError(f"not a TDFT schedule: {type(schedule).__name__} (use training.schedules.make_schedule)")
-        cfg.tdft.validate(schedule)
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+        if cfg.objective == "preference":
+            cfg.preference.validate(schedule)
+        else:
+            cfg.tdft.validate(schedule)
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accumulation_steps < 1:
             raise ValueError("steps, batch_size and grad_accumulation_steps must be ≥ 1")
         reason = unavailable_reason(cfg.optimizer)
@@ -143,6 +159,7 @@ class Trainer:
             raise ValueError(f"optimizer: {cfg.optimizer} cannot run here: {reason}.")
         self.schedule, self.cfg, self.signature = schedule, cfg, signature
         self.resume_from = resume_from
+        self.metadata: dict[str, str] = {}  # written into every checkpoint (the host's provenance)
         self.resume_state = None
         if resume_from:
             state = resume_state if resume_state is not None else load_checkpoint(resume_from, signature)
@@ -158,6 +175,12 @@ class Trainer:
                 raise TrainingError(
                     f"resume_from: '{Path(resume_from).name}' was trained with {trained_with}, this run uses "
                     f"{cfg.optimizer}; resume with optimizer {trained_with}, or start fresh."
+                )
+            trained_for = json.loads(state.get("config", "{}")).get("objective", "self-npo")
+            if trained_for != cfg.objective:
+                raise TrainingError(
+                    f"resume_from: '{Path(resume_from).name}' is a {trained_for} checkpoint; this run trains "
+                    f"{cfg.objective}. Resume it with the node that wrote it, or start fresh."
                 )
             done = int(state["step"])
             if done > cfg.steps:
@@ -182,7 +205,26 @@ class Trainer:
     ) -> TrainResult:
         """TDFT from the resumed step (or 0) to ``cfg.steps``; the teacher is the EMA of ``params``;
         ``denoiser`` works in the schedule's x-space and sigma."""
-        return _run(self, denoiser, params, data, callbacks or Callbacks(), checkpoint_path)
+        if self.cfg.objective != "self-npo":
+            raise ValueError("run() trains Self-NPO (TDFT); use run_preference() for objective 'preference'")
+        objective = _TDFTObjective(self, denoiser, data, EMATeacher(params, self.cfg.ema_decay))
+        return _run(self, objective, params, callbacks or Callbacks(), checkpoint_path)
+
+    def run_preference(
+        self,
+        denoiser: Denoiser,
+        adapter_off: AdapterOff,
+        params: dict[str, nn.Parameter],
+        data: PairData,
+        callbacks: Callbacks | None = None,
+        checkpoint_path: Path | None = None,
+    ) -> TrainResult:
+        """Reversed DPO on ``data``'s pairs from the resumed step (or 0) to ``cfg.steps``; the reference is the
+        denoiser under ``adapter_off()`` (the same weights without the trained offset)."""
+        if self.cfg.objective != "preference":
+            raise ValueError("run_preference() needs objective 'preference'")
+        objective = _PreferenceObjective(self, denoiser, adapter_off, data)
+        return _run(self, objective, params, callbacks or Callbacks(), checkpoint_path)
 
 
 def train(
@@ -203,49 +245,102 @@ def train(
     )
 
 
-def _accumulate_gradients(
-    t: Trainer, denoiser: Denoiser, data: StartData, step: int, gen: torch.Generator, scaler, ema: EMATeacher,
-    dev: torch.device, cb: Callbacks, last_ckpt: Path | None,
-) -> float | None:
-    """The (scaled) gradients of one optimizer step on its batch_size·k samples, k micro-batches of batch_size each
-    backpropagating loss / k (the mean over the step's samples); returns the step's loss, None if cancelled."""
-    cfg = t.cfg
-    micro, k = cfg.batch_size, cfg.grad_accumulation_steps
-    z0_all, c_pos_all, c_neg_all = data.batch(step, micro * k)
-    draws_all = StepDraws.draw(tuple(z0_all.shape), cfg.tdft, gen)
-    total = 0.0
-    for j in range(k):
-        if j and cb.should_stop():
-            return None
-        rows = torch.arange(j * micro, (j + 1) * micro)
-        z0 = z0_all[rows].to(dev)
-        c_pos, c_neg = C.index(c_pos_all, rows), C.index(c_neg_all, rows)
-        draws = draws_all.rows(j * micro, (j + 1) * micro)
-        with ema.swapped_in():
-            roll = teacher_rollout(denoiser, t.schedule, z0, c_pos, c_neg, cfg.tdft, gen, draws)
-        c_student = student_cond(c_pos, c_neg, cfg.tdft, micro, gen, draws)
-        loss, _ = student_loss(denoiser, t.schedule, roll, c_student, cfg.tdft, gen, draws)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"the loss became {value} at step {step + 1}{_last(last_ckpt)}. Lower learning_rate, use "
-                "training_dtype fp32, or resume from the last checkpoint."
+def _check_finite(value: float, step: int, last_ckpt: Path | None) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"the loss became {value} at step {step + 1}{_last(last_ckpt)}. Lower learning_rate, use "
+            "training_dtype fp32, or resume from the last checkpoint."
+        )
+
+
+class _TDFTObjective:
+    """Self-NPO: the TDFT student loss against the EMA teacher's truncated rollout."""
+
+    def __init__(self, t: Trainer, denoiser: Denoiser, data: StartData, ema: EMATeacher) -> None:
+        self.t, self.denoiser, self.data, self.ema = t, denoiser, data, ema
+
+    def gradients(self, step: int, gen: torch.Generator, scaler, dev: torch.device, cb: Callbacks,
+                  last_ckpt: Path | None) -> float | None:
+        """The (scaled) gradients of one optimizer step on its batch_size·k samples, k micro-batches of batch_size
+        each backpropagating loss / k (the mean over the step's samples); the step's loss, None if cancelled."""
+        t, cfg = self.t, self.t.cfg
+        micro, k = cfg.batch_size, cfg.grad_accumulation_steps
+        z0_all, c_pos_all, c_neg_all = self.data.batch(step, micro * k)
+        draws_all = StepDraws.draw(tuple(z0_all.shape), cfg.tdft, gen)
+        total = 0.0
+        for j in range(k):
+            if j and cb.should_stop():
+                return None
+            rows = torch.arange(j * micro, (j + 1) * micro)
+            z0 = z0_all[rows].to(dev)
+            c_pos, c_neg = C.index(c_pos_all, rows), C.index(c_neg_all, rows)
+            draws = draws_all.rows(j * micro, (j + 1) * micro)
+            with self.ema.swapped_in():
+                roll = teacher_rollout(self.denoiser, t.schedule, z0, c_pos, c_neg, cfg.tdft, gen, draws)
+            c_student = student_cond(c_pos, c_neg, cfg.tdft, micro, gen, draws)
+            loss, _ = student_loss(self.denoiser, t.schedule, roll, c_student, cfg.tdft, gen, draws)
+            value = float(loss.detach())
+            _check_finite(value, step, last_ckpt)
+            scaler.scale(loss / k).backward()
+            total += value / k
+        return total
+
+    def after_update(self) -> None:
+        self.ema.update()
+
+    def state(self) -> dict:
+        return {"ema": self.ema.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+
+
+class _PreferenceObjective:
+    """Diffusion-NPO: the reversed-DPO loss of ``batch_size`` pairs per micro-batch, against the same denoiser with
+    the offset off."""
+
+    def __init__(self, t: Trainer, denoiser: Denoiser, adapter_off: AdapterOff, data: PairData) -> None:
+        self.t, self.denoiser, self.adapter_off, self.data = t, denoiser, adapter_off, data
+
+    def gradients(self, step: int, gen: torch.Generator, scaler, dev: torch.device, cb: Callbacks,
+                  last_ckpt: Path | None) -> float | None:
+        """As ``_TDFTObjective.gradients``, over pairs: one level and one noise per pair, drawn for the whole step."""
+        t, cfg = self.t, self.t.cfg
+        micro, k = cfg.batch_size, cfg.grad_accumulation_steps
+        pref_all, rej_all, cond_all = self.data.batch(step, micro * k)
+        draws_all = PairDraws.draw(tuple(pref_all.shape), t.schedule.num_levels, gen)
+        total = 0.0
+        for j in range(k):
+            if j and cb.should_stop():
+                return None
+            rows = torch.arange(j * micro, (j + 1) * micro)
+            out = preference_step(
+                self.denoiser, self.adapter_off, pref_all[rows].to(dev), rej_all[rows].to(dev),
+                C.index(cond_all, rows), t.schedule, cfg.preference, draws_all.rows(j * micro, (j + 1) * micro),
             )
-        scaler.scale(loss / k).backward()
-        total += value / k
-    return total
+            value = float(out.loss.detach())
+            _check_finite(value, step, last_ckpt)
+            scaler.scale(out.loss / k).backward()
+            total += value / k
+        return total
+
+    def after_update(self) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        pass
 
 
-def _run(
-    t: Trainer, denoiser: Denoiser, params: dict, data: StartData, cb: Callbacks, checkpoint_path: Path | None
-) -> TrainResult:
+def _run(t: Trainer, objective, params: dict, cb: Callbacks, checkpoint_path: Path | None) -> TrainResult:
     schedule, cfg, signature, resume_from = t.schedule, t.cfg, t.signature, t.resume_from
     fingerprint = schedule.fingerprint()
     plist = list(params.values())
     for p in plist:
         p.requires_grad_(True)
     opt = make_optimizer(cfg.optimizer, plist, cfg.learning_rate, cfg.weight_decay)
-    ema = EMATeacher(params, cfg.ema_decay)
     scaler = torch.amp.GradScaler(plist[0].device.type, enabled=cfg.fp16_loss_scaling)
     skipped_in_a_row = 0
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -256,7 +351,7 @@ def _run(
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["params"][n])
-        ema.load_state_dict(state["ema"])
+        objective.load(state)
         opt.load_state_dict(state["optimizer"])
         if scaler.is_enabled() and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
@@ -270,7 +365,7 @@ def _run(
             stopped = True
             break
         opt.zero_grad(set_to_none=True)
-        value = _accumulate_gradients(t, denoiser, data, step, gen, scaler, ema, plist[0].device, cb, last_ckpt)
+        value = objective.gradients(step, gen, scaler, plist[0].device, cb, last_ckpt)
         if value is None:  # cancelled between micro-batches: this step's gradients are dropped
             stopped = True
             break
@@ -289,12 +384,13 @@ def _run(
             skipped_in_a_row = 0
         scaler.step(opt)  # with loss scaling on, an overflowing step is skipped here and the scale halves
         scaler.update()
-        ema.update()
+        objective.after_update()
         losses.append(value)
         cb.on_step(step + 1, cfg.steps, value)
         if checkpoint_path is not None and cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
             last_ckpt = save_checkpoint(
-                checkpoint_path, step + 1, params, ema, opt, gen, losses, cfg, signature, scaler, fingerprint
+                checkpoint_path, step + 1, params, objective.state(), opt, gen, losses, cfg, signature, scaler,
+                fingerprint, t.metadata,
             )
             cb.on_checkpoint(last_ckpt, step + 1)
     else:
@@ -302,7 +398,8 @@ def _run(
     done = step if stopped else cfg.steps
     if checkpoint_path is not None and cfg.save_every > 0 and not stopped and done > start and done % cfg.save_every:
         last_ckpt = save_checkpoint(
-            checkpoint_path, done, params, ema, opt, gen, losses, cfg, signature, scaler, fingerprint
+            checkpoint_path, done, params, objective.state(), opt, gen, losses, cfg, signature, scaler, fingerprint,
+            t.metadata,
         )
         cb.on_checkpoint(last_ckpt, done)  # the final state too, so `steps` can be raised and training resumed
     for p in plist:

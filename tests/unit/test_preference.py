@@ -215,3 +215,112 @@ def test_draws_are_one_level_and_one_noise_per_pair():
     assert int(d.level.min()) >= 0 and int(d.level.max()) < 1000
     both = P.pair_noise(d, torch.zeros(8, 2, 8, 8))
     assert torch.equal(both[:4], both[4:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop (training.trainer with objective "preference")
+# ---------------------------------------------------------------------------------------------
+def _pair_data(n=6, seed=11):
+    from comfyui_npo.training.pairs import PairData
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 2, 8, 8, generator=g)
+    preferred = base + 0.3 * torch.randn(n, 2, 8, 8, generator=g)
+    rejected = base.flip(-1) * 0.5  # a systematically different "bad" image per pair
+    conds = [torch.randn(1, 3, generator=g) for _ in range(3)]
+    return PairData(preferred, rejected, conds, torch.arange(n) % 3, seed=seed)
+
+
+def _trainer(steps, tmp_path=None, resume=None, accumulation=1, batch=2, objective="preference"):
+    from comfyui_npo.training.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch, grad_accumulation_steps=accumulation, learning_rate=3e-3, weight_decay=0.0,
+        seed=5, save_every=2 if tmp_path else 0, objective=objective,
+        preference=P.PreferenceConfig(beta=50.0),
+    )
+    return Trainer(VP, cfg, "sig", resume), (tmp_path / "pref.pt" if tmp_path else None)
+
+
+def _fresh_lora():
+    torch.manual_seed(0)
+    net = TinyEps()
+    lset = LoRASet(net, ["to_q", "conv_in", "conv_out"], rank=2, generator=torch.Generator().manual_seed(1))
+    lset.attach()
+    return net, lset
+
+
+def _run(trainer, ckpt, net, lset, data, callbacks=None):
+    return trainer.run_preference(
+        _denoiser(net, "eps"), lambda: _off(lset), lset.named_trainable(), data, callbacks, ckpt
+    )
+
+
+def test_training_moves_the_offset_toward_the_rejected_images():
+    """After training, the offset's model fits the rejected image better relative to the preferred one than the
+    model without it does (mean logit > 0 on fresh noise), and the loss fell below log 2."""
+    net, lset = _fresh_lora()
+    data = _pair_data()
+    trainer, _ = _trainer(60)
+    res = _run(trainer, None, net, lset, data)
+    assert res.steps_done == 60 and res.losses[0] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy = reference
+    assert sum(res.losses[-10:]) / 10 < math.log(2) - 0.02
+    g = torch.Generator().manual_seed(99)
+    draws = P.PairDraws.draw(tuple(data.preferred.shape), 1000, g)
+    cond = torch.cat([data.conds[int(i)] for i in data.prompt_of])
+    with torch.no_grad():
+        out = P.preference_step(_denoiser(net, "eps"), lambda: _off(lset), data.preferred, data.rejected, cond, VP,
+                                P.PreferenceConfig(beta=50.0), draws)
+    assert float(out.logits.mean()) > 0 and out.implicit_accuracy > 0.5
+
+
+def test_accumulation_equals_the_larger_batch():
+    results = []
+    for batch, k in ((4, 1), (2, 2), (1, 4)):
+        net, lset = _fresh_lora()
+        trainer, _ = _trainer(3, batch=batch, accumulation=k)
+        res = _run(trainer, None, net, lset, _pair_data())
+        results.append(([p.detach().clone() for p in lset.parameters()], res.losses))
+    (w0, l0) = results[0]
+    for w, losses in results[1:]:
+        assert losses == pytest.approx(l0, abs=1e-5)
+        for a, b in zip(w, w0, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path):
+    net, lset = _fresh_lora()
+    straight_trainer, _ = _trainer(6)
+    straight = _run(straight_trainer, None, net, lset, _pair_data())
+    want = [p.detach().clone() for p in lset.parameters()]
+
+    from comfyui_npo.training.trainer import Callbacks
+
+    net, lset = _fresh_lora()
+    first, ckpt = _trainer(6, tmp_path)
+    calls = [0]
+
+    def stop():
+        calls[0] += 1
+        return calls[0] > 4  # two optimizer steps (one should_stop per step and per extra micro-batch)
+
+    part = _run(first, ckpt, net, lset, _pair_data(), Callbacks(should_stop=stop))
+    assert part.stopped_early and part.last_checkpoint == ckpt
+    net, lset = _fresh_lora()
+    rest, _ = _trainer(6, tmp_path, resume=ckpt)
+    done = _run(rest, ckpt, net, lset, _pair_data())
+    assert done.steps_done == 6 and done.losses == pytest.approx(straight.losses, abs=1e-7)
+    for a, b in zip(lset.parameters(), want, strict=True):
+        assert torch.equal(a.detach(), b)
+
+
+def test_a_checkpoint_of_the_other_objective_is_refused(tmp_path):
+    from comfyui_npo.training.trainer import TrainingError
+
+    net, lset = _fresh_lora()
+    trainer, ckpt = _trainer(2, tmp_path)
+    _run(trainer, ckpt, net, lset, _pair_data())
+    with pytest.raises(TrainingError, match="is a preference checkpoint; this run trains self-npo"):
+        _trainer(4, tmp_path, resume=ckpt, objective="self-npo")
+    with pytest.raises(ValueError, match="run_preference"):
+        _trainer(2, objective="self-npo")[0].run_preference(None, None, {}, None)

@@ -444,7 +444,7 @@ def test_hostile_resume_files_are_refused(tmp_path, monkeypatch):
     cases = {
         "cut.pt": (good[: len(good) // 2], "cannot read"),
         "empty.pt": (b"", "cannot read"),
-        "other.pt": (None, "not a Self-NPO training checkpoint"),
+        "other.pt": (None, "not a training checkpoint of this pack"),
         "evil.pt": (pickle.dumps({"format": "comfyui-npo-train/1", "x": _Evil()}), "cannot read"),
     }
     torch.save({"format": "something else", "step": 3}, tmp_path / "other.pt")
