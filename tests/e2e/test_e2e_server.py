@@ -23,6 +23,9 @@ EXPECTED_OUTPUTS = {
     "NPOCompareReport": ["STRING", "IMAGE"],
     "NPOScoreImages": ["FLOAT", "STRING"],
     "NPOPromptList": ["STRING", "INT"],
+    "NPOPreferenceTrain": ["NPO_OFFSET", "IMAGE", "INT"],
+    "NPOPairsFromImages": ["NPO_PAIRS"],
+    "NPOPairsFromFolder": ["NPO_PAIRS"],
 }
 CONTRACT = json.loads((Path(__file__).with_name("node_contract.json")).read_text(encoding="utf-8"))
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"

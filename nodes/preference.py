@@ -1,0 +1,310 @@
+"""Diffusion-NPO from preference pairs: NPO Pairs From Images, NPO Pairs From Folder, NPO Preference Train."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..npo_core.errors import NPOError
+from ..npo_core.families import PRESET_NAMES
+from ..training import optimizers, pairs
+from ..training.preference import LOSS_TYPES
+from ..training.trainer import Callbacks
+from .common import NPOOffsetType, advanced, check_widgets, refusal, schema
+from .host import files, preference_run, runtime, training_conds
+from .host.training_model import TrainingModel
+from .plot import loss_curve_image
+from .train import NONE, _new_checkpoint_path, _resume_path, checkpoint_files, parse_learning_rate
+
+NPOPairsType = io.Custom("NPO_PAIRS")
+PAIR_ALIASES = ["preference", "pairs", "dpo", "diffusion-npo", "dataset"]
+
+
+def _encode(vae, images: torch.Tensor, input_name: str) -> torch.Tensor:
+    """IMAGE [B, H, W, C] → the VAE's latents; sizes off its downscale factor are refused, naming the input."""
+    factor = getattr(vae, "downscale_ratio", 8)
+    if isinstance(factor, int) and (images.shape[1] % factor or images.shape[2] % factor):
+        raise NPOError(
+            f"{input_name}: {images.shape[2]}×{images.shape[1]} px is not a multiple of the VAE's factor {factor}; "
+            "resize or crop the images (e.g. Upscale Image to a multiple of 8)."
+        )
+    return vae.encode(images[:, :, :, :3])
+
+
+class NPOPairsFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="NPOPairsFromImages",
+            display_name="NPO Pairs From Images",
+            search_aliases=PAIR_ALIASES,
+            description="Preference pairs from two IMAGE batches of one size: image i of preferred and image i of "
+            "rejected are one pair, made for the prompt of positive (one prompt for all, or one per pair). "
+            "Encoded with the VAE; feed NPO Preference Train.",
+            inputs=[
+                io.Image.Input("preferred", tooltip="The images people (or a scorer) liked, one per pair."),
+                io.Image.Input("rejected", tooltip="The images they liked less, in the same order and size."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="The prompt the pairs were made for (CLIP Text Encode); several prompts combined with "
+                    "Conditioning (Combine) are one per pair, in order.",
+                ),
+                io.Vae.Input("vae", tooltip="The VAE of the model to train (encodes the images into its latents)."),
+            ],
+            outputs=[NPOPairsType.Output(display_name="pairs")],
+        )
+
+    @classmethod
+    def execute(cls, preferred, rejected, positive, vae) -> io.NodeOutput:
+        if preferred.shape != rejected.shape:
+            raise NPOError(
+                f"rejected: {tuple(rejected.shape)} does not match preferred {tuple(preferred.shape)}; each pair is "
+                "two images of one size, in the same order."
+            )
+        entries = training_conds.conditioning_entries(positive, "positive")
+        n = preferred.shape[0]
+        if len(entries) not in (1, n):
+            raise NPOError(f"positive: {len(entries)} prompts for {n} pairs; give one prompt, or one per pair.")
+        prompt_of = torch.zeros(n, dtype=torch.long) if len(entries) == 1 else torch.arange(n)
+        pair_set = preference_run.PairSet(
+            _encode(vae, preferred, "preferred"), _encode(vae, rejected, "rejected"), entries, prompt_of,
+            [f"pair {i + 1}" for i in range(n)], "NPO Pairs From Images",
+        )
+        return io.NodeOutput(pair_set, ui=ui.PreviewText(f"{n} pairs, {len(entries)} prompt(s)"))
+
+
+class NPOPairsFromFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="NPOPairsFromFolder",
+            display_name="NPO Pairs From Folder",
+            search_aliases=PAIR_ALIASES,
+            description="Preference pairs from a folder in ComfyUI's input folder holding pairs.jsonl, one JSON "
+            'object per line: {"prompt": …, "preferred": "a.png", "rejected": "b.png"} (paths relative to the '
+            "folder). Images are resized and centre-cropped as the authors do, prompts encoded with the CLIP, "
+            "images with the VAE. Every bad line is named before anything trains.",
+            inputs=[
+                io.String.Input(
+                    "folder",
+                    default="npo_pairs",
+                    tooltip="A folder inside ComfyUI's input folder (subfolders with '/') holding pairs.jsonl.",
+                ),
+                io.Clip.Input("clip", tooltip="The text encoder of the model to train (encodes each pair's prompt)."),
+                io.Vae.Input("vae", tooltip="The VAE of the model to train (encodes the images)."),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=16,
+                    max=4096,
+                    step=8,
+                    tooltip="The shorter side is resized to this and the centre cropped square, as the authors' "
+                    "trainer does (512 for SD1.5, 1024 for SDXL).",
+                ),
+                io.Boolean.Input(
+                    "mirrored_copies",
+                    default=True,
+                    tooltip="Also add every pair mirrored left-right (the authors flip images at random as they "
+                    "load them; a mirrored copy of each pair gives the same data, fixed).",
+                ),
+            ],
+            outputs=[NPOPairsType.Output(display_name="pairs")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder=None, resolution=None) -> bool | str:
+        return refusal(lambda: _check_folder_inputs(cls, folder, resolution))
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, clip, vae, resolution, mirrored_copies) -> str:
+        try:
+            st = os.stat(os.path.join(files.input_subfolder(folder, "folder"), pairs.INDEX))
+            return f"{folder}:{st.st_mtime_ns}:{st.st_size}"
+        except Exception:
+            return folder
+
+    @classmethod
+    def execute(cls, folder: str, clip, vae, resolution: int, mirrored_copies: bool) -> io.NodeOutput:
+        _check_folder_inputs(cls, folder, resolution)
+        try:
+            found = pairs.read_pair_folder(files.input_subfolder(folder, "folder"))
+            pbar = runtime.progress_bar(len(found))
+            good, bad = [], []
+            for p in found:
+                good.append(pairs.prepared(p.preferred, resolution, p.item))
+                bad.append(pairs.prepared(p.rejected, resolution, p.item))
+                runtime.throw_if_interrupted()
+                pbar.update(1)
+        except pairs.PairError as e:
+            raise NPOError(f"folder: {e}") from None
+        preferred, rejected = torch.stack(good), torch.stack(bad)
+        items = [p.item for p in found]
+        prompts = list(dict.fromkeys(p.prompt for p in found))
+        prompt_of = torch.tensor([prompts.index(p.prompt) for p in found])
+        if mirrored_copies:
+            preferred, rejected = torch.cat([preferred, preferred.flip(2)]), torch.cat([rejected, rejected.flip(2)])
+            items += [f"{i} (mirrored)" for i in items]
+            prompt_of = torch.cat([prompt_of, prompt_of])
+        entries = [clip.encode_from_tokens_scheduled(clip.tokenize(text))[0] for text in prompts]
+        pair_set = preference_run.PairSet(
+            _encode(vae, preferred, "folder"), _encode(vae, rejected, "folder"), entries, prompt_of, items,
+            f"NPO Pairs From Folder ({folder})",
+        )
+        text = f"{len(found)} pairs from {folder}/{pairs.INDEX}, {len(prompts)} prompt(s), {resolution} px"
+        return io.NodeOutput(pair_set, ui=ui.PreviewText(text + (", with mirrored copies" if mirrored_copies else "")))
+
+
+def _check_folder_inputs(cls, folder, resolution) -> None:
+    check_widgets(cls, {"resolution": resolution})
+    if resolution is not None and resolution % 8:
+        raise NPOError(f"resolution: {resolution} is not a multiple of 8 (the latent factor of SD-family VAEs).")
+    if folder is not None:
+        files.check_relative_name(folder, "folder")
+
+
+class NPOPreferenceTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="NPOPreferenceTrain",
+            display_name="NPO Preference Train",
+            search_aliases=["diffusion-npo", "dpo", "preference", "train", "training", "negative", "offset"],
+            description="Diffusion-NPO: trains an NPO offset from preference pairs by the authors' reversed "
+            "Diffusion-DPO (the rejected image takes DPO's preferred slot, so the offset learns what people "
+            "dislike): LoRA rank 8, alpha 8 on the attention projections, β 500 (SD1.5) / 2000 (SDXL), lr 5e-6. "
+            "The model you connect is never changed; the result is an NPO_OFFSET for Apply NPO / NPO CFG Guider.",
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The model to make an NPO offset for (the one the pairs' images are judged for): SD "
+                    "UNets (eps / v) or DiT / video models with real CFG (flow velocity loss on their own schedule).",
+                ),
+                NPOPairsType.Input("pairs", tooltip="From NPO Pairs From Images or NPO Pairs From Folder."),
+                io.Int.Input(
+                    "steps", default=2000, min=1, max=1_000_000,
+                    tooltip="Optimizer steps in total (the released offsets: 2000). When resuming, the total.",
+                ),
+                io.Int.Input(
+                    "batch_size", default=4, min=1, max=256,
+                    tooltip="Pairs per step (the authors: 64 for SD1.5, 30 × 2 accumulation for SDXL).",
+                ),
+                io.String.Input(
+                    "learning_rate", default="auto",
+                    tooltip="auto = the authors' 5e-6 (Adafactor: its own 1e-2). Or a number, e.g. 1e-5.",
+                ),
+                io.Float.Input(
+                    "beta", default=0.0, min=0.0, max=100_000.0, step=10.0,
+                    tooltip="DPO's β (how far the offset may move from the model): 0 = auto, the authors' 500 for "
+                    "SD1.5-like models and 2000 for SDXL.",
+                ),
+                io.Combo.Input(
+                    "loss_type", options=list(LOSS_TYPES), default="sigmoid",
+                    tooltip="sigmoid: Diffusion-DPO's −log σ(β·logits) (the authors'); hinge and ipo as in their "
+                    "script.",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "rank", default=8, min=1, max=1024,
+                    tooltip="The LoRA rank (alpha = rank, as the authors').",
+                ),
+                io.Combo.Input(
+                    "lora_layers", options=list(PRESET_NAMES), default="attention",
+                    tooltip="Which layers get adapters (attention = to_q/k/v/out, the authors' targets).",
+                    **advanced(),
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise, timesteps and pair order."),
+                io.Boolean.Input(
+                    "gradient_checkpointing", default=True,
+                    tooltip="Recompute activations in the backward: much less memory, ~30% slower.",
+                ),
+                io.Combo.Input(
+                    "training_dtype", options=["fp32", "bf16"], default="fp32",
+                    tooltip="The adapters' dtype (the frozen weights keep theirs).", **advanced(),
+                ),
+                io.Int.Input(
+                    "save_every", default=0, min=0, max=1_000_000,
+                    tooltip="Write a resumable checkpoint to output/npo_training every N steps (0 = none).",
+                ),
+                io.String.Input(
+                    "filename_prefix", default="npo_preference",
+                    tooltip="Checkpoint name under output/npo_training (subfolders with '/').",
+                ),
+                io.Combo.Input(
+                    "resume_from", options=checkpoint_files(), default=NONE,
+                    tooltip="A checkpoint of an NPO Preference Train run with the same model, rank and layers; "
+                    "training continues from its step, exactly.",
+                ),
+                io.Int.Input(
+                    "grad_accumulation_steps", default=1, min=1, max=1024,
+                    tooltip="Micro-batches of batch_size per optimizer step: the update of a k·batch_size batch in "
+                    "the memory of one.",
+                    **advanced(),
+                ),
+                io.Combo.Input(
+                    "optimizer", options=list(optimizers.OPTIMIZERS), default=optimizers.ADAMW,
+                    tooltip="AdamW; the authors used 8-bit Adam (bitsandbytes, where installed). A resume keeps the "
+                    "optimizer it was trained with.",
+                    **advanced(),
+                ),
+            ],
+            outputs=[
+                NPOOffsetType.Output(display_name="npo_offset"),
+                io.Image.Output(display_name="loss_curve"),
+                io.Int.Output(display_name="steps"),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, learning_rate=None, filename_prefix=None, save_every=None, beta=None) -> bool | str:
+        return refusal(lambda: _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta))
+
+    @classmethod
+    def execute(
+        cls, model, pairs, steps: int, batch_size: int, learning_rate, beta: float, loss_type: str, rank: int,
+        lora_layers: str, seed: int, gradient_checkpointing: bool, training_dtype: str, save_every: int,
+        filename_prefix: str, resume_from: str, grad_accumulation_steps: int, optimizer: str,
+    ) -> io.NodeOutput:
+        _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta)
+        hidden = cls.hidden
+        provenance = files.provenance(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
+        tm = TrainingModel(model.clone())
+        recipe = preference_run.PreferenceRecipe(
+            rank=rank, lora_layers=lora_layers, training_dtype=training_dtype, steps=steps, batch_size=batch_size,
+            learning_rate=parse_learning_rate(learning_rate), beta=float(beta), loss_type=loss_type, seed=seed,
+            save_every=save_every, grad_accumulation_steps=grad_accumulation_steps, optimizer=optimizer,
+        )
+        resume_path = _resume_path(resume_from)
+        ckpt = resume_path or (_new_checkpoint_path(filename_prefix) if save_every > 0 else None)
+        job = preference_run.plan(tm, recipe, pairs, resume_path, ckpt if save_every > 0 else None, provenance)
+        pbar = runtime.progress_bar(steps)
+        tm.load()
+        pbar.update_absolute(job.trainer.done, steps)
+        with torch.inference_mode(False), torch.enable_grad():
+            callbacks = Callbacks(
+                on_step=lambda done, total, value: pbar.update_absolute(done, steps), should_stop=runtime.interrupted
+            )
+            result, offset = preference_run.train(job, callbacks, gradient_checkpointing)
+        if result.stopped_early:
+            runtime.throw_if_interrupted()
+        cfg = job.trainer.cfg
+        last = result.losses[-1] if result.losses else float("nan")
+        text = (
+            f"Diffusion-NPO (reversed DPO, {cfg.preference.loss_type}, β {cfg.preference.beta:g}, "
+            f"{cfg.preference.prediction} loss) {result.steps_done}/{steps} steps on {pairs.preferred.shape[0]} "
+            f"pairs, last loss {last:.5f} (log 2 = {0.693147:.5f} at the start), lr {cfg.learning_rate:g}"
+        )
+        if result.last_checkpoint:
+            text += f"\ncheckpoint: {os.path.basename(result.last_checkpoint)}"
+        return io.NodeOutput(offset, loss_curve_image(result.losses), result.steps_done, ui=ui.PreviewText(text))
+
+
+def _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta) -> None:
+    check_widgets(cls, {"save_every": save_every, "beta": beta})
+    if learning_rate is not None:
+        parse_learning_rate(learning_rate)
+    if filename_prefix is not None and save_every:
+        files.check_prefix(filename_prefix)

@@ -1,0 +1,218 @@
+"""NPO Preference Train and its pair nodes on a real ComfyUI model (tiny SD1.5 / SDXL-v / a flow DiT).
+
+The reversed-DPO step itself is checked against a transcription of the authors' loop in tests/unit/test_preference.py;
+here: that the node trains the family's adapters from the pairs the graph gives, in the model's own parameterisation,
+leaves the connected model bit-identical, resumes exactly, and refuses bad pairs naming the item.
+"""
+
+from __future__ import annotations
+
+import json
+
+import npo_familykit as fk
+import npo_hostkit as kit
+import pytest
+import torch
+from PIL import Image
+
+from comfyui_npo.nodes.host import preference_run
+from comfyui_npo.nodes.host.training_model import TrainingModel
+from comfyui_npo.nodes.models import NPOApply
+from comfyui_npo.nodes.preference import NPOPairsFromFolder, NPOPairsFromImages, NPOPreferenceTrain
+from comfyui_npo.npo_core.errors import NPOError
+from comfyui_npo.npo_core.offset import LowRank
+
+
+class StandInVAE:
+    """VAE-shaped: IMAGE [B, H, W, 3] → a 4-channel latent at 1/8 (fixed projection of 8×8 means)."""
+
+    downscale_ratio = 8
+
+    def encode(self, images):
+        x = torch.nn.functional.avg_pool2d(images.movedim(-1, 1), 8)
+        proj = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]])
+        return torch.einsum("oc,bchw->bohw", proj, x) * 2 - 1
+
+
+class StandInCLIP:
+    """CLIP-shaped: each prompt text → a fixed SD1.5-tiny conditioning derived from the text."""
+
+    def __init__(self, kind="sd15"):
+        self.kind = kind
+        self.seen: list[str] = []
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.seen.append(tokens)
+        pos, _ = kit.make_conds(self.kind, seed=sum(map(ord, tokens)) % 1000)
+        return pos
+
+
+def _images(n, seed, smooth=False):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(n, 64, 64, 3, generator=g)
+    if smooth:
+        img = torch.nn.functional.avg_pool2d(img.movedim(-1, 1), 9, 1, 4).movedim(1, -1)
+    return img
+
+
+def _pairs(n=4, kind="sd15"):
+    pos, _ = kit.make_conds(kind)
+    return NPOPairsFromImages.execute(
+        preferred=_images(n, 1), rejected=_images(n, 2, smooth=True), positive=pos, vae=StandInVAE()
+    ).result[0]
+
+
+def _train(model, pair_set, **kw):
+    args = dict(
+        steps=3, batch_size=2, learning_rate="1e-3", beta=0.0, loss_type="sigmoid", rank=8, lora_layers="attention",
+        seed=0, gradient_checkpointing=True, training_dtype="fp32", save_every=0, filename_prefix="pref",
+        resume_from="none", grad_accumulation_steps=1, optimizer="AdamW",
+    )
+    args.update(kw)
+    with torch.inference_mode():
+        return NPOPreferenceTrain.execute(model=model, pairs=pair_set, **args)
+
+
+def test_training_on_image_pairs_gives_an_attention_lora_and_leaves_the_model_unchanged(tiny, out_dir):
+    model = tiny("sd15")
+    before = kit.state_hash(model.model.diffusion_model)
+    out = _train(model, _pairs())
+    offset, curve, steps = out.result
+    assert steps == 3 and curve.shape[-1] == 3
+    assert kit.state_hash(model.model.diffusion_model) == before
+    assert offset.entries and all(isinstance(e, LowRank) and e.rank == 8 for e in offset.entries.values())
+    assert all(".attn1." in k or ".attn2." in k for k in offset.entries)
+    assert any(float(e.up.abs().max()) > 0 for e in offset.entries.values())  # B moved from its zero init
+    recipe = json.loads(offset.metadata["npo.recipe"])
+    assert recipe["method"] == "diffusion-npo-reversed-dpo" and recipe["preference"]["beta"] == 500.0
+    assert recipe["preference"]["prediction"] == "eps" and recipe["pairs"] == 4
+    pos, neg = kit.make_conds("sd15")
+    with torch.inference_mode():
+        npo = NPOApply.execute(model=model, npo_offset=offset, strength=1.0).result[0]
+    plain, with_npo = kit.ksample(model, pos, neg, 5.0), kit.ksample(npo, pos, neg, 5.0)
+    assert torch.isfinite(with_npo).all() and not torch.equal(plain, with_npo)
+
+
+def test_the_first_step_loss_is_log_2_and_the_beta_follows_the_family(tiny, out_dir):
+    """Before any update the policy is the model itself (LoRA B = 0): logits 0, loss −log σ(0) = log 2."""
+    from comfyui_npo.training.trainer import Callbacks
+
+    for kind, beta, prediction in (("sd15", 500.0, "eps"), ("sdxl_v", 2000.0, "v")):
+        tm = TrainingModel(tiny(kind).clone())
+        assert preference_run.authors_beta(tm) == beta and preference_run.prediction_of(tm) == prediction
+        job = preference_run.plan(tm, preference_run.PreferenceRecipe(steps=1, batch_size=2), _pairs(2, kind))
+        with torch.inference_mode(False), torch.enable_grad():
+            result, _ = preference_run.train(job, Callbacks(), True)
+        assert result.losses[0] == pytest.approx(0.6931472, abs=1e-5), kind
+
+
+def test_a_flow_family_trains_with_the_velocity_loss(out_dir):
+    fam = next((f for f in fk.families_here() if f.config_class == "SD3"), None)
+    assert fam is not None, "SD3 is in every ComfyUI of the matrix"
+    model = fk.tiny_model(fam)
+    tm = TrainingModel(model.clone())
+    assert preference_run.prediction_of(tm) == "flow"
+    lat = torch.randn(fam.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    pos, _ = fam.conds(1)
+    pair_set = preference_run.PairSet(lat, lat.flip(-1), pos, torch.zeros(2, dtype=torch.long), ["a", "b"], "t")
+    out = _train(model, pair_set, steps=2)
+    assert out.result[2] == 2 and out.result[0].entries
+
+
+def test_a_stopped_run_resumed_gives_the_offset_of_an_uninterrupted_one(tiny, out_dir):
+    model = tiny("sd15")
+    straight = _train(model, _pairs(), steps=4).result[0]
+    first = _train(model, _pairs(), steps=2, save_every=2, filename_prefix="res")
+    ckpts = sorted((out_dir / "npo_training").glob("res_*.pt"))
+    assert len(ckpts) == 1 and first.result[2] == 2
+    resumed = _train(model, _pairs(), steps=4, save_every=2, resume_from=ckpts[0].name).result[0]
+    for k, e in straight.entries.items():
+        assert torch.equal(e.up, resumed.entries[k].up) and torch.equal(e.down, resumed.entries[k].down), k
+
+
+def test_a_self_npo_checkpoint_is_not_resumed_as_preference_training(tiny, out_dir):
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    kit.self_npo_train(model, pos, neg, steps=1, save_every=1, filename_prefix="tdft", rank=8)
+    ckpt = next((out_dir / "npo_training").glob("tdft_*.pt"))
+    with pytest.raises(NPOError, match="another model or training setup|is a self-npo checkpoint"):
+        _train(model, _pairs(), steps=2, save_every=1, resume_from=ckpt.name)
+
+
+@pytest.mark.fault(
+    "preference pairs of two sizes, a prompt count that fits neither one nor every pair, images off the VAE factor",
+    "NPOError naming the input, before anything trains",
+)
+def test_bad_image_pairs_are_refused_naming_the_input(tiny):
+    pos, _ = kit.make_conds("sd15")
+    with pytest.raises(NPOError, match="rejected: .* does not match preferred"):
+        NPOPairsFromImages.execute(preferred=_images(2, 1), rejected=_images(3, 2), positive=pos, vae=StandInVAE())
+    three = pos + pos + pos
+    with pytest.raises(NPOError, match="positive: 3 prompts for 2 pairs"):
+        NPOPairsFromImages.execute(preferred=_images(2, 1), rejected=_images(2, 2), positive=three, vae=StandInVAE())
+    odd = torch.rand(2, 60, 64, 3)
+    with pytest.raises(NPOError, match="preferred: 64×60 px is not a multiple of the VAE's factor 8"):
+        NPOPairsFromImages.execute(preferred=odd, rejected=odd, positive=pos, vae=StandInVAE())
+
+
+def _write_folder(root, lines):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        arr = (_images(1, 10 + i)[0] * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).resize((80, 64)).save(root / f"{i}.png")
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n")
+
+
+def test_a_pair_folder_in_the_input_folder_becomes_pairs(tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    _write_folder(tmp_path / "prefs", [
+        {"prompt": "a fox", "preferred": "0.png", "rejected": "1.png"},
+        {"prompt": "a hut", "preferred": "2.png", "rejected": "0.png"},
+        {"prompt": "a fox", "preferred": "1.png", "rejected": "2.png"},
+    ])
+    clip = StandInCLIP()
+    got = NPOPairsFromFolder.execute(folder="prefs", clip=clip, vae=StandInVAE(), resolution=32, mirrored_copies=True)
+    ps = got.result[0]
+    assert clip.seen == ["a fox", "a hut"]  # each distinct prompt encoded once
+    assert ps.preferred.shape == (6, 4, 4, 4) and ps.prompt_of.tolist() == [0, 1, 0, 0, 1, 0]
+    assert ps.items[3] == "pairs.jsonl line 1 (mirrored)"
+    # the mirrored copy is the pair's images flipped left-right before encoding
+    want = StandInVAE().encode(torch.stack([_prep(tmp_path / "prefs" / "0.png", 32)]).flip(2))
+    assert torch.allclose(ps.preferred[3:4], want, atol=1e-6)
+
+
+def _prep(path, res):
+    from comfyui_npo.training.pairs import prepared
+
+    return prepared(path, res, "t")
+
+
+@pytest.mark.fault(
+    "NPO Pairs From Folder: a folder that is not there, outside the input folder, or a bad pairs.jsonl line",
+    "NPOError naming the folder input and the line",
+)
+def test_bad_pair_folders_are_refused(tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    kw = dict(clip=StandInCLIP(), vae=StandInVAE(), resolution=32, mirrored_copies=False)
+    with pytest.raises(NPOError, match="folder: 'nope' is not a folder in ComfyUI's input folder"):
+        NPOPairsFromFolder.execute(folder="nope", **kw)
+    assert NPOPairsFromFolder.validate_inputs(folder="../x", resolution=32) is not True
+    assert "multiple of 8" in NPOPairsFromFolder.validate_inputs(folder="x", resolution=36)
+    _write_folder(tmp_path / "bad", [{"prompt": "a", "preferred": "0.png", "rejected": "9.png"}])
+    with pytest.raises(NPOError, match="folder: pairs.jsonl line 1: 'rejected' image '9.png' is missing"):
+        NPOPairsFromFolder.execute(folder="bad", **kw)
+
+
+def test_train_widgets_are_checked_at_validation():
+    check = NPOPreferenceTrain.validate_inputs
+    assert "learning_rate" in check(learning_rate="fast", filename_prefix="p", save_every=0)
+    assert "beta" in NPOPreferenceTrain.validate_inputs(beta=float("nan"), save_every=0)
+    assert "filename_prefix" in NPOPreferenceTrain.validate_inputs(filename_prefix="../x", save_every=5)
+    assert NPOPreferenceTrain.validate_inputs(learning_rate="auto", filename_prefix="p", save_every=5, beta=0.0)
