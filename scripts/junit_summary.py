@@ -5,6 +5,8 @@ Usage: python scripts/junit_summary.py "LABEL|JUNIT_XML|EXIT_CODE|SECONDS" ...
 Counts come from each run's JUnit XML (passed = tests − failures − errors − skipped); below each run,
 the reasons of its skipped tests, with counts (a skipped tier or browser module shows up here). A run
 fails when pytest exited non-zero, including exit 5 (no test collected), or when it wrote no report.
+The last line names the ComfyUI versions (runs labelled "ComfyUI <version>...") that passed and failed; a
+run that passed without a single passing test counts as failed there ("nothing passed").
 Standard library only.
 """
 
@@ -51,16 +53,32 @@ def skip_reasons(xml_path: str) -> Counter:
     return reasons
 
 
+def versions_line(outcomes: list[tuple[str, bool]]) -> str:
+    """"passed on: A, B; failed on: C" over the runs labelled "ComfyUI <version>"; "" when there are none."""
+    comfy = [(label.removeprefix("ComfyUI ").strip(), good) for label, good in outcomes if label.startswith("ComfyUI ")]
+    if not comfy:
+        return ""
+    passed = ", ".join(v for v, good in comfy if good) or "none"
+    failed = ", ".join(v for v, good in comfy if not good) or "none"
+    return f"ComfyUI versions passed on: {passed}; failed on: {failed}"
+
+
 def main(runs: list[str]) -> int:
     ok = True
     lines = []
+    outcomes: list[tuple[str, bool]] = []
     for run in runs:
         label, xml_path, rc, seconds = run.rsplit("|", 3)
         c = counts(xml_path)
         if c is None:
             lines.append(f"{label}: NO REPORT (pytest exit {rc}), {seconds} s")
+            outcomes.append((label, False))
             ok = False
             continue
+        if rc == "0" and c["passed"] == 0:
+            outcomes.append((f"{label} (nothing passed)", False))
+        else:
+            outcomes.append((label, rc == "0"))
         verdict = "ok" if rc == "0" else ("NO TEST RAN" if rc == "5" else f"FAILED (exit {rc})")
         ok = ok and rc == "0"
         lines.append(f"{label}: {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
@@ -72,6 +90,8 @@ def main(runs: list[str]) -> int:
     print("Summary (one line per pytest run):")
     for line in lines:
         print(line)
+    if versions_line(outcomes):
+        print(versions_line(outcomes))
     print("=" * width)
     if not runs:
         print("no pytest run at all: that is a failure")
