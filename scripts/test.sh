@@ -11,22 +11,33 @@
 #    - every tarball ComfyUI-v*.tar.gz in $NPO_COMFYUI_TARBALLS (default: ../shared/comfyui beside the
 #      repository), unpacked once into $NPO_CACHE/comfy/<version>/ComfyUI (re-unpacked when the
 #      tarball changes; the trees are never modified);
-#    - plus the ComfyUI installed at $COMFYUI_PATH, else ~/comfy/ComfyUI, when there is one.
+#    - plus the ComfyUI installed at $COMFYUI_PATH, else ~/comfy/ComfyUI, when there is one and its
+#      version is not one a tarball already runs (a canary for a newer release); NPO_TEST_INSTALLED=1
+#      adds it even then (~6 min more), NPO_TEST_INSTALLED=0 never adds it.
 #    Each version gets its own venv, $NPO_CACHE/venv-comfy-<version>, holding ComfyUI's own
 #    requirements.txt; torch and the test tools are shared with the base venv through a .pth file
 #    (the venv's own packages come first), so the ~5 GB of torch is installed once.
 #    A venv that already has everything is used as is (nothing is reinstalled).
-# 3. The host and e2e tiers run once per version, in that version's venv, with COMFYUI_PATH set to it.
-#    Without any ComfyUI they skip, with one loud line in the summary.
-# 4. `ruff check .` and scripts/check_publish.py (what a Comfy Registry publish would ship and lack)
+#    Every venv also gets scripts/requirements-test.txt (pytest, ..., gguf for ComfyUI-GGUF).
+# 3. Third-party custom node packs the host tier interoperates with: ComfyUI-GGUF-*.tar.gz in
+#    $NPO_CUSTOM_NODE_TARBALLS (default: ../shared/custom_nodes) is unpacked once into
+#    $NPO_CACHE/custom_nodes/<tarball name>/ComfyUI-GGUF (re-unpacked when the tarball changes; never
+#    modified) and exported as COMFYUI_GGUF_PATH (a COMFYUI_GGUF_PATH already set is kept).
+# 4. The host and e2e tiers run once per version, in that version's venv, with COMFYUI_PATH set to it.
+#    Without any ComfyUI they skip, with one loud line in the summary. The e2e tier's generated model
+#    files (~1 GB) go to $NPO_E2E_CACHE, default $NPO_CACHE (exported for the tests).
+# 5. `ruff check .` and scripts/check_publish.py (what a Comfy Registry publish would ship and lack)
 #    run first; either failing fails the run.
-# 5. A summary line per run (version, passed, failed, skipped, seconds). Any failure fails the whole run.
+# 6. A summary line per run (version, passed, failed, skipped, seconds) and a last line naming the
+#    ComfyUI versions that passed and failed. Any failure fails the whole run.
 #
 # Extra arguments go to every pytest run; arguments that name test paths replace the tiers (paths
 # under tests/unit run once in the base venv, the others once per ComfyUI version).
 # Knobs: NPO_CACHE (default ~/.cache/comfyui-npo), NPO_VENV, NPO_PYTHON (interpreter that creates
 # the venvs, default python3), NPO_TORCH_SPEC, NPO_COMFYUI_TARBALLS, COMFYUI_PATH,
-# NPO_COMFY_VERSIONS (space-separated subset of versions to run, e.g. "0.33.0"; default all).
+# NPO_COMFY_VERSIONS (space-separated subset of versions to run, e.g. "0.33.0"; default all),
+# NPO_TEST_INSTALLED (1: test the installed ComfyUI even when the matrix runs its version; 0: never),
+# NPO_CUSTOM_NODE_TARBALLS, COMFYUI_GGUF_PATH, NPO_E2E_CACHE (parent folder of the e2e assets).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,11 +49,15 @@ BASE_PYTHON="${NPO_PYTHON:-python3}"
 TORCH_SPEC="${NPO_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.1}"
 TARBALLS="${NPO_COMFYUI_TARBALLS:-$ROOT/../shared/comfyui}"
 ONLY_VERSIONS="${NPO_COMFY_VERSIONS:-}"
+NODE_TARBALLS="${NPO_CUSTOM_NODE_TARBALLS:-$ROOT/../shared/custom_nodes}"
+TEST_INSTALLED="${NPO_TEST_INSTALLED:-}"
 
 say() { printf '[test.sh] %s\n' "$*"; }
 die() { printf '[test.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 is_comfy() { [[ -n "$1" && -f "$1/main.py" && -d "$1/comfy" ]]; }
 comfy_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null || true; }
+[[ -z "$TEST_INSTALLED" || "$TEST_INSTALLED" == 0 || "$TEST_INSTALLED" == 1 ]] \
+    || die "NPO_TEST_INSTALLED=$TEST_INSTALLED: use 1 (always test the installed ComfyUI), 0 (never) or leave it unset."
 
 mkdir -p "$CACHE"
 if command -v flock >/dev/null 2>&1; then
@@ -117,6 +132,23 @@ add_tree() {  # add_tree LABEL DIR (a tree already in the list is not added twic
     TREES+=("$2")
 }
 
+# unpack_cached TARBALL DEST FOLDER CHECK WHAT: DEST/FOLDER is TARBALL unpacked (again only when the
+# tarball's sha256 changes or CHECK DEST/FOLDER fails); unpacked beside DEST and renamed, never edited.
+unpack_cached() {
+    local tarball="$1" dest="$2" folder="$3" check="$4" what="$5" sum tmp
+    sum="$(sha256sum "$tarball" | cut -d' ' -f1)"
+    if [[ -f "$dest/.tarball-sha256" && "$(cat "$dest/.tarball-sha256")" == "$sum" ]] && "$check" "$dest/$folder"; then
+        return
+    fi
+    say "unpacking $(basename "$tarball") into $dest"
+    tmp="$(dirname "$dest")/.unpack-$(basename "$dest").$$"
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    tar -xzf "$tarball" -C "$tmp" || die "could not unpack $tarball"
+    "$check" "$tmp/$folder" || die "$tarball does not unpack to $what"
+    echo "$sum" > "$tmp/.tarball-sha256"
+    rm -rf "$dest" && mv "$tmp" "$dest"
+}
+
 MATRIX_VERSIONS=()   # every tarball's version (the matrix proper), whichever NPO_COMFY_VERSIONS runs
 if [[ -d "$TARBALLS" ]]; then
     shopt -s nullglob
@@ -128,16 +160,7 @@ if [[ -d "$TARBALLS" ]]; then
         ver="$(basename "$tarball" .tar.gz)"
         ver="${ver#ComfyUI-}"
         dest="$CACHE/comfy/$ver"
-        sum="$(sha256sum "$tarball" | cut -d' ' -f1)"
-        if [[ ! -f "$dest/.tarball-sha256" || "$(cat "$dest/.tarball-sha256")" != "$sum" ]] || ! is_comfy "$dest/ComfyUI"; then
-            say "unpacking $(basename "$tarball") into $dest"
-            tmp="$CACHE/comfy/.unpack-$ver.$$"
-            rm -rf "$tmp" && mkdir -p "$tmp"
-            tar -xzf "$tarball" -C "$tmp" || die "could not unpack $tarball"
-            is_comfy "$tmp/ComfyUI" || die "$tarball does not unpack to a ComfyUI/ folder with main.py and comfy/"
-            echo "$sum" > "$tmp/.tarball-sha256"
-            rm -rf "$dest" && mv "$tmp" "$dest"
-        fi
+        unpack_cached "$tarball" "$dest" ComfyUI is_comfy "a ComfyUI/ folder with main.py and comfy/"
         MATRIX_VERSIONS+=("${ver#v}")
         add_tree "$ver" "$dest/ComfyUI"
     done < <(printf '%s\n' "${tarballs[@]+"${tarballs[@]}"}" | sort -V)
@@ -150,7 +173,38 @@ done
 if [[ -n "${COMFYUI_PATH:-}" && -z "$INSTALLED" ]]; then
     die "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (no main.py and comfy/ there). Fix it or unset it."
 fi
-if [[ -n "$INSTALLED" ]]; then add_tree "v$(comfy_version "$INSTALLED") at $INSTALLED" "$INSTALLED"; fi
+if [[ -n "$INSTALLED" ]]; then
+    installed_ver="$(comfy_version "$INSTALLED")"
+    if [[ "$TEST_INSTALLED" == 0 ]]; then
+        say "not testing the ComfyUI at $INSTALLED (NPO_TEST_INSTALLED=0)"
+    elif [[ "$TEST_INSTALLED" != 1 && " ${MATRIX_VERSIONS[*]+${MATRIX_VERSIONS[*]}} " == *" $installed_ver "* ]]; then
+        say "not testing the ComfyUI at $INSTALLED: the matrix already runs v$installed_ver (NPO_TEST_INSTALLED=1 tests it too)"
+    else
+        add_tree "v$installed_ver at $INSTALLED" "$INSTALLED"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# third-party custom node packs (unmodified upstream source, ../shared/custom_nodes/README.md)
+# ---------------------------------------------------------------------------------------------
+is_gguf_pack() { [[ -f "$1/__init__.py" && -f "$1/ops.py" && -f "$1/nodes.py" ]]; }
+if [[ -n "${COMFYUI_GGUF_PATH:-}" ]]; then
+    is_gguf_pack "$COMFYUI_GGUF_PATH" || die "COMFYUI_GGUF_PATH=$COMFYUI_GGUF_PATH is not a ComfyUI-GGUF folder (no __init__.py, ops.py, nodes.py). Fix it or unset it."
+    say "ComfyUI-GGUF: $COMFYUI_GGUF_PATH (COMFYUI_GGUF_PATH)"
+else
+    gguf_tarball="$(find "$NODE_TARBALLS" -maxdepth 1 -name 'ComfyUI-GGUF-*.tar.gz' 2>/dev/null | sort -V | tail -n 1)"
+    if [[ -n "$gguf_tarball" ]]; then
+        dest="$CACHE/custom_nodes/$(basename "$gguf_tarball" .tar.gz)"
+        mkdir -p "$CACHE/custom_nodes"
+        unpack_cached "$gguf_tarball" "$dest" ComfyUI-GGUF is_gguf_pack "a ComfyUI-GGUF/ folder with __init__.py, ops.py and nodes.py"
+        export COMFYUI_GGUF_PATH="$dest/ComfyUI-GGUF"
+        say "ComfyUI-GGUF: $COMFYUI_GGUF_PATH ($(cat "$COMFYUI_GGUF_PATH/.upstream_commit" 2>/dev/null || echo "commit unknown"))"
+    else
+        say "WARNING: no ComfyUI-GGUF-*.tar.gz in $NODE_TARBALLS: the GGUF host test will skip"
+    fi
+fi
+# the e2e tier's generated model files (npo_headless.assets): under the cache unless NPO_E2E_CACHE says otherwise
+export NPO_E2E_CACHE="${NPO_E2E_CACHE:-$CACHE}"
 
 # One venv per ComfyUI version: ComfyUI's requirements.txt without torch/torchvision/torchaudio
 # (those come from the base venv, and stay at TORCH_SPEC: nothing may pull a different torch).

@@ -21,7 +21,8 @@ SDXL_OFFSET = "tiny_npo_sdxl.safetensors"
 
 
 def asset_cache_dir() -> Path:
-    root = os.environ.get("NPO_E2E_CACHE") or str(Path.home() / ".cache" / "comfyui-npo")
+    """Where the generated assets live: under $NPO_E2E_CACHE, else $NPO_CACHE, else ~/.cache/comfyui-npo."""
+    root = os.environ.get("NPO_E2E_CACHE") or os.environ.get("NPO_CACHE") or str(Path.home() / ".cache" / "comfyui-npo")
     return Path(root) / f"e2e-assets-{ASSET_VERSION}"
 
 

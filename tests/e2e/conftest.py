@@ -10,8 +10,9 @@ The session fixture ``server`` builds a temporary ``--base-directory``:
   CLIP-L, random TAESD as the checkpoint's VAE); ``models/vae_approx/taesd_{encoder,decoder}``;
   ``models/npo/``: a rank-8 NPO LoRA in the authors' key format and an SDXL-shaped offset.
 The assets are generated once by ``scripts/npo_headless/make_assets.py`` (~300 MB, 10-30 s) and cached in
-``~/.cache/comfyui-npo/e2e-assets-<version>`` (``$NPO_E2E_CACHE`` overrides the parent folder); the
-base directory links to them. The server runs with the current Python (the test venv), its output
+``<parent>/e2e-assets-<version>`` (and ``e2e-dit-assets-<version>``, ~1 GB in all); the parent folder is
+``$NPO_E2E_CACHE``, else ``$NPO_CACHE``, else ``~/.cache/comfyui-npo`` (scripts/test.sh sets NPO_E2E_CACHE to
+its cache); the base directory links to them. The server runs with the current Python (the test venv), its output
 in ``<base>/comfyui.log``; the tail of that log is attached to every failing e2e test.
 """
 
