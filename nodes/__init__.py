@@ -9,12 +9,12 @@ def node_list() -> list:
     from .host import files
     from .models import NPOApply, NPONegativeModel
     from .offsets import NPOCompressOffset, NPOLoadOffset, NPOSaveOffset
-    from .preference import NPOPairsFromFolder, NPOPairsFromImages, NPOPreferenceTrain
+    from .preference import NPOPairsFromFolder, NPOPairsFromImages, NPOPreferenceTrain, NPOSelfGeneratedPairs
     from .train import SelfNPOTrain
 
     files.register_npo_folder()
     return [
         NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset,
         NPOLoadScorer, NPOCompareReport, NPOScoreImages, NPOPromptList, NPOPreferenceTrain, NPOPairsFromImages,
-        NPOPairsFromFolder,
+        NPOPairsFromFolder, NPOSelfGeneratedPairs,
     ]

@@ -1,4 +1,5 @@
-"""Diffusion-NPO from preference pairs: NPO Pairs From Images, NPO Pairs From Folder, NPO Preference Train."""
+"""Diffusion-NPO from preference pairs: NPO Pairs From Images, NPO Pairs From Folder, NPO Self-Generated Pairs,
+NPO Preference Train."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ..npo_core.families import PRESET_NAMES
 from ..training import optimizers, pairs
 from ..training.preference import LOSS_TYPES
 from ..training.trainer import Callbacks
-from .common import NPOOffsetType, advanced, check_widgets, refusal, schema
-from .host import files, preference_run, runtime, training_conds
+from .common import NPOOffsetType, NPOScorerType, advanced, check_widgets, refusal, schema
+from .host import files, pair_generation, preference_run, runtime, training_conds
 from .host.training_model import TrainingModel
 from .plot import loss_curve_image
 from .train import NONE, _new_checkpoint_path, _resume_path, checkpoint_files, parse_learning_rate
@@ -154,6 +155,112 @@ class NPOPairsFromFolder(io.ComfyNode):
         )
         text = f"{len(found)} pairs from {folder}/{pairs.INDEX}, {len(prompts)} prompt(s), {resolution} px"
         return io.NodeOutput(pair_set, ui=ui.PreviewText(text + (", with mirrored copies" if mirrored_copies else "")))
+
+
+class NPOSelfGeneratedPairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return schema(
+            node_id="NPOSelfGeneratedPairs",
+            display_name="NPO Self-Generated Pairs",
+            search_aliases=[*PAIR_ALIASES, "self-generated", "scorer", "reward"],
+            description="Preference pairs with no dataset: samples_per_prompt images per prompt from the model "
+            "itself, scored by a scorer (NPO Load Scorer); the highest and the lowest of each prompt are its "
+            "preferred and rejected image. Cached in output/npo_pairs, so a resumed run does not sample again.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample from: the one NPO Preference Train trains."),
+                io.Clip.Input("clip", tooltip="Its text encoder (encodes the prompts)."),
+                io.Vae.Input("vae", tooltip="Its VAE (decodes the samples for the scorer)."),
+                NPOScorerType.Input("scorer", tooltip="Ranks each prompt's samples (higher is better)."),
+                io.String.Input(
+                    "prompts", multiline=True, default="a photo of a cat\na watercolor of a lighthouse",
+                    tooltip="One prompt per line; each gives one pair.",
+                ),
+                io.String.Input("negative_prompt", default="", tooltip="The negative prompt the samples use."),
+                io.Int.Input(
+                    "samples_per_prompt", default=4, min=2, max=64,
+                    tooltip="K samples per prompt; the best and the worst by the scorer form the pair.",
+                ),
+                io.Int.Input("width", default=512, min=16, max=8192, step=8, tooltip="Sample width in pixels."),
+                io.Int.Input("height", default=512, min=16, max=8192, step=8, tooltip="Sample height in pixels."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampler steps per sample."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG scale of the samples."),
+                io.Combo.Input(
+                    "sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                    tooltip="The sampler, as in KSampler.",
+                ),
+                io.Combo.Input(
+                    "scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                    tooltip="The scheduler, as in KSampler.",
+                ),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=2**48, tooltip="Sample k of prompt p uses seed + p·K + k."
+                ),
+                io.Boolean.Input(
+                    "cache", default=True,
+                    tooltip="Keep the pairs in output/npo_pairs (keyed by every setting and the model) and reuse "
+                    "them when nothing changed.",
+                ),
+            ],
+            outputs=[NPOPairsType.Output(display_name="pairs"), io.Image.Output(display_name="preview")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None, width=None, height=None, cfg=None, steps=None) -> bool | str:
+        return refusal(lambda: _check_generation_inputs(cls, prompts, width, height, cfg, steps))
+
+    @classmethod
+    def execute(
+        cls, model, clip, vae, scorer, prompts: str, negative_prompt: str, samples_per_prompt: int, width: int,
+        height: int, steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int, cache: bool,
+    ) -> io.NodeOutput:
+        _check_generation_inputs(cls, prompts, width, height, cfg, steps)
+        texts = _prompt_lines(prompts)
+        tm = TrainingModel(model.clone(), "model")
+        if tm.latent.rank != 4:
+            raise NPOError(f"model: {tm.family.name} is a video model; self-generated pairs are made for image models.")
+        f = tm.latent.spatial_factor
+        if width % f or height % f:
+            raise NPOError(f"width/height: {width}×{height} is not divisible by this model's latent factor {f}.")
+        settings = pair_generation.GenerationSettings(
+            tuple(texts), negative_prompt, samples_per_prompt, width, height, steps, float(cfg), sampler_name,
+            scheduler, seed, getattr(scorer, "name", type(scorer).__name__),
+        )
+        positive = [clip.encode_from_tokens_scheduled(clip.tokenize(t))[0] for t in texts]
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative_prompt))
+        pbar = runtime.progress_bar(len(texts) * samples_per_prompt)
+
+        def on_sample() -> None:
+            runtime.throw_if_interrupted()
+            pbar.update(1)
+
+        shape = tm.latent.pool_shape(width, height, 1)
+        made = pair_generation.generate(model, vae, scorer, positive, negative, settings, shape, cache, on_sample)
+        pair_set = preference_run.PairSet(
+            made.preferred, made.rejected, positive, torch.arange(len(texts)),
+            [f"prompt {i + 1}" for i in range(len(texts))], "NPO Self-Generated Pairs",
+        )
+        preview = torch.cat([vae.decode(made.preferred), vae.decode(made.rejected)], dim=2)  # preferred | rejected
+        lines = [
+            f"{t[:40]!r}: best {made.scores[i, made.best[i]]:.4f} (sample {made.best[i]}), worst "
+            f"{made.scores[i, made.worst[i]]:.4f} (sample {made.worst[i]})"
+            for i, t in enumerate(texts)
+        ]
+        head = f"{len(texts)} pairs from {samples_per_prompt} samples per prompt"
+        head += " (cached)" if made.from_cache else ""
+        return io.NodeOutput(pair_set, preview, ui=ui.PreviewText("\n".join([head, *lines])))
+
+
+def _prompt_lines(prompts: str) -> list[str]:
+    return [line.strip() for line in str(prompts).splitlines() if line.strip()]
+
+
+def _check_generation_inputs(cls, prompts, width, height, cfg, steps) -> None:
+    check_widgets(cls, {"width": width, "height": height, "cfg": cfg, "steps": steps})
+    if prompts is not None and not _prompt_lines(prompts):
+        raise NPOError("prompts: empty; write one prompt per line.")
 
 
 def _check_folder_inputs(cls, folder, resolution) -> None:

@@ -26,6 +26,7 @@ EXPECTED_OUTPUTS = {
     "NPOPreferenceTrain": ["NPO_OFFSET", "IMAGE", "INT"],
     "NPOPairsFromImages": ["NPO_PAIRS"],
     "NPOPairsFromFolder": ["NPO_PAIRS"],
+    "NPOSelfGeneratedPairs": ["NPO_PAIRS", "IMAGE"],
 }
 CONTRACT = json.loads((Path(__file__).with_name("node_contract.json")).read_text(encoding="utf-8"))
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"

@@ -91,7 +91,9 @@ def saved_workflow() -> tuple[dict, dict]:
 
 
 # nodes added after saved_workflows/every_pack_node.json was saved in the frontend (re-save it to cover them)
-NEWER_THAN_THE_SAVED_WORKFLOW = {"NPOPreferenceTrain", "NPOPairsFromImages", "NPOPairsFromFolder"}
+NEWER_THAN_THE_SAVED_WORKFLOW = {
+    "NPOPreferenceTrain", "NPOPairsFromImages", "NPOPairsFromFolder", "NPOSelfGeneratedPairs",
+}
 
 
 def test_a_workflow_saved_with_todays_pack_loads_with_its_values(object_info):

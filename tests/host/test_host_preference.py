@@ -216,3 +216,100 @@ def test_train_widgets_are_checked_at_validation():
     assert "beta" in NPOPreferenceTrain.validate_inputs(beta=float("nan"), save_every=0)
     assert "filename_prefix" in NPOPreferenceTrain.validate_inputs(filename_prefix="../x", save_every=5)
     assert NPOPreferenceTrain.validate_inputs(learning_rate="auto", filename_prefix="p", save_every=5, beta=0.0)
+
+
+class DecodingVAE(StandInVAE):
+    def decode(self, latent):
+        return torch.nn.functional.interpolate(torch.sigmoid(latent[:, :3]), scale_factor=8).movedim(1, -1)
+
+
+class BrightnessScorer:
+    """Higher for brighter images: a scorer the test can recompute by hand."""
+
+    name = "brightness"
+
+    def __init__(self, constant=None):
+        self.constant, self.calls = constant, []
+
+    def score(self, images, prompts):
+        self.calls.append(list(prompts))
+        if self.constant is not None:
+            return torch.full((images.shape[0],), self.constant)
+        return images.mean(dim=(1, 2, 3))
+
+
+def _generate(model, out_dir, **kw):
+    from comfyui_npo.nodes.preference import NPOSelfGeneratedPairs
+
+    args = dict(
+        clip=StandInCLIP(), vae=DecodingVAE(), scorer=BrightnessScorer(), prompts="a fox\n\na hut\n",
+        negative_prompt="", samples_per_prompt=3, width=64, height=64, steps=2, cfg=5.0, sampler_name="euler",
+        scheduler="normal", seed=7, cache=True,
+    )
+    args.update(kw)
+    with torch.inference_mode():
+        return NPOSelfGeneratedPairs.execute(model=model, **args)
+
+
+def test_self_generated_pairs_are_the_best_and_worst_sample_of_each_prompt(tiny, out_dir):
+    import comfy.sample
+
+    model = tiny("sd15")
+    out = _generate(model, out_dir)
+    ps, preview = out.result
+    assert ps.preferred.shape == (2, 4, 8, 8) and ps.prompt_of.tolist() == [0, 1]
+    assert preview.shape == (2, 64, 128, 3)
+    clip, vae = StandInCLIP(), DecodingVAE()
+    neg = clip.encode_from_tokens_scheduled("")
+    for p, text in enumerate(["a fox", "a hut"]):  # every sample again, by hand: seed + p·K + k
+        samples = []
+        for k in range(3):
+            noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7 + p * 3 + k))
+            with torch.inference_mode():
+                samples.append(comfy.sample.sample(
+                    model, noise, 2, 5.0, "euler", "normal", clip.encode_from_tokens_scheduled(text), neg,
+                    torch.zeros(1, 4, 8, 8), seed=7 + p * 3 + k, disable_pbar=True,
+                ).float())
+        bright = [float(vae.decode(s).mean()) for s in samples]
+        assert len(set(bright)) == 3, "the samples must differ for the pick to mean anything"
+        assert torch.allclose(ps.preferred[p], samples[bright.index(max(bright))][0], atol=1e-5)
+        assert torch.allclose(ps.rejected[p], samples[bright.index(min(bright))][0], atol=1e-5)
+
+
+def test_self_generated_pairs_are_cached_and_sampled_again_when_a_setting_changes(tiny, out_dir, monkeypatch):
+    import comfy.sample
+
+    model = tiny("sd15")
+    first = _generate(model, out_dir).result[0]
+    cached = list((out_dir / "npo_pairs").glob("pairs_*.pt"))
+    assert len(cached) == 1
+    real = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: pytest.fail("sampled again despite the cache"))
+    again = _generate(model, out_dir).result[0]
+    assert torch.equal(first.preferred, again.preferred) and torch.equal(first.rejected, again.rejected)
+    calls = []
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    _generate(model, out_dir, seed=8)
+    assert len(calls) == 6 and len(list((out_dir / "npo_pairs").glob("pairs_*.pt"))) == 2
+    calls.clear()
+    _generate(tiny("sd15", seed=3), out_dir)  # another checkpoint: another fingerprint
+    assert len(calls) == 6
+
+
+@pytest.mark.fault(
+    "self-generated pairs whose samples all score the same, an empty prompt list",
+    "NPOError naming the prompt (raise samples_per_prompt, another seed or scorer) / the prompts input",
+)
+def test_self_generated_ties_and_empty_prompts_are_refused(tiny, out_dir):
+    from comfyui_npo.nodes.preference import NPOSelfGeneratedPairs
+
+    with pytest.raises(NPOError, match="scorer: prompt 'a fox': all 3 samples score 0.5: no preference"):
+        _generate(tiny("sd15"), out_dir, scorer=BrightnessScorer(constant=0.5), cache=False)
+    assert "prompts: empty" in NPOSelfGeneratedPairs.validate_inputs(prompts=" \n ")
+
+
+def test_training_on_self_generated_pairs(tiny, out_dir):
+    model = tiny("sd15")
+    ps = _generate(model, out_dir).result[0]
+    offset, _, steps = _train(model, ps, steps=2).result
+    assert steps == 2 and offset.entries
