@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..evaluation import pairing, report
 from ..npo_core.atomic import atomic_write
 from ..npo_core.errors import NPOError
-from .common import CATEGORY, NPOScorerType
+from .common import NPOScorerType, advanced, refusal, schema
 from .host import files, runtime, scorers
 from .plot import compare_grid
 
@@ -21,10 +21,10 @@ NONE = "none"
 class NPOLoadScorer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOLoadScorer",
             display_name="NPO Load Scorer",
-            category=CATEGORY,
+            search_aliases=["scorer", "pickscore", "aesthetic", "hps", "imagereward", "reward model", "evaluate"],
             description="Loads one of the authors' image scorers from models/npo_scorers (nothing is downloaded): "
             "PickScore v1 (a folder in the Hugging Face layout), the LAION aesthetic predictor v2 (its MLP head "
             "file, on ComfyUI's CLIP ViT-L/14 from Load CLIP Vision), HPS v2.1 (its checkpoint, without the hpsv2 "
@@ -115,6 +115,7 @@ def frames_per_item_input() -> io.Int.Input:
         max=4096,
         tooltip="Video: the frames of one video in the batch; its score is the mean of its frames' scores. 1 for "
         "images.",
+        **advanced(),
     )
 
 
@@ -159,10 +160,10 @@ def release(scorers_used) -> None:
 class NPOPromptList(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOPromptList",
             display_name="NPO Prompt List",
-            category=CATEGORY,
+            search_aliases=["prompt list", "prompts", "batch prompts", "text lines", "evaluate"],
             description="Prompts, one per line (or from a .txt file in ComfyUI's input folder), as a list: the nodes "
             "after it run once per prompt (CLIP Text Encode, KSampler, ...), and NPO Compare Report / NPO Score "
             "Images collect the results in order.",
@@ -197,10 +198,10 @@ class NPOPromptList(io.ComfyNode):
 class NPOScoreImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOScoreImages",
             display_name="NPO Score Images",
-            category=CATEGORY,
+            search_aliases=["score", "pickscore", "aesthetic", "hps", "imagereward", "evaluate", "metric"],
             description="Scores an IMAGE batch against its prompts with a scorer from NPO Load Scorer.",
             inputs=[
                 io.Image.Input("images", tooltip="The images (or the frames of videos, see frames_per_item)."),
@@ -234,10 +235,10 @@ class NPOScoreImages(io.ComfyNode):
 class NPOCompareReport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOCompareReport",
             display_name="NPO Compare Report",
-            category=CATEGORY,
+            search_aliases=["compare", "a/b", "win rate", "score", "evaluate", "report", "negative", "guidance"],
             description="Scores two batches made with the same prompts and seeds (with NPO / without, or offset A / "
             "offset B) and reports, per scorer, the means, the paired difference, the win rate (a strictly higher "
             "score, as the authors count it) and whether the difference is more than chance. Writes the numbers "
@@ -265,6 +266,7 @@ class NPOCompareReport(io.ComfyNode):
                     control_after_generate=False,
                     tooltip="Seed of the bootstrap resampling (the confidence intervals); the same seed gives the "
                     "same report.",
+                    **advanced(),
                 ),
                 NPOScorerType.Input("scorer_2", optional=True, tooltip="A second scorer (optional)."),
                 NPOScorerType.Input("scorer_3", optional=True, tooltip="A third scorer (optional)."),
@@ -273,6 +275,11 @@ class NPOCompareReport(io.ComfyNode):
             is_output_node=True,
             is_input_list=True,  # the image batches of an NPO Prompt List's prompts arrive together
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        prefix = one(filename_prefix)
+        return refusal(lambda: prefix is None or files.check_prefix(prefix))
 
     @classmethod
     def execute(

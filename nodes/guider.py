@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, STRENGTH_MAX, NPOOffsetType, check_range, strength_input
+from ..npo_core.errors import NPOError
+from .common import ABSENT, STRENGTH_MAX, NPOOffsetType, check_range, refusal, schema, strength_input
 from .host import sampling
 
 
 class NPOCFGGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOCFGGuider",
             display_name="NPO CFG Guider",
-            category=CATEGORY,
+            search_aliases=["negative", "guidance", "cfg", "guider", "sampler custom", "self-npo", "offset"],
             description="CFG guider for SamplerCustomAdvanced: denoised = neg + cfg·(pos − neg), where the negative "
             "pass runs θ + strength·δ (npo_offset) or a separate negative_model. Connect exactly one.",
             inputs=[
@@ -49,9 +50,21 @@ class NPOCFGGuider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=None, strength=None, npo_offset=ABSENT, negative_model=ABSENT) -> bool | str:
+        return refusal(lambda: guider_knobs(cfg, strength, npo_offset is not ABSENT, negative_model is not ABSENT))
+
+    @classmethod
     def execute(
         cls, model, positive, negative, cfg: float, strength: float = 1.0, npo_offset=None, negative_model=None
     ) -> io.NodeOutput:
-        strength = check_range("strength", strength, 0.0, STRENGTH_MAX)
-        cfg = check_range("cfg", cfg, 0.0, 100.0)
+        cfg, strength = guider_knobs(cfg, strength, npo_offset is not None, negative_model is not None)
         return io.NodeOutput(sampling.make_guider(model, positive, negative, cfg, npo_offset, strength, negative_model))
+
+
+def guider_knobs(cfg, strength, has_offset: bool, has_negative_model: bool) -> tuple:
+    """NPO CFG Guider's widgets checked (a linked one, None at validation, skipped) and exactly one negative
+    source connected."""
+    if has_offset == has_negative_model:
+        raise NPOError("npo_offset / negative_model: connect exactly one of npo_offset or negative_model.")
+    cfg = None if cfg is None else check_range("cfg", cfg, 0.0, 100.0)
+    return cfg, None if strength is None else check_range("strength", strength, 0.0, STRENGTH_MAX)

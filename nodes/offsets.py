@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from comfy_api.latest import io, ui
@@ -9,17 +10,17 @@ from comfy_api.latest import io, ui
 from ..npo_core import formats
 from ..npo_core.errors import NPOError
 from ..npo_core.inject import dense_cost_note
-from .common import CATEGORY, NPOOffsetType
+from .common import NPOOffsetType, refusal, schema
 from .host import files, model_facts, runtime
 
 
 class NPOLoadOffset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOLoadOffset",
             display_name="Load NPO Offset",
-            category=CATEGORY,
+            search_aliases=["negative", "offset", "load offset", "npo lora", "negative lora", "self-npo"],
             description="Loads an NPO offset δ: the authors' released LoRA files (diffusers/PEFT keys), kohya or "
             "ComfyUI LoRA files, files saved by this pack, or a full NPO UNet state dict.",
             inputs=[
@@ -67,10 +68,10 @@ class NPOLoadOffset(io.ComfyNode):
 class NPOCompressOffset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOCompressOffset",
             display_name="Compress NPO Offset (SVD)",
-            category=CATEGORY,
+            search_aliases=["svd", "low rank", "compress", "offset", "negative", "rank"],
             description="Turns dense offsets (full-weight NPO models, .diff tensors) into rank-r low-rank ones by "
             "SVD, so the negative pass costs low-rank matmuls only. Shows the energy kept.",
             inputs=[
@@ -107,10 +108,10 @@ class NPOCompressOffset(io.ComfyNode):
 class NPOSaveOffset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="NPOSaveOffset",
             display_name="Save NPO Offset",
-            category=CATEGORY,
+            search_aliases=["save offset", "export offset", "offset", "negative", "self-npo", "save lora"],
             description="Writes an NPO *negative* offset into models/npo in ComfyUI's LoRA key format, with NPO "
             "metadata and modelspec.* keys that LoRA managers show. It is meant for the negative CFG pass only "
             "(Apply NPO, NPO CFG Guider): loaded with an ordinary LoRA loader it changes both passes and "
@@ -132,8 +133,13 @@ class NPOSaveOffset(io.ComfyNode):
                 ),
             ],
             outputs=[],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        return refusal(lambda: filename_prefix is None or files.check_prefix(filename_prefix))
 
     @classmethod
     def execute(cls, npo_offset, filename_prefix: str, model=None) -> io.NodeOutput:
@@ -149,7 +155,10 @@ class NPOSaveOffset(io.ComfyNode):
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
         if os.path.lexists(path):  # a dangling symlink counts as taken too
             raise NPOError(f"filename_prefix: '{os.path.basename(path)}' exists already; choose another prefix.")
-        formats.save_offset(offset, path)
+        # the prompt and workflow, as ComfyUI's checkpoint savers write them (none under --disable-metadata)
+        meta = {k: v for k, v in offset.metadata.items() if k not in files.PROVENANCE_KEYS}
+        meta.update(files.provenance(getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "extra_pnginfo", None)))
+        formats.save_offset(dataclasses.replace(offset, metadata=meta), path)
         rel = os.path.relpath(path, files.npo_dir())
         runtime.log.info("NPO offset saved to %s", path)
         return io.NodeOutput(ui=ui.PreviewText(f"saved models/npo/{rel}\n{offset.summary()}"))

@@ -12,7 +12,7 @@ from ..npo_core.errors import NPOError
 from ..npo_core.families import PRESET_NAMES
 from ..training import optimizers, tdft
 from ..training.trainer import Callbacks
-from .common import CATEGORY, NPOOffsetType, NPOScorerType
+from .common import NPOOffsetType, NPOScorerType, advanced, check_widgets, refusal, schema
 from .host import files, runtime, training_conds, training_preview, training_run
 from .host.training_model import TrainingModel
 from .plot import loss_curve_image
@@ -40,10 +40,10 @@ def checkpoint_files() -> list[str]:
 class SelfNPOTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="SelfNPOTrain",
             display_name="Self-NPO Train",
-            category=CATEGORY,
+            search_aliases=["self-npo", "train", "training", "negative", "offset", "tdft", "lora training"],
             description="Self-NPO: learns an NPO offset for the connected checkpoint from the model itself by "
             "truncated diffusion fine-tuning (TDFT): no preference data, no reward model. The model you "
             "connect is never changed; the result is an NPO_OFFSET for Apply NPO / NPO CFG Guider.",
@@ -114,6 +114,7 @@ class SelfNPOTrain(io.ComfyNode):
                     optional=True,
                     tooltip="lora: which layers get adapters (attention = to_q/k/v/out of every attention, "
                     "the layers of the released NPO LoRAs).",
+                    **advanced(),
                 ),
                 io.Int.Input(
                     "truncation_steps",
@@ -122,6 +123,7 @@ class SelfNPOTrain(io.ComfyNode):
                     max=25,
                     tooltip="K: teacher steps per sample before the target is taken (the authors: 5): DDIM steps on "
                     "SD models, Euler steps on flow models.",
+                    **advanced(),
                 ),
                 io.Float.Input(
                     "teacher_guidance",
@@ -141,12 +143,14 @@ class SelfNPOTrain(io.ComfyNode):
                     step=0.0001,
                     round=0.00001,
                     tooltip="The teacher is the EMA of the student with this decay (the authors: 0.999).",
+                    **advanced(),
                 ),
                 io.Combo.Input(
                     "loss",
                     options=list(tdft.LOSSES),
                     default="pseudo_huber",
                     tooltip="pseudo_huber (c = 1e-3, the authors') or mse, in x0 space.",
+                    **advanced(),
                 ),
                 io.Combo.Input(
                     "student_cond",
@@ -158,6 +162,7 @@ class SelfNPOTrain(io.ComfyNode):
                     "negative/empty conditioning, the branch NPO later queries; on the pack's flow benchmarks it "
                     "beat tuned CFG (class-conditional FD -15 %, 6 of 6 units) where prompt was not significant "
                     "(-2 %). mix: 50/50 per sample.",
+                    **advanced(),
                 ),
                 io.Int.Input(
                     "seed",
@@ -171,6 +176,7 @@ class SelfNPOTrain(io.ComfyNode):
                     "gradient_checkpointing",
                     default=True,
                     tooltip="Recompute activations in the backward pass: much less memory, ~30% slower.",
+                    **advanced(),
                 ),
                 io.Combo.Input(
                     "training_dtype",
@@ -178,6 +184,7 @@ class SelfNPOTrain(io.ComfyNode):
                     default="fp32",
                     tooltip="Dtype of the trainable weights (the forward runs in the model's dtype; an fp16 model "
                     "gets dynamic loss scaling). fp32 as the authors (fp32 master weights).",
+                    **advanced(),
                 ),
                 io.Int.Input(
                     "save_every",
@@ -233,6 +240,7 @@ class SelfNPOTrain(io.ComfyNode):
                     max=200,
                     optional=True,
                     tooltip="Data-free pool: sampling steps per pool latent (euler).",
+                    **advanced(),
                 ),
                 io.Float.Input(
                     "pool_cfg",
@@ -242,6 +250,7 @@ class SelfNPOTrain(io.ComfyNode):
                     step=0.5,
                     optional=True,
                     tooltip="Data-free pool: CFG scale used to sample the pool.",
+                    **advanced(),
                 ),
                 io.Int.Input(
                     "frames",
@@ -262,6 +271,7 @@ class SelfNPOTrain(io.ComfyNode):
                     tooltip="k micro-batches of batch_size per optimizer step: the update of one step on a batch of "
                     "k × batch_size, in the memory of batch_size; each step takes k times as long. steps and the "
                     "progress bar count optimizer steps; checkpoints are written between steps.",
+                    **advanced(),
                 ),
                 io.Combo.Input(
                     "optimizer",
@@ -272,6 +282,7 @@ class SelfNPOTrain(io.ComfyNode):
                     "memory in full mode; relative step sizes, so learning_rate auto is its own 1e-2. AdamW 8-bit: "
                     "bitsandbytes' 8-bit states, " + _bitsandbytes_status() + " A resume continues with the "
                     "optimizer it was trained with.",
+                    **advanced(),
                 ),
                 io.Int.Input(
                     "preview_every",
@@ -283,6 +294,7 @@ class SelfNPOTrain(io.ComfyNode):
                     "with the current offset on the negative pass (8 Euler steps, half the pool's width and height "
                     "but at least 512 px, the first prompt, the negative, pool_cfg), shown as the progress preview "
                     "over the loss curve and saved beside the checkpoints (when save_every > 0). 0 = off.",
+                    **advanced(),
                 ),
                 io.Vae.Input(
                     "preview_vae",
@@ -311,6 +323,7 @@ class SelfNPOTrain(io.ComfyNode):
                     "for training, and casts the rest of the frozen weights to the GPU layer by layer in each "
                     "forward, as it does for sampling in low VRAM. Slower in proportion to the weights left off the "
                     "GPU; needs gradient_checkpointing. Off: the whole model is loaded.",
+                    **advanced(),
                 ),
             ],
             outputs=[
@@ -318,8 +331,19 @@ class SelfNPOTrain(io.ComfyNode):
                 io.Image.Output(display_name="loss_curve"),
                 io.Int.Output(display_name="steps"),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(
+        cls, learning_rate=None, filename_prefix=None, save_every=None, width=None, height=None,
+        teacher_guidance=None, ema_decay=None, pool_cfg=None,
+    ) -> bool | str:
+        return refusal(lambda: check_settings(
+            cls, learning_rate, filename_prefix, save_every, width=width, height=height,
+            teacher_guidance=teacher_guidance, ema_decay=ema_decay, pool_cfg=pool_cfg,
+        ))
 
     @classmethod
     def execute(
@@ -359,7 +383,13 @@ class SelfNPOTrain(io.ComfyNode):
         preview_prompt: str = "",
         partial_loading: bool = False,
     ) -> io.NodeOutput:
-        run = _plan(model, positive, negative, latents, _Settings.of(locals()))
+        check_settings(
+            cls, learning_rate, filename_prefix, save_every, width=width, height=height,
+            teacher_guidance=teacher_guidance, ema_decay=ema_decay, pool_cfg=pool_cfg,
+        )
+        hidden = cls.hidden
+        provenance = files.provenance(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
+        run = _plan(model, positive, negative, latents, _Settings.of(locals()), provenance)
         preview = _preview(run, preview_vae, preview_scorer)  # its inputs checked before any sampling
         job, tm = run.job, run.job.model
         pool = 0 if latents is not None else pool_size
@@ -449,7 +479,18 @@ class _Run:
         return f"auto ({lr})" if self.job.lr_is_auto else lr
 
 
-def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
+def check_settings(cls, learning_rate, filename_prefix, save_every, **numbers) -> None:
+    """The widget values Self-NPO Train checks before anything runs (at validation, and again in execute for
+    values that came through links): numbers inside their widget's bounds (not NaN), learning_rate, and the
+    checkpoint prefix when checkpoints are written. The latent factor needs the model: ``_plan``."""
+    check_widgets(cls, {"save_every": save_every, **numbers})
+    if learning_rate is not None:
+        parse_learning_rate(learning_rate)
+    if filename_prefix is not None and save_every != 0:
+        files.check_prefix(filename_prefix)
+
+
+def _plan(model, positive, negative, latents, settings: _Settings, provenance: dict | None = None) -> _Run:
     """Validate every input and read the resume checkpoint and the prompts' model inputs (once), so that bad
     input fails before sampling."""
     tm = TrainingModel(model.clone())
@@ -490,6 +531,7 @@ def _plan(model, positive, negative, latents, settings: _Settings) -> _Run:
     job = training_run.plan_job(
         tm, recipe, positive_entries, negative_entries, spatial, resume_from=resume_path,
         checkpoint_path=checkpoint_path if s.save_every > 0 else None,  # resume_from with save_every 0 writes none
+        metadata=provenance,
     )
     ignored = tm.ignored_sampling_patches()
     if ignored:

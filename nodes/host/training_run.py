@@ -93,9 +93,11 @@ def plan_job(
     spatial: tuple[int, ...],
     resume_from: str | Path | None = None,
     checkpoint_path: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> TrainingJob:
     """Check the recipe against the model and read the resume checkpoint and the prompts' model inputs (for
-    start latents of ``spatial``), so that bad input fails before any sampling."""
+    start latents of ``spatial``), so that bad input fails before any sampling. ``metadata`` (the prompt and
+    workflow, ``files.provenance``) goes into every checkpoint."""
     if recipe.mode not in MODES:
         raise NPOError(f"mode: '{recipe.mode}' is not one of {', '.join(MODES)}.")
     if recipe.mode == "lora" and recipe.rank < 1:
@@ -131,6 +133,7 @@ def plan_job(
             trainer = Trainer(tm.schedule, cfg, sig, resume_from)
     except (TrainingError, ValueError) as e:
         raise NPOError(str(e)) from None
+    trainer.metadata = dict(metadata or {})
     pos, neg, constants = tm.model_inputs(positive, negative[0], spatial, recipe.seed)
     return TrainingJob(
         tm, recipe, trainer, layer_names, sig, pos, neg, constants, Path(checkpoint_path) if checkpoint_path else None
