@@ -216,7 +216,7 @@ class SelfNPOTrain(io.ComfyNode):
                 io.Int.Input(
                     "width",
                     default=512,
-                    min=64,
+                    min=16,
                     max=4096,
                     step=8,
                     optional=True,
@@ -226,7 +226,7 @@ class SelfNPOTrain(io.ComfyNode):
                 io.Int.Input(
                     "height",
                     default=512,
-                    min=64,
+                    min=16,
                     max=4096,
                     step=8,
                     optional=True,

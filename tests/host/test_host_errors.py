@@ -63,13 +63,13 @@ def test_offset_keys_that_do_not_land(tiny, load_offset):
         (
             {
                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.ones(32, 4),
-                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.hada_w1_a": torch.ones(4, 4),
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.oft_blocks": torch.ones(4, 4),
             },
-            "not supported",
+            "not supported as an NPO offset",
         ),
     ],
 )
-@pytest.mark.fault("unknown key names or unsupported LoRA kinds (LoHa) in a file", "NPOError naming the file")
+@pytest.mark.fault("unknown key names or unsupported adapter kinds (OFT) in a file", "NPOError naming the file")
 def test_unknown_key_format(load_offset, sd, want):
     with pytest.raises(NPOError, match=want) as info:
         load_offset(sd, "weird.safetensors")

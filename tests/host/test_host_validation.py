@@ -186,7 +186,7 @@ def test_negative_model_merge_weight_needs_a_connected_base():
         ({"learning_rate": "fast"}, "learning_rate"),
         ({"learning_rate": "2"}, "learning_rate"),
         ({"width": 8192}, "width"),
-        ({"height": 32}, "height"),
+        ({"height": 8}, "height"),
         ({"ema_decay": math.nan}, "ema_decay"),
         ({"teacher_guidance": math.inf}, "teacher_guidance"),
         ({"filename_prefix": "../escape"}, "filename_prefix"),
