@@ -3,20 +3,29 @@
 
 Runs the example workflow "4 Train a Self-NPO offset and compare" on a private ComfyUI server (started here, on
 127.0.0.1, with a temporary base directory: this pack in custom_nodes/, your checkpoint linked into
-models/checkpoints/), shows progress, and copies the results into an output folder:
+models/checkpoints/), shows progress, and copies the results into an output folder
+(default ./self_npo_demo_output/<date-time>; --out sets another):
 
     self_npo_offset.safetensors   the trained offset (load it with Load NPO Offset from models/npo)
     self_npo_on.png / self_npo_off.png / comparison.png   same seed, with / without the offset
     loss_curve.png, training.txt, prompt_api.json, comfyui.log
 
-Run it with a Python that has ComfyUI's requirements (the test venv has them):
+Run it with the Python that runs your ComfyUI (it has ComfyUI's requirements), from the pack's folder:
 
-    ~/.cache/comfyui-npo/venv/bin/python scripts/run_demo.py --checkpoint ~/models/v1-5-pruned-emaonly.safetensors
+    cd ComfyUI/custom_nodes/<pack>
+    ../../venv/bin/python scripts/run_demo.py --checkpoint ~/models/v1-5-pruned-emaonly.safetensors
+
+(your venv's python wherever it is; the Windows portable build: ..\\..\\..\\python_embeded\\python.exe).
+
+The settings follow the checkpoint's family, read from its keys: SD1.x/SD2.x as template 4, SDXL as the authors
+(1024x1024, teacher_guidance -5, zeroed negative, cfg 5), a DiT (SD3.5, ...) as the SD3.5 template (1024x1024,
+20 steps of euler / sgm_uniform at cfg 4) with template 7's Self-NPO pool; --family overrides it.
 
 Without --checkpoint it uses a tiny random SD1.5 checkpoint generated on the spot (the one the e2e tests
-use): a quick smoke run of the whole pipeline on any CPU; its images are noise.
+use): a quick smoke run of the whole pipeline on any CPU, not a quality demo; its images are noise.
 
-ComfyUI is found at --comfyui, $COMFYUI_PATH or ~/comfy/ComfyUI.
+ComfyUI is found at --comfyui, else the ComfyUI this pack is installed in (custom_nodes/<pack>), else
+$COMFYUI_PATH, else ~/comfy/ComfyUI; the first line of output says which.
 """
 
 from __future__ import annotations
@@ -30,11 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from npo_headless import REPO, find_comfyui
+from npo_headless import REPO, find_comfyui, locate_comfyui  # noqa: F401 (find_comfyui: the tests')
 from npo_headless.assets import TINY_CKPT, ensure_assets
 from npo_headless.runner import (
     UsageError,
     api_titles,
+    checkpoint_kind,
     environment_problem,
     fmt_time,
     has_accelerator,
@@ -50,8 +60,23 @@ from npo_headless.workflows import EXAMPLE_SELF_NPO, ui_to_api, validate_against
 
 WORKFLOW = REPO / "example_workflows" / f"{EXAMPLE_SELF_NPO}.json"
 SCRIPT = "scripts/run_demo.py"
+DEFAULT_OUT = Path("self_npo_demo_output")  # in the current folder; .gitignore keeps it out of the pack's repository
 # Quick settings for the built-in tiny random checkpoint (a smoke run, not a real training).
 TINY_DEFAULTS = {"steps": 10, "batch_size": 2, "pool_size": 4, "pool_steps": 4, "size": 64, "sample_steps": 10}
+# Self-NPO Train's student_cond choices (training.tdft: auto, then STUDENT_CONDS)
+STUDENT_CONDS = ("auto", "prompt", "negative", "mix")
+FAMILIES = ("sd", "sdxl", "dit")
+FAMILY_NAMES = {"sd": "SD1.x / SD2.x UNet", "sdxl": "SDXL UNet", "dit": "DiT"}
+# Settings per family where they differ from template 4's (SD1.5): SDXL as the authors; a DiT as the SD3.5
+# template (5) samples, and with template 7's Self-NPO pool (batch 2, 8 pool samples at the sampling cfg).
+# learning_rate and student_cond stay "auto": Self-NPO Train picks them for the family (lora 1e-4 for DiTs;
+# the negative student on flow models).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd": {},
+    "sdxl": {"size": 1024, "teacher_guidance": -5.0, "cfg": 5.0, "zero_negative": True},
+    "dit": {"size": 1024, "cfg": 4.0, "sample_steps": 20, "sampler": "euler", "scheduler": "sgm_uniform",
+            "batch_size": 2, "pool_size": 8, "pool_cfg": 4.0},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,10 +136,11 @@ def customize(prompt: dict, object_info: dict, ckpt_name: str, o: argparse.Names
     g.set(g.one("CheckpointLoaderSimple"), ckpt_name=ckpt_name)
     g.set(train, steps=o.steps, batch_size=o.batch_size, pool_size=o.pool_size, pool_steps=o.pool_steps,
           width=o.size, height=o.size, seed=o.seed, mode=o.mode, rank=o.rank, learning_rate=o.learning_rate,
-          teacher_guidance=o.teacher_guidance, save_every=o.save_every)
+          teacher_guidance=o.teacher_guidance, save_every=o.save_every, student_cond=o.student_cond,
+          pool_cfg=o.pool_cfg)
     samplers = g.of_type("KSampler")
     for ks in samplers:
-        g.set(ks, steps=o.sample_steps, cfg=o.cfg, seed=o.sample_seed)
+        g.set(ks, steps=o.sample_steps, cfg=o.cfg, seed=o.sample_seed, sampler_name=o.sampler, scheduler=o.scheduler)
         g.set(g.src(ks, "latent_image"), width=o.size, height=o.size)
     g.set(g.one("NPOApply"), strength=o.strength)
     clip = g.p[g.src(train, "negative")]["inputs"]["clip"]
@@ -183,8 +209,21 @@ def collect(entry: dict, prompt: dict, base: Path, out: Path) -> dict[str, Path]
     return results
 
 
+CAPTIONS = ("without Self-NPO", "with Self-NPO")
+
+
+def caption_font(height: int):
+    """PIL's built-in font at a size that reads at ``height`` pixels (Pillow < 10.1: its fixed bitmap font)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=height)
+    except TypeError:  # pragma: no cover (Pillow < 10.1)
+        return ImageFont.load_default()
+
+
 def comparison_image(off: Path, on: Path, dest: Path) -> Path | None:
-    """off | on side by side with a caption (PIL's built-in font)."""
+    """off | on side by side, each under its caption (CAPTIONS), centred in its column."""
     try:
         from PIL import Image, ImageDraw
     except ImportError:
@@ -193,13 +232,17 @@ def comparison_image(off: Path, on: Path, dest: Path) -> Path | None:
     scale = max(1, 256 // max(a.width, 1))  # tiny images (the smoke test's 64x64): enlarged, pixels kept sharp
     if scale > 1:
         a, b = (im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in (a, b))
-    gap, cap = 8, 18
+    gap = max(8, a.width // 32)
+    font = caption_font(max(16, min(a.width, b.width) // 14))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [draw.textbbox((0, 0), text, font=font) for text in CAPTIONS]
+    cap = max(box[3] for box in boxes) + 2 * gap
     im = Image.new("RGB", (a.width + b.width + gap, max(a.height, b.height) + cap), "white")
+    draw = ImageDraw.Draw(im)
+    for text, box, left, width in zip(CAPTIONS, boxes, (0, a.width + gap), (a.width, b.width), strict=True):
+        draw.text((left + (width - (box[2] - box[0])) // 2 - box[0], gap), text, font=font, fill="black")
     im.paste(a, (0, cap))
     im.paste(b, (a.width + gap, cap))
-    draw = ImageDraw.Draw(im)
-    draw.text((4, 3), "Self-NPO off", fill="black")
-    draw.text((a.width + gap + 4, 3), "Self-NPO on", fill="black")
     im.save(dest)
     return dest
 
@@ -212,11 +255,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a Self-NPO offset for a checkpoint (headless ComfyUI) and compare same-seed images "
                     "with and without it. Unset knobs keep the example workflow's values (500 LoRA steps, "
                     "512x512, ...), or quick smoke-test values for the built-in tiny checkpoint.",
-        epilog="SDXL: --sdxl (1024x1024, teacher_guidance -5, zeroed negative, cfg 5), as the authors.")
+        epilog="The family (read from the checkpoint, or --family) sets the defaults: SDXL as the authors (1024x1024, "
+               "teacher_guidance -5, zeroed negative, cfg 5); a DiT as the SD3.5 template (1024x1024, 20 steps "
+               "euler / sgm_uniform, cfg 4) with batch 2 and a pool of 8 at cfg 4. Results go to --out, default "
+               "./self_npo_demo_output/<date-time> (git-ignored inside the pack's folder).")
     ap.add_argument("--checkpoint", help="your checkpoint file (.safetensors); default: a tiny random SD1.5 "
                                          "generated on the spot (smoke test, images are noise)")
     ap.add_argument("--out", type=Path, help="output folder (default: ./self_npo_demo_output/<date-time>)")
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else ~/comfy/ComfyUI)")
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: the ComfyUI this pack is installed in, else "
+                                      "$COMFYUI_PATH, else ~/comfy/ComfyUI)")
+    ap.add_argument("--family", choices=["auto", *FAMILIES], default="auto",
+                    help="the checkpoint's family, for the defaults: auto (read from its keys), sd (SD1.x/SD2.x), "
+                         "sdxl, dit (SD3.5, ...)")
     t = ap.add_argument_group("training (Self-NPO Train)")
     t.add_argument("--steps", type=int, help="optimizer steps (workflow: 500; the authors: 1000)")
     t.add_argument("--batch-size", type=int, help="samples per step (workflow: 4)")
@@ -229,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--rank", type=int, help="LoRA rank (workflow: 16)")
     t.add_argument("--learning-rate", help="auto (workflow; lora: 1e-4 SD1.5, 2e-5 SDXL) or a number, e.g. 5e-5")
     t.add_argument("--teacher-guidance", type=float, help="workflow: -1 (SD1.5); the authors used -5 for SDXL")
+    t.add_argument("--student-cond", choices=STUDENT_CONDS,
+                   help="Self-NPO Train's student_cond (workflow: auto = negative on flow-matching models such as "
+                        "SD3.5, prompt on SD-style ones; prompt: the authors' code; mix: 50/50)")
+    t.add_argument("--pool-cfg", type=float, help="CFG of the pool sampling (workflow: 7; DiT: 4)")
     t.add_argument("--seed", type=int, help="training seed (workflow: 0)")
     t.add_argument("--save-every", type=int, default=0,
                    help="resumable checkpoints every N steps (default 0: the temporary folder is deleted anyway)")
@@ -237,9 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--sample-steps", type=int, help="KSampler steps (workflow: 25)")
     s.add_argument("--cfg", type=float, help="CFG scale (workflow: 7.5; NPO does nothing at 1)")
     s.add_argument("--sample-seed", type=int, help="KSampler seed (workflow: 42)")
+    s.add_argument("--sampler", help="KSampler sampler_name (workflow: dpmpp_2m; DiT: euler)")
+    s.add_argument("--scheduler", help="KSampler scheduler (workflow: normal; DiT: sgm_uniform)")
     s.add_argument("--strength", type=float, help="Apply NPO strength (workflow: 1.0)")
-    s.add_argument("--sdxl", action="store_true", help="SDXL settings: 1024x1024, teacher_guidance -5, zeroed "
-                                                       "negative (ConditioningZeroOut), cfg 5")
+    s.add_argument("--sdxl", action="store_true", help="the same as --family sdxl: 1024x1024, teacher_guidance -5, "
+                                                       "zeroed negative (ConditioningZeroOut), cfg 5")
     r = ap.add_argument_group("server")
     r.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu even when a GPU is available")
     r.add_argument("--threads", help="OMP/MKL threads for the server (CPU runs); default: torch's choice, 1 for "
@@ -247,24 +303,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--port", type=int, help="server port on 127.0.0.1 (default: a free one)")
     r.add_argument("--keep-base", action="store_true", help="keep the temporary ComfyUI base folder")
     o = ap.parse_args(argv)
-    o.zero_negative = False
     if o.sdxl:
-        o.size = o.size or 1024
-        o.teacher_guidance = -5.0 if o.teacher_guidance is None else o.teacher_guidance
-        o.cfg = 5.0 if o.cfg is None else o.cfg
-        o.zero_negative = True
+        if o.family not in ("auto", "sdxl"):
+            ap.error(f"--sdxl contradicts --family {o.family}")
+        o.family = "sdxl"
+    o.zero_negative = False
+    if o.family != "auto":
+        apply_family(o, o.family)
     if o.size is not None and (o.size < 64 or o.size % 8):
         ap.error("--size must be a multiple of 8, at least 64")
     return o
 
 
+def apply_family(o: argparse.Namespace, family: str) -> None:
+    """Fill the knobs the user left unset with ``family``'s settings (FAMILY_DEFAULTS)."""
+    o.family = family
+    for key, value in FAMILY_DEFAULTS[family].items():
+        if key == "zero_negative":
+            o.zero_negative = value
+        elif getattr(o, key) is None:
+            setattr(o, key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     o = parse_args(argv)
-    comfy = find_comfyui(o.comfyui)
+    comfy, found_by = locate_comfyui(o.comfyui)
     problem = environment_problem(comfy, SCRIPT)
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    print(f"ComfyUI: {comfy}  ({found_by})")
     ckpt: Path | None = None
     if o.checkpoint:
         try:
@@ -272,12 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if o.family == "auto":
+            kind = checkpoint_kind(ckpt)
+            if kind is None:
+                print(f"note: cannot tell the family of {ckpt.name} from its keys; using template 4's SD1.5 "
+                      "settings (--family sdxl / dit for those)")
+            apply_family(o, kind or "sd")
+            print(f"family: {FAMILY_NAMES[o.family]}" + (" (read from the checkpoint's keys)" if kind else ""))
     else:
+        o.family = "sd" if o.family == "auto" else o.family
         for k, v in TINY_DEFAULTS.items():
             if getattr(o, k) is None:
                 setattr(o, k, v)
 
-    out = (o.out or Path("self_npo_demo_output") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
+    out = (o.out or DEFAULT_OUT / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     accel = None if o.cpu else has_accelerator()
     base = Path(tempfile.mkdtemp(prefix="self-npo-demo-"))
@@ -294,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         # The tiny model's ops are small: on a CPU one thread is fastest (several spin against each other on a
         # busy machine; measured 10x slower). A real checkpoint gets torch's default unless --threads.
         threads = o.threads or ("1" if accel is None and not o.checkpoint else None)
-        server = start_server(comfy, base, accel, threads, o.port)
+        server = start_server(comfy, base, accel, threads, o.port, announced=True)
         object_info = pack_object_info(server, "SelfNPOTrain")
         if object_info is None:
             return 1
@@ -313,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
               f"training:   {ti['mode']}, {ti['steps']} steps x batch {ti['batch_size']}, pool {ti['pool_size']} "
               f"latents at {ti['width']}x{ti['height']} ({ti['pool_steps']} steps each), seed {ti['seed']}\n"
               f"prompts:    " + "\n            ".join(training_prompts(prompt, train)) + "\n"
-              f"comparison: {ks['steps']} steps, cfg {ks['cfg']}, seed {ks['seed']}")
+              f"student:    student_cond {ti['student_cond']}, learning_rate {ti['learning_rate']}, pool cfg "
+              f"{ti['pool_cfg']}\n"
+              f"comparison: {ks['steps']} steps of {ks['sampler_name']} / {ks['scheduler']}, cfg {ks['cfg']}, seed "
+              f"{ks['seed']}")
         if accel is None and o.checkpoint:
             print("note: running on the CPU; with a full-size checkpoint this takes hours.")
 

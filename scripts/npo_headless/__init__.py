@@ -20,14 +20,60 @@ PACK_FOLDER = "comfyui-npo"  # the pack's folder name inside a headless server's
 PACKAGE = "comfyui_npo"  # the name the pack is imported under outside ComfyUI
 
 
+def is_comfyui(folder: str | os.PathLike | None) -> bool:
+    """A ComfyUI checkout: a folder with main.py and comfy/."""
+    return bool(folder) and (Path(folder).expanduser() / "main.py").is_file() and (
+        Path(folder).expanduser() / "comfy").is_dir()
+
+
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
-    """ComfyUI as any custom node pack finds it: ``explicit``, else $COMFYUI_PATH, else ~/comfy/ComfyUI
-    (the first folder with main.py and comfy/)."""
+    """ComfyUI as the tests find it: ``explicit``, else $COMFYUI_PATH, else ~/comfy/ComfyUI (the first folder with
+    main.py and comfy/)."""
     candidates = [explicit] if explicit else [os.environ.get("COMFYUI_PATH"), Path.home() / "comfy" / "ComfyUI"]
     for cand in candidates:
-        if cand and (Path(cand).expanduser() / "main.py").is_file() and (Path(cand).expanduser() / "comfy").is_dir():
+        if is_comfyui(cand):
             return Path(cand).expanduser().resolve()
     return None
+
+
+def pack_folders(script: str | None = None) -> list[Path]:
+    """Where this pack may sit, symlinks kept: the folder above the running script's ``scripts/`` as it was named
+    (relative to the shell's $PWD, which keeps a symlinked custom_nodes/<pack> in the path), then the repository."""
+    script = sys.argv[0] if script is None else script
+    found: list[Path] = []
+    if script and Path(script).name.endswith(".py"):
+        path = Path(script)
+        pwd = os.environ.get("PWD")
+        if not path.is_absolute() and pwd and Path(pwd).resolve() == Path.cwd().resolve():
+            path = Path(pwd) / path
+        path = Path(os.path.abspath(path))
+        if path.parent.name == "scripts":
+            found.append(path.parent.parent)
+    found.append(REPO)
+    return list(dict.fromkeys(found))
+
+
+def enclosing_comfyui(script: str | None = None) -> Path | None:
+    """The ComfyUI this pack is installed in: a pack folder whose parent is ``custom_nodes/`` of a ComfyUI."""
+    for pack in pack_folders(script):
+        if pack.parent.name == "custom_nodes" and is_comfyui(pack.parent.parent):
+            return Path(os.path.abspath(pack.parent.parent))
+    return None
+
+
+def locate_comfyui(explicit: str | os.PathLike | None = None, script: str | None = None) -> tuple[Path | None, str]:
+    """The ComfyUI a user's script runs, and why that one: ``explicit`` (--comfyui), else the ComfyUI this pack is
+    installed in (custom_nodes/<pack>), else $COMFYUI_PATH, else ~/comfy/ComfyUI; (None, "") when none is."""
+    if explicit:
+        return (Path(explicit).expanduser().resolve(), "--comfyui") if is_comfyui(explicit) else (None, "")
+    enclosing = enclosing_comfyui(script)
+    if enclosing is not None:
+        return enclosing, "the ComfyUI this pack is installed in"
+    env = os.environ.get("COMFYUI_PATH")
+    if is_comfyui(env):
+        return Path(env).expanduser().resolve(), "$COMFYUI_PATH"
+    home = Path.home() / "comfy" / "ComfyUI"
+    return (home.resolve(), "~/comfy/ComfyUI") if is_comfyui(home) else (None, "")
 
 
 def register_pack(name: str = PACKAGE):

@@ -18,7 +18,12 @@ from typing import Any, Protocol, TextIO
 
 from .server import ComfyServer, execution_error, get_json, post_json, queue_prompt, wait_history
 
-VENV_PYTHON = "~/.cache/comfyui-npo/venv-comfy-<version>/bin/python"
+# Where ComfyUI's own Python usually is, relative to the ComfyUI folder: a venv inside or beside it, the Windows
+# portable build's python_embeded beside it.
+COMFY_PYTHONS = ("venv/bin/python", ".venv/bin/python", "../venv/bin/python", "../.venv/bin/python",
+                 "venv/Scripts/python.exe", ".venv/Scripts/python.exe", "../python_embeded/python.exe")
+ANY_COMFY_PYTHON = ("the Python you start ComfyUI with (its venv's python; the Windows portable build: "
+                    "python_embeded\\python.exe)")
 # The file endings ComfyUI lists in its model folders (folder_paths.supported_pt_extensions).
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl", ".sft")
 REQUIRED_MODULES = ("torch", "torchvision", "aiohttp", "safetensors", "yaml", "PIL", "einops", "transformers")
@@ -35,7 +40,8 @@ class UsageError(Exception):
 def install_help(script: str) -> str:
     """How to install ComfyUI and run ``script`` (a path relative to the repository) with its Python."""
     return f"""\
-ComfyUI was not found (looked at --comfyui, $COMFYUI_PATH and ~/comfy/ComfyUI).
+ComfyUI was not found (looked at --comfyui, the ComfyUI this pack is installed in (custom_nodes/<pack>),
+$COMFYUI_PATH and ~/comfy/ComfyUI).
 
 Install it, then run this script again with a Python that has ComfyUI's requirements:
 
@@ -44,8 +50,18 @@ Install it, then run this script again with a Python that has ComfyUI's requirem
     ~/comfy/venv/bin/pip install -r ~/comfy/ComfyUI/requirements.txt   # GPU: see ComfyUI's README for torch
     ~/comfy/venv/bin/python {script}
 
-(`bash scripts/test.sh` also builds such Pythons, {VENV_PYTHON}, one per tested ComfyUI version.)
-Or point COMFYUI_PATH (or --comfyui) at an existing ComfyUI checkout."""
+Or run it from the pack's folder inside your ComfyUI (ComfyUI/custom_nodes/<pack>/), or point COMFYUI_PATH
+(or --comfyui) at an existing ComfyUI checkout."""
+
+
+def comfy_python(comfy: Path) -> Path | None:
+    """ComfyUI's own Python where it usually is (a venv inside or beside ``comfy``, the portable build's
+    python_embeded), or None."""
+    for rel in COMFY_PYTHONS:
+        path = comfy / rel
+        if path.is_file():
+            return Path(os.path.abspath(path))
+    return None
 
 
 def missing_modules() -> list[str]:
@@ -60,9 +76,11 @@ def environment_problem(comfy: Path | None, script: str) -> str | None:
         return install_help(script)
     missing = missing_modules()
     if missing:
+        own = comfy_python(comfy)
+        how = f"{own} {script} ..." if own else f"<ComfyUI's python> {script} ..."
         return (f"This Python ({sys.executable}) lacks ComfyUI's requirements ({', '.join(missing)}). Run {script} "
-                f"with the Python ComfyUI runs with, e.g.\n\n    {VENV_PYTHON} {script} ...\n\n"
-                f"(bash scripts/test.sh creates that venv), or pip install -r {comfy / 'requirements.txt'}.")
+                f"with {ANY_COMFY_PYTHON}, e.g.\n\n    {how}\n\n"
+                f"or pip install -r {comfy / 'requirements.txt'} into this one.")
     return None
 
 
@@ -94,14 +112,36 @@ def resolve_model_file(arg: str, comfy: Path, folders: tuple[str, ...], what: st
     return Path(os.path.abspath(path))
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """What a .safetensors checkpoint holds, from its header's key names and shapes: "sdxl" (a UNet with 2048-wide
+    cross-attention), "sd" (another SD UNet: SD1.x, SD2.x), "dit" (a diffusion model without the UNet's
+    input_blocks: SD3.5, AuraFlow, ...); None when it cannot tell (not safetensors, no diffusion model)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 1 << 28 else {}
+    except (OSError, ValueError):
+        return None
+    prefix = "model.diffusion_model."
+    keys = [k for k in header if k.startswith(prefix)]
+    if not keys:
+        return None
+    if prefix + "input_blocks.0.0.weight" not in header:
+        return "dit"
+    context = next((header[k].get("shape", [0, 0])[-1] for k in keys if k.endswith("attn2.to_k.weight")), None)
+    return "sdxl" if context == 2048 else "sd"
+
+
 # ---------------------------------------------------------------------------------------------
 # the server
 # ---------------------------------------------------------------------------------------------
-def start_server(comfy: Path, base: Path, accel: str | None, threads: str | None, port: int | None) -> ComfyServer:
-    """Start ComfyUI on ``base`` (on the accelerator, else with --cpu), its log in ``base/comfyui.log``; prints where
-    it runs and how long the start took."""
-    print(f"ComfyUI: {comfy}  ({accel or 'CPU'}{', --cpu' if not accel else ''}"
-          f"{f', {threads} thread(s)' if threads and not accel else ''})")
+def start_server(comfy: Path, base: Path, accel: str | None, threads: str | None, port: int | None,
+                 announced: bool = False) -> ComfyServer:
+    """Start ComfyUI on ``base`` (on the accelerator, else with --cpu), its log in ``base/comfyui.log``; prints which
+    ComfyUI (unless the caller ``announced`` it), on which device, and how long the start took."""
+    device = (f"{accel or 'CPU'}{', --cpu' if not accel else ''}"
+              f"{f', {threads} thread(s)' if threads and not accel else ''}")
+    print(f"device: {device}" if announced else f"ComfyUI: {comfy}  ({device})")
     server = ComfyServer(comfy, sys.executable, base, base / "comfyui.log", port=port, cpu=accel is None,
                          threads=threads)
     t0 = time.time()
