@@ -17,4 +17,5 @@ def test_comfyui_found_and_on_cpu(comfy_root):
     ids = {n.define_schema().node_id for n in node_list()}
     assert ids == {"NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset",
                    "SelfNPOTrain", "NPOSaveOffset", "NPOLoadScorer", "NPOCompareReport",
-                   "NPOScoreImages", "NPOPromptList"}  # landed ids never change
+                   "NPOScoreImages", "NPOPromptList", "NPOPreferenceTrain", "NPOPairsFromImages",
+                   "NPOPairsFromFolder", "NPOSelfGeneratedPairs"}  # landed ids never change
