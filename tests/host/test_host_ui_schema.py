@@ -26,6 +26,7 @@ ADVANCED = {
     },
     "NPOCompareReport": {"frames_per_item", "bootstrap_seed"},
     "NPOScoreImages": {"frames_per_item"},
+    "NPOPreferenceTrain": {"loss_type", "lora_layers", "training_dtype", "grad_accumulation_steps", "optimizer"},
 }
 
 
