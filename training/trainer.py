@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,24 +253,37 @@ def _check_finite(value: float, step: int, last_ckpt: Path | None) -> None:
         )
 
 
+def _accumulate(t: Trainer, objective, step: int, gen: torch.Generator, scaler, dev: torch.device, cb: Callbacks,
+                last_ckpt: Path | None) -> float | None:
+    """The (scaled) gradients of one optimizer step on its batch_size·k samples, k micro-batches of batch_size each
+    backpropagating loss / k (the mean over the step's samples); the step's loss, None if cancelled between
+    micro-batches. The objective draws the step's random numbers once, then yields one micro-batch's loss at a time."""
+    k = t.cfg.grad_accumulation_steps
+    losses = objective.micro_batch_losses(step, gen, dev)
+    total = 0.0
+    for j in range(k):
+        if j and cb.should_stop():
+            return None
+        loss = next(losses)
+        value = float(loss.detach())
+        _check_finite(value, step, last_ckpt)
+        scaler.scale(loss / k).backward()
+        total += value / k
+    return total
+
+
 class _TDFTObjective:
     """Self-NPO: the TDFT student loss against the EMA teacher's truncated rollout."""
 
     def __init__(self, t: Trainer, denoiser: Denoiser, data: StartData, ema: EMATeacher) -> None:
         self.t, self.denoiser, self.data, self.ema = t, denoiser, data, ema
 
-    def gradients(self, step: int, gen: torch.Generator, scaler, dev: torch.device, cb: Callbacks,
-                  last_ckpt: Path | None) -> float | None:
-        """The (scaled) gradients of one optimizer step on its batch_size·k samples, k micro-batches of batch_size
-        each backpropagating loss / k (the mean over the step's samples); the step's loss, None if cancelled."""
+    def micro_batch_losses(self, step: int, gen: torch.Generator, dev: torch.device) -> Iterator[torch.Tensor]:
         t, cfg = self.t, self.t.cfg
         micro, k = cfg.batch_size, cfg.grad_accumulation_steps
         z0_all, c_pos_all, c_neg_all = self.data.batch(step, micro * k)
         draws_all = StepDraws.draw(tuple(z0_all.shape), cfg.tdft, gen)
-        total = 0.0
         for j in range(k):
-            if j and cb.should_stop():
-                return None
             rows = torch.arange(j * micro, (j + 1) * micro)
             z0 = z0_all[rows].to(dev)
             c_pos, c_neg = C.index(c_pos_all, rows), C.index(c_neg_all, rows)
@@ -278,12 +291,7 @@ class _TDFTObjective:
             with self.ema.swapped_in():
                 roll = teacher_rollout(self.denoiser, t.schedule, z0, c_pos, c_neg, cfg.tdft, gen, draws)
             c_student = student_cond(c_pos, c_neg, cfg.tdft, micro, gen, draws)
-            loss, _ = student_loss(self.denoiser, t.schedule, roll, c_student, cfg.tdft, gen, draws)
-            value = float(loss.detach())
-            _check_finite(value, step, last_ckpt)
-            scaler.scale(loss / k).backward()
-            total += value / k
-        return total
+            yield student_loss(self.denoiser, t.schedule, roll, c_student, cfg.tdft, gen, draws)[0]
 
     def after_update(self) -> None:
         self.ema.update()
@@ -296,33 +304,23 @@ class _TDFTObjective:
 
 
 class _PreferenceObjective:
-    """Diffusion-NPO: the reversed-DPO loss of ``batch_size`` pairs per micro-batch, against the same denoiser with
-    the offset off."""
+    """Diffusion-NPO: the reversed-DPO loss of ``batch_size`` pairs per micro-batch (one level and one noise per
+    pair, drawn for the whole step), against the same denoiser with the offset off."""
 
     def __init__(self, t: Trainer, denoiser: Denoiser, adapter_off: AdapterOff, data: PairData) -> None:
         self.t, self.denoiser, self.adapter_off, self.data = t, denoiser, adapter_off, data
 
-    def gradients(self, step: int, gen: torch.Generator, scaler, dev: torch.device, cb: Callbacks,
-                  last_ckpt: Path | None) -> float | None:
-        """As ``_TDFTObjective.gradients``, over pairs: one level and one noise per pair, drawn for the whole step."""
+    def micro_batch_losses(self, step: int, gen: torch.Generator, dev: torch.device) -> Iterator[torch.Tensor]:
         t, cfg = self.t, self.t.cfg
         micro, k = cfg.batch_size, cfg.grad_accumulation_steps
         pref_all, rej_all, cond_all = self.data.batch(step, micro * k)
         draws_all = PairDraws.draw(tuple(pref_all.shape), t.schedule.num_levels, gen)
-        total = 0.0
         for j in range(k):
-            if j and cb.should_stop():
-                return None
             rows = torch.arange(j * micro, (j + 1) * micro)
-            out = preference_step(
+            yield preference_step(
                 self.denoiser, self.adapter_off, pref_all[rows].to(dev), rej_all[rows].to(dev),
                 C.index(cond_all, rows), t.schedule, cfg.preference, draws_all.rows(j * micro, (j + 1) * micro),
-            )
-            value = float(out.loss.detach())
-            _check_finite(value, step, last_ckpt)
-            scaler.scale(out.loss / k).backward()
-            total += value / k
-        return total
+            ).loss
 
     def after_update(self) -> None:
         pass
@@ -365,7 +363,7 @@ def _run(t: Trainer, objective, params: dict, cb: Callbacks, checkpoint_path: Pa
             stopped = True
             break
         opt.zero_grad(set_to_none=True)
-        value = objective.gradients(step, gen, scaler, plist[0].device, cb, last_ckpt)
+        value = _accumulate(t, objective, step, gen, scaler, plist[0].device, cb, last_ckpt)
         if value is None:  # cancelled between micro-batches: this step's gradients are dropped
             stopped = True
             break

@@ -5,7 +5,6 @@ the offset learns to fit the rejected images better than the model does."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from . import model_facts
 from .runtime import explain_out_of_memory
 from .training_model import TrainingModel
 from .training_preview import lora_off
-from .training_run import DTYPES, TRAIN_OOM_REMEDIES, on_device
+from .training_run import DTYPES, TRAIN_OOM_REMEDIES, on_device, shapes_hash
 
 AUTHORS_LEARNING_RATE = 5e-6  # DPO-DPO-NPO/run_sd15.sh (constant, 8-bit Adam, batch 64)
 AUTHORS_WEIGHT_DECAY = 1e-2  # the script's adam_weight_decay default
@@ -96,9 +95,8 @@ def authors_beta(tm: TrainingModel) -> float:
 
 
 def signature(tm: TrainingModel, recipe: PreferenceRecipe) -> str:
-    shapes = model_facts.param_shapes(tm.mp)
-    h = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:12]
-    return f"{tm.facts.config}/preference/r{recipe.rank}-{recipe.lora_layers}/{h}"
+    """What a resume checkpoint must match: config class, the objective, rank and layers, the weights' shapes."""
+    return f"{tm.facts.config}/preference/r{recipe.rank}-{recipe.lora_layers}/{shapes_hash(tm)}"
 
 
 def plan(

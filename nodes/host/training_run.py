@@ -77,10 +77,15 @@ class TrainingJob:
         return self.recipe.learning_rate == 0.0
 
 
+def shapes_hash(tm: TrainingModel) -> str:
+    """A short hash of the diffusion model's parameter names and shapes (part of every resume signature)."""
+    shapes = model_facts.param_shapes(tm.mp)
+    return hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:12]
+
+
 def signature(tm: TrainingModel, recipe: Recipe) -> str:
     """What a resume checkpoint must match: config class, mode, rank and layers, the weights' shapes."""
-    shapes = model_facts.param_shapes(tm.mp)
-    h = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:12]
+    h = shapes_hash(tm)
     detail = f"r{recipe.rank}-{recipe.lora_layers}" if recipe.mode == "lora" else "all"
     return f"{tm.facts.config}/{recipe.mode}/{detail}/{h}"
 
