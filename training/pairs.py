@@ -15,6 +15,7 @@ Images are prepared as the authors' trainer does (``Resize(resolution)`` of the 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,13 +89,15 @@ def read_pair_folder(folder: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def prepared(path: Path, resolution: int, item: str, flip: bool = False) -> torch.Tensor:
-    """One image as the authors prepare it, as an IMAGE row [resolution, resolution, 3] in [0, 1]."""
+def prepared(source: Path | bytes, resolution: int, item: str, flip: bool = False) -> torch.Tensor:
+    """One image (a file, or its encoded bytes) as the authors prepare it, as an IMAGE row [resolution, resolution, 3]
+    in [0, 1]."""
+    name = source.name if isinstance(source, Path) else "the image bytes"
     try:
-        with Image.open(path) as im:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
             im = im.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
-        raise PairError(f"{item}: cannot read {path.name} ({e}).") from None
+        raise PairError(f"{item}: cannot read {name} ({e}).") from None
     w, h = im.size  # torchvision's Resize(int): the shorter side to resolution, the longer int(r · long / short)
     size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
     im = im.resize(size, Image.BILINEAR)

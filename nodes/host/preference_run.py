@@ -17,11 +17,11 @@ from ...training.lora import LoRASet
 from ...training.pairs import PairData
 from ...training.preference import BETA, PreferenceConfig
 from ...training.trainer import Callbacks, TrainConfig, Trainer, TrainingError, TrainResult
-from . import model_facts
+from . import model_facts, training_preview
 from .runtime import explain_out_of_memory
 from .training_model import TrainingModel
 from .training_preview import lora_off
-from .training_run import DTYPES, TRAIN_OOM_REMEDIES, on_device, shapes_hash
+from .training_run import DTYPES, TRAIN_OOM_REMEDIES, on_device, shapes_hash, with_preview
 
 AUTHORS_LEARNING_RATE = 5e-6  # DPO-DPO-NPO/run_sd15.sh (constant, 8-bit Adam, batch 64)
 AUTHORS_WEIGHT_DECAY = 1e-2  # the script's adam_weight_decay default
@@ -30,7 +30,8 @@ AUTHORS_WEIGHT_DECAY = 1e-2  # the script's adam_weight_decay default
 @dataclasses.dataclass
 class PairSet:
     """The NPO_PAIRS socket: encoded pairs as the sampler's latents [N, C, ...] (preferred and rejected), the
-    CONDITIONING entry of each prompt, and which prompt each pair belongs to; ``items`` names pairs in messages."""
+    CONDITIONING entry of each prompt, and which prompt each pair belongs to; ``items`` names pairs in messages.
+    ``negative`` (one CONDITIONING entry, or None) is the negative prompt the training preview samples with."""
 
     preferred: torch.Tensor
     rejected: torch.Tensor
@@ -38,6 +39,7 @@ class PairSet:
     prompt_of: torch.Tensor
     items: list[str]
     source: str
+    negative: list | None = None
 
     def __post_init__(self) -> None:
         n = self.preferred.shape[0]
@@ -77,6 +79,7 @@ class PreferenceJob:
     data: PairData
     constants: dict
     checkpoint_path: Path | None
+    negative: object | None = None  # the preview's negative cond in model space, or None: no preview possible
 
 
 def prediction_of(tm: TrainingModel) -> str:
@@ -106,9 +109,11 @@ def plan(
     resume_from: str | Path | None = None,
     checkpoint_path: str | Path | None = None,
     metadata: dict[str, str] | None = None,
+    preview_negative: list | None = None,
 ) -> PreferenceJob:
-    """Check the recipe and the pairs against the model, read the resume checkpoint and the prompts' model inputs,
-    so that bad input fails before training."""
+    """Check the recipe and the pairs against the model, read the resume checkpoint and the prompts' model inputs
+    (and the preview's negative: ``preview_negative``, else the pairs' own), so that bad input fails before
+    training."""
     if recipe.rank < 1:
         raise NPOError("rank: the LoRA rank must be ≥ 1.")
     if recipe.training_dtype not in DTYPES:
@@ -144,18 +149,36 @@ def plan(
         raise NPOError(str(e)) from None
     trainer.metadata = dict(metadata or {})
     spatial = tuple(preferred.shape[2:])
-    pos, _, constants = tm.model_inputs(pairs.positive, pairs.positive[0], spatial, recipe.seed)
+    negative = preview_negative if preview_negative is not None else pairs.negative
+    pos, neg, constants = tm.model_inputs(
+        pairs.positive, negative if negative is not None else pairs.positive[0], spatial, recipe.seed
+    )
     data = PairData(
         tm.to_model_space(preferred.clone().float()), tm.to_model_space(rejected.clone().float()), pos,
         pairs.prompt_of.clone(), recipe.seed,
     )
     path = Path(checkpoint_path) if checkpoint_path else None
-    return PreferenceJob(tm, recipe, trainer, layer_names, data, constants, path)
+    return PreferenceJob(tm, recipe, trainer, layer_names, data, constants, path, neg if negative is not None else None)
 
 
-def train(job: PreferenceJob, callbacks: Callbacks, gradient_checkpointing: bool) -> tuple[TrainResult, NPOOffset]:
+def training_memory(job: PreferenceJob) -> float:
+    """Bytes a step needs beyond the weights (for partial loading): ComfyUI's estimate for a batch of 2 · batch_size
+    (the policy pass runs both images of each pair)."""
+    return job.model.training_memory(job.recipe.batch_size, tuple(job.data.preferred.shape[2:]))
+
+
+def preview_shape(job: PreferenceJob) -> tuple[int, ...]:
+    """The preview sample's latent shape: one pair image's, halved as Self-NPO Train's (not below 64 latent px)."""
+    return training_preview.preview_shape((1, *job.data.preferred.shape[1:]))
+
+
+def train(
+    job: PreferenceJob, callbacks: Callbacks, gradient_checkpointing: bool,
+    preview: training_preview.TrainingPreview | None = None,
+) -> tuple[TrainResult, NPOOffset]:
     """Reversed DPO on the job's LoRA adapters (rank r, alpha r, PEFT's gaussian init as the authors); returns
-    (result, offset). Call under ``torch.inference_mode(False)`` and ``torch.enable_grad()``."""
+    (result, offset), with the ``preview`` pair (the first prompt, the job's negative) sampled when due. Call under
+    ``torch.inference_mode(False)`` and ``torch.enable_grad()``."""
     tm, recipe = job.model, job.recipe
     device = tm.device or tm.load()
     data = dataclasses.replace(
@@ -171,6 +194,12 @@ def train(job: PreferenceJob, callbacks: Callbacks, gradient_checkpointing: bool
             generator=torch.Generator().manual_seed(recipe.seed), init="gaussian",
         )
         lset.attach()
+        if preview is not None:
+            if job.negative is None:
+                raise NPOError("preview: the job has no negative prompt to sample the preview with.")
+            callbacks = with_preview(
+                callbacks, preview, denoiser, data.conds[0], on_device(job.negative, device), lambda: lora_off(lset)
+            )
         try:
             with explain_out_of_memory("NPO preference training", TRAIN_OOM_REMEDIES):
                 result = job.trainer.run_preference(

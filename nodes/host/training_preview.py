@@ -1,6 +1,7 @@
-"""Self-NPO Train's validation preview: every ``every`` optimizer steps, one fixed-seed pair sampled with the model
-as it is (plain CFG) and with the current offset on the negative pass only (as Apply NPO runs it), the run's own first
-prompt and negative, few Euler steps (ComfyUI's ``sample_euler`` over ComfyUI's sigmas) at a small size.
+"""The training nodes' validation preview (Self-NPO Train, NPO Preference Train): every ``every`` optimizer steps,
+one fixed-seed pair sampled with the model as it is (plain CFG) and with the current offset on the negative pass only
+(as Apply NPO runs it), the run's own first prompt and negative, few Euler steps (ComfyUI's ``sample_euler`` over
+ComfyUI's sigmas) at a small size.
 
 The pair is decoded with the connected VAE, else ComfyUI's latent previewer (TAESD / latent-to-RGB), shown as the
 progress-bar preview above the loss curve, and written beside the run's checkpoints when it writes any. A connected
@@ -31,7 +32,7 @@ MIN_PREVIEW_LATENT = 64  # latent pixels a side the preview keeps, if the pool h
 
 @dataclass
 class PreviewSettings:
-    """What Self-NPO Train's preview inputs asked for."""
+    """What a training node's preview inputs asked for."""
 
     every: int  # optimizer steps between previews; 0 = off
     shape: tuple[int, ...]  # latent shape of one preview sample [1, C, (T,) H, W]
@@ -89,7 +90,7 @@ class TrainingPreview:
             self.history.steps.append(step)
             self.history.plain.append(scores[0])
             self.history.npo.append(scores[1])
-            runtime.log.info("Self-NPO preview at step %d: %s plain %.4f, with the offset %.4f", step,
+            runtime.log.info("training preview at step %d: %s plain %.4f, with the offset %.4f", step,
                              self.settings.scorer.name, *scores)
         sheet = preview_sheet(images, step, losses, self.history, getattr(self.settings.scorer, "name", ""))
         self.last = (step, sheet)

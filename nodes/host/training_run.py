@@ -210,12 +210,18 @@ def _with_preview(callbacks: Callbacks, preview: TrainingPreview, denoiser, data
     else:
         def offset_off():
             return full_weights_off(params, session.original)
+    return with_preview(callbacks, preview, denoiser, data.conds_pos[0], data.cond_neg, offset_off)
+
+
+def with_preview(callbacks: Callbacks, preview: TrainingPreview, denoiser, cond_pos, cond_neg, offset_off) -> Callbacks:
+    """``callbacks`` whose on_step also samples the preview pair when it is due (``offset_off()``: a context in which
+    the denoiser is the model without the offset)."""
     losses: list[float] = []
 
     def on_step(done: int, total: int, value: float) -> None:
         losses.append(value)
         if preview.due(done, total):  # before the progress update, which shows it
-            preview.run(done, losses, denoiser, data.conds_pos[0], data.cond_neg, offset_off)
+            preview.run(done, losses, denoiser, cond_pos, cond_neg, offset_off)
         callbacks.on_step(done, total, value)
 
     return Callbacks(on_step=on_step, should_stop=callbacks.should_stop, on_checkpoint=callbacks.on_checkpoint)

@@ -473,3 +473,26 @@ def self_npo_train(model, pos, neg, **kw):
     args.update(kw)
     with torch.inference_mode():
         return SelfNPOTrain.execute(model=model, positive=pos, negative=neg, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# low VRAM, as ComfyUI sees it
+# ---------------------------------------------------------------------------------------------
+def low_vram(monkeypatch, free_bytes: float) -> None:
+    """ComfyUI believes its device is a GPU with ``free_bytes`` free (the tiny model still runs on the CPU)."""
+    mm = comfy.model_management
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    # model loading asks get_free_memory(dev); the CPU's sub-quadratic attention asks (dev, True) to size its
+    # chunks, and its chunked path is not differentiable: it keeps seeing plenty of memory
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (
+        (2**40, 2**40) if torch_free_too else free_bytes))
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
+
+
+def has_128mb_floor() -> bool:
+    """ComfyUI before the 2025 memory rework loads at least 128 MB of a model in low VRAM."""
+    import inspect
+
+    return "128 * 1024 * 1024" in inspect.getsource(comfy.model_management.load_models_gpu)

@@ -178,7 +178,7 @@ def test_a_pair_folder_in_the_input_folder_becomes_pairs(tmp_path, monkeypatch):
     clip = StandInCLIP()
     got = NPOPairsFromFolder.execute(folder="prefs", clip=clip, vae=StandInVAE(), resolution=32, mirrored_copies=True)
     ps = got.result[0]
-    assert clip.seen == ["a fox", "a hut"]  # each distinct prompt encoded once
+    assert clip.seen == ["a fox", "a hut", ""]  # each distinct prompt once, then the preview's empty negative
     assert ps.preferred.shape == (6, 4, 4, 4) and ps.prompt_of.tolist() == [0, 1, 0, 0, 1, 0]
     assert ps.items[3] == "pairs.jsonl line 1 (mirrored)"
     # the mirrored copy is the pair's images flipped left-right before encoding
@@ -313,3 +313,113 @@ def test_training_on_self_generated_pairs(tiny, out_dir):
     ps = _generate(model, out_dir).result[0]
     offset, _, steps = _train(model, ps, steps=2).result
     assert steps == 2 and offset.entries
+
+
+def test_the_preview_pair_is_what_ksampler_gives_with_and_without_the_offset(tiny, out_dir, monkeypatch):
+    """The last preview (the final step, the final offset) equals ComfyUI's KSampler (euler, simple, 8 steps,
+    preview_cfg, seed, the pairs' size) on the model and on Apply NPO with the returned offset, for the first
+    prompt and preview_negative; every preview reaches the progress bar and is saved beside the checkpoints."""
+    import comfy.sample
+
+    from comfyui_npo.nodes.host import runtime, sampling, training_preview
+
+    shown, sampled = [], []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            if preview is not None:
+                shown.append(value)
+
+        def update(self, n):
+            pass
+
+    monkeypatch.setattr(runtime, "progress_bar", Bar)
+    real_pair = training_preview.TrainingPreview.sample_pair
+    monkeypatch.setattr(training_preview.TrainingPreview, "sample_pair",
+                        lambda self, *a, **k: (sampled.append(real_pair(self, *a, **k)), sampled[-1])[1])
+    model = tiny("sd15")
+    pos, neg = kit.make_conds("sd15")
+    out = _train(model, _pairs(), steps=3, preview_every=2, save_every=1, learning_rate="3e-3", preview_cfg=5.0,
+                 preview_negative=neg, seed=4)
+    offset = out.result[0]
+    assert shown == [2, 3] and len(sampled) == 2
+    saved = sorted(p.name for p in (out_dir / "npo_training").glob("*_preview_*.png"))
+    assert saved == ["pref_00001__preview_000002.png", "pref_00001__preview_000003.png"]
+    plain, npo = sampled[-1]
+    assert tuple(plain.shape) == (1, 4, 8, 8)  # the pairs' latents: 64 px images, smaller than 64 latent px
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4))
+
+    def ksampler(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 8, 5.0, "euler", "simple", pos[:1], neg, torch.zeros(1, 4, 8, 8),
+                                       seed=4, disable_pbar=True)
+
+    want_plain, want_npo = ksampler(model), ksampler(sampling.apply_offset(model, offset, 1.0))
+    got_plain, got_npo = (model.model.process_latent_out(x.cpu()) for x in (plain, npo))
+    torch.testing.assert_close(got_plain, want_plain, rtol=1e-4, atol=1e-4)
+    effect = float((want_npo - want_plain).abs().max())
+    assert effect > 1.0, effect  # the offset acts: the two references differ (measured 12.3)
+    # Apply NPO adds the LoRA in its own order of operations: float noise (measured 6e-4); the offset on both
+    # passes, or on none, would be off by the effect itself
+    assert float((got_npo - want_npo).abs().max()) < 1e-3 * effect
+
+
+def test_the_preview_uses_the_pairs_own_negative_and_says_when_there_is_none(tiny, out_dir, monkeypatch):
+    """Self-generated pairs carry their negative prompt, so the preview runs without preview_negative; pairs from
+    IMAGE batches carry none: the report says the preview is off and how to turn it on."""
+    from comfyui_npo.nodes.host import training_preview
+
+    negatives = []
+    real_pair = training_preview.TrainingPreview.sample_pair
+    monkeypatch.setattr(training_preview.TrainingPreview, "sample_pair",
+                        lambda self, d, p, n, o: (negatives.append(n), real_pair(self, d, p, n, o))[1])
+    model = tiny("sd15")
+    ps = _generate(model, out_dir, negative_prompt="blurry").result[0]
+    _train(model, ps, steps=2, preview_every=1)
+    want = TrainingModel(model.clone()).model_inputs(ps.positive, StandInCLIP().encode_from_tokens_scheduled(
+        "blurry")[0], (8, 8))[1]
+    assert len(negatives) == 2 and all(torch.equal(n["c_crossattn"].cpu(), want["c_crossattn"]) for n in negatives)
+    negatives.clear()
+    out = _train(model, _pairs(), steps=2, preview_every=1)
+    assert not negatives and "preview off: these pairs carry no negative prompt" in out.ui.as_dict()["text"][0]
+    assert "preview_cfg" in NPOPreferenceTrain.validate_inputs(save_every=0, preview_cfg=float("nan"))
+
+
+def test_partial_loading_trains_through_comfyuis_low_vram_load(tiny, out_dir, monkeypatch):
+    """With partial_loading, ComfyUI loads the model within the memory it sees free (less than the model) and casts
+    the rest per layer; the offset equals a whole-model load's. partial_loading without checkpointing is refused."""
+    import comfy.model_management as mm
+
+    from comfyui_npo.nodes.host import training_model
+
+    full = _train(tiny("sd15"), _pairs(), steps=2).result[0]
+    mm.unload_all_models()
+    seen, requested = [], []
+    real_load = training_model.TrainingModel.load
+
+    def load_and_look(self, *a, **k):
+        device = real_load(self, *a, **k)
+        seen.append((self.mp.loaded_size(), self.mp.model_size(), bool(getattr(self.mp.model, "model_lowvram", 0))))
+        return device
+
+    monkeypatch.setattr(training_model.TrainingModel, "load", load_and_look)
+    real_lmg = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, force_full_load=False, **k: (
+        requested.append((force_full_load, memory_required > 0)), real_lmg(models, memory_required=memory_required,
+                                                                            force_full_load=force_full_load, **k))[1])
+    model = tiny("sd15")
+    kit.low_vram(monkeypatch, free_bytes=0.3 * model.model_size())
+    partial = _train(model, _pairs(), steps=2, partial_loading=True).result[0]
+    loaded, total, lowvram = seen[-1]
+    if total > 128 * 1024 * 1024 or not kit.has_128mb_floor():
+        assert loaded < total and lowvram, (loaded, total)
+    else:  # this ComfyUI loads at least 128 MB of a model: the tiny one fits whole, the request is what shows
+        assert requested and requested[-1] == (False, True), requested
+    for k, e in full.entries.items():
+        torch.testing.assert_close(partial.entries[k].up, e.up, rtol=0, atol=2e-5)
+    mm.unload_all_models()
+    with pytest.raises(NPOError, match="partial_loading: needs gradient_checkpointing"):
+        _train(tiny("sd15"), _pairs(), gradient_checkpointing=False, partial_loading=True)

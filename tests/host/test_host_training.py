@@ -598,19 +598,6 @@ def test_preview_decodes_with_the_vae_scores_each_pair_and_works_in_full_mode(ti
     assert history.plain[0] == float(sum((255.0 * first[0, 0]).clamp(0, 255).to(torch.uint8).tolist()))
 
 
-def _low_vram(monkeypatch, free_bytes: float) -> None:
-    """ComfyUI believes its device is a GPU with ``free_bytes`` free (the tiny model still runs on the CPU)."""
-    mm = comfy.model_management
-    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
-    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
-    # model loading asks get_free_memory(dev); the CPU's sub-quadratic attention asks (dev, True) to size its
-    # chunks, and its chunked path is not differentiable: it keeps seeing plenty of memory
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (
-        (2**40, 2**40) if torch_free_too else free_bytes))
-    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
-    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
-
-
 def test_partial_loading_trains_through_comfyuis_low_vram_load(tiny, out_dir, monkeypatch):
     """With partial_loading, ComfyUI loads the model within the free memory it sees (here: less than the model) and
     casts the rest per layer; training through it gives the offset a whole-model load gives. Without the option the
@@ -628,14 +615,14 @@ def test_partial_loading_trains_through_comfyuis_low_vram_load(tiny, out_dir, mo
         return device
 
     monkeypatch.setattr(training_model.TrainingModel, "load", load_and_look)
-    floor = _has_128mb_floor()
+    floor = kit.has_128mb_floor()
     requested = []  # (force_full_load, memory_required > 0) of each load_models_gpu call
     real_lmg = mm.load_models_gpu
     monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, force_full_load=False, **k: (
         requested.append((force_full_load, memory_required > 0)), real_lmg(models, memory_required=memory_required,
                                                                             force_full_load=force_full_load, **k))[1])
     model = tiny("sd15")
-    _low_vram(monkeypatch, free_bytes=0.3 * model.model_size())
+    kit.low_vram(monkeypatch, free_bytes=0.3 * model.model_size())
     partial = train(model, pos, neg, steps=2, partial_loading=True).result[0]
     loaded, total, lowvram = seen[-1]
     if total > 128 * 1024 * 1024 or not floor:
@@ -647,13 +634,6 @@ def test_partial_loading_trains_through_comfyuis_low_vram_load(tiny, out_dir, mo
     mm.unload_all_models()
     train(tiny("sd15"), pos, neg, steps=1)
     assert seen[-1][0] == seen[-1][1], "without partial_loading the whole model is loaded"
-
-
-def _has_128mb_floor() -> bool:
-    """ComfyUI before the 2025 memory rework loads at least 128 MB of a model in low VRAM."""
-    import inspect
-
-    return "128 * 1024 * 1024" in inspect.getsource(comfy.model_management.load_models_gpu)
 
 
 def test_partial_loading_refuses_full_mode_and_no_checkpointing(tiny, out_dir):
