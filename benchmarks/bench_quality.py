@@ -35,6 +35,21 @@ over the table. Self-NPO runs the pack's flow TDFT (``training.schedules.FlowSch
 Euler rollout on the table's 25-point grid, the marginal-preserving re-noising, the x0 target), lr 1e-4.
 Everything else (data, metric, variants, controls, protocol) is the VP run's.
 
+Preference (``--methods … preference``, on by default): Diffusion-NPO's way, the authors' reversed Diffusion-DPO,
+on pairs the model makes itself (as the pack's NPO Self-Generated Pairs): per class, ``pref_groups`` groups
+of K = ``pref_k`` samples of the base model with plain CFG ``pref_cfg`` (the benchmark's sampler; 25 × 8 × 10
+= 2000 samples, the same sampling cost as the "self" pool), scored by the metric's classifier (the SCORER:
+log p(intended class | clipped sample), in float64); each group's best and worst (``training.pairs.best_and_worst``)
+form a pair, and the pack's ``training.trainer.Trainer.run_preference`` (``training.preference``: the
+rejected sample in DPO's winner slot, one level and one noise per pair, levels uniform over the model's own
+table, eps target on VP, velocity target on flow, loss −log σ(β_DPO·logits)) trains all weights of a copy of
+the base (AdamW, batch 64 pairs, grad clip 1), the reference being the frozen base weights (a second copy:
+the toy has no adapter to switch off). δ = policy − base, θ_neg = θ + β·δ as for Self-NPO. Tuned on
+validation like Self-NPO: β_DPO ∈ {500, 5000}, lr ∈ {1e-4, 5e-4}, steps ∈ {50, 200} (one step, 64 pairs: 128
+passes without and 128 with grad, 0.93× a TDFT step's forward-equivalents, so equal steps ≈ equal compute),
+strength β ∈ {1, 2, 4}, the scale grid. Its placebo: a random δ with the per-tensor norms of the δ the
+preference chose, strength and scale tuned. Every method's model passes (sampling included) are counted.
+
 Protocol. Each objective (class-cond. FD, FD) is tuned separately. Per base-model seed, on *validation*
 noise shared by all methods: plain CFG's scale on a grid (steps of 0.05 around the optimum), every
 Self-NPO variant's (scale, training steps ∈ {50, 200}, strength β ∈ {1, 2, 4}: the nodes' range is 0–4)
@@ -47,12 +62,14 @@ difference with a 95 % t-interval, the paired t-test p-value (units sharing a ba
 independent) and how many units improved.
 
     pip install -r benchmarks/requirements.txt   # scikit-learn (for the digits), scipy
-    python benchmarks/bench_quality.py [--base vp|flow] [--quick] [--json out.json] [--md out.md] [--threads 1]
+    python benchmarks/bench_quality.py [--base vp|flow] [--quick] [--methods M,…] [--json out.json] [--md out.md]
+        [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -80,14 +97,18 @@ def import_pack():
 
     from comfyui_npo.npo_core.schedule import DiscreteSchedule
     from comfyui_npo.training.data import StartData
-    from comfyui_npo.training.schedules import make_schedule
+    from comfyui_npo.training.pairs import PairData, best_and_worst
+    from comfyui_npo.training.preference import PreferenceConfig
+    from comfyui_npo.training.schedules import VPSchedule, make_schedule
     from comfyui_npo.training.tdft import TDFTConfig
-    from comfyui_npo.training.trainer import Callbacks, TrainConfig, train
+    from comfyui_npo.training.trainer import Callbacks, TrainConfig, Trainer, train
 
-    return DiscreteSchedule, make_schedule, StartData, TDFTConfig, Callbacks, TrainConfig, train
+    return (DiscreteSchedule, make_schedule, VPSchedule, StartData, TDFTConfig, Callbacks, TrainConfig, train,
+            Trainer, PairData, best_and_worst, PreferenceConfig)
 
 
-DiscreteSchedule, make_schedule, StartData, TDFTConfig, Callbacks, TrainConfig, train = import_pack()
+(DiscreteSchedule, make_schedule, VPSchedule, StartData, TDFTConfig, Callbacks, TrainConfig, train, Trainer, PairData,
+ best_and_worst, PreferenceConfig) = import_pack()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +144,16 @@ class Config:
     pool_cfg: float = 1.5  # ... drawn with plain CFG at this scale
     strengths: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # β in θ_neg = θ + β·δ (node: 0..4)
     extra_strengths: list[float] = field(default_factory=lambda: [8.0])  # beyond the node's range: extra rows
+    # Diffusion-NPO (reversed Diffusion-DPO) on self-generated pairs; its own placebo comes with it
+    preference: bool = True
+    pref_groups: int = 25  # pairs per class: groups of pref_k samples, the best and the worst of each
+    pref_k: int = 8  # samples per group (10 × 25 × 8 = 2000 = pool_size: the "self" pool's sampling cost)
+    pref_cfg: float = 1.5  # plain CFG scale of the pair samples (= pool_cfg)
+    pref_steps: list[int] = field(default_factory=lambda: [50, 200])  # a step costs 0.93× a TDFT step's passes
+    pref_betas: list[float] = field(default_factory=lambda: [500.0, 5000.0])  # β_DPO (the authors' SD1.5: 500)
+    pref_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4])
+    pref_batch: int = 64  # pairs per step (the authors' 64)
+    pref_loss: str = "sigmoid"
     # evaluation
     scales: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.6,
                                                          1.8, 2.0])
@@ -158,7 +189,8 @@ def full_config(base: str = "vp") -> Config:
 def quick_config(base: str = "vp") -> Config:
     """A smoke test (about a minute): one base model, two Self-NPO seeds, few steps and samples."""
     return Config(base=base, base_seeds=[0], npo_seeds=[0, 1], base_steps=400, npo_steps=[10, 30], strengths=[1.0],
-                  extra_strengths=[2.0], scales=[1.0, 1.25, 1.5, 2.0], pool_size=300, n_val=300, n_test=500)
+                  extra_strengths=[2.0], scales=[1.0, 1.25, 1.5, 2.0], pool_size=300, n_val=300, n_test=500,
+                  pref_groups=5, pref_k=4, pref_steps=[10, 30], pref_betas=[500.0, 5000.0], pref_lrs=[1e-4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +275,17 @@ class Metric:
 # the diffusion model: one network, eps prediction (VP) or velocity prediction (flow), as a denoiser
 # D(x, level, cond) -> x0 through its process
 # ---------------------------------------------------------------------------------------------
+PASSES = {"forward": 0, "grad": 0}  # network evaluations of one image: without grad, and with grad (+ a backward)
+
+
+def passes_now() -> dict[str, int]:
+    return dict(PASSES)
+
+
+def passes_since(p0: dict[str, int]) -> dict[str, int]:
+    return {k: PASSES[k] - p0[k] for k in PASSES}
+
+
 class EpsNet(nn.Module):
     """The class-conditional MLP; its output is eps (VP) or v (flow), the level enters through log(level)."""
 
@@ -258,6 +301,7 @@ class EpsNet(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 64))
 
     def forward(self, x: torch.Tensor, nu: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        PASSES["grad" if torch.is_grad_enabled() else "forward"] += x.shape[0]
         a = torch.log(nu)[:, None] * self.freqs
         emb = self.t_emb(torch.cat([a.sin(), a.cos()], 1)) + self.c_emb(cond)
         h = self.inp(x.flatten(1))
@@ -273,8 +317,9 @@ class VPProcess:
     kind = "vp"
 
     def __init__(self) -> None:
-        self.schedule = DiscreteSchedule.scaled_linear()  # what TDFT runs on (``training.trainer.train``)
-        self.levels_table = self.schedule.nus.float()
+        table = DiscreteSchedule.scaled_linear()
+        self.schedule = VPSchedule(table)  # what TDFT and the preference step run on (``training.trainer``)
+        self.levels_table = table.nus.float()
 
     def training_example(self, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         """(network input, level, regression target) for clean x0, level drawn uniformly over the table."""
@@ -415,7 +460,9 @@ def source_of(method: str) -> str:
 
 def trained_as(method: str) -> str:
     """Which Self-NPO training run a method needs (the placebo takes its norms from negative/self)."""
-    return "negative/self" if method == PLACEBO else source_of(method)
+    if method == PLACEBO:
+        return "negative/self"
+    return PREF if method == PREF_PLACEBO else source_of(method)
 
 
 def placebo_seed(base_seed: int, npo_seed: int, step: int) -> int:
@@ -426,8 +473,10 @@ def placebo_seed(base_seed: int, npo_seed: int, step: int) -> int:
 # Self-NPO via the pack's trainer
 # ---------------------------------------------------------------------------------------------
 def self_npo(proc: Process, base: EpsNet, start: torch.Tensor, start_labels: torch.Tensor, variant: str, cfg: Config,
-             seed: int, steps: list[int]) -> tuple[dict[int, dict[str, torch.Tensor]], list[float]]:
-    """TDFT on a copy of ``base`` (``training.trainer.train``, all weights); its state dicts at ``steps``."""
+             seed: int, steps: list[int], passes: dict | None = None) -> tuple[dict[int, dict[str, torch.Tensor]],
+                                                                                list[float]]:
+    """TDFT on a copy of ``base`` (``training.trainer.train``, all weights); its state dicts at ``steps``;
+    ``passes`` gets the model passes spent up to each of them."""
     student = copy.deepcopy(base)
     params = dict(student.named_parameters())
     data = StartData(start, [torch.tensor([c]) for c in range(10)], torch.tensor([NULL]), start_labels, seed)
@@ -437,13 +486,134 @@ def self_npo(proc: Process, base: EpsNet, start: torch.Tensor, start_labels: tor
                                        student_cond=variant.split("/")[0]))
     snaps: dict[int, dict[str, torch.Tensor]] = {}
     want = set(steps)
+    p0 = passes_now()
 
     def on_step(step: int, total: int, loss: float) -> None:
         if step in want:
             snaps[step] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if passes is not None:
+                passes[step] = passes_since(p0)
 
     res = train(proc.denoiser(student), proc.schedule, params, data, tcfg, Callbacks(on_step=on_step))
     return snaps, res.losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion-NPO: reversed Diffusion-DPO (the pack's training.preference via Trainer.run_preference)
+# on pairs the base model makes and the classifier ranks
+# ---------------------------------------------------------------------------------------------
+PREF = "preference"
+PREF_PLACEBO = "placebo/preference"  # θ + β·(random direction with the per-tensor norms of the preference δ)
+PREF_METHODS = (PREF, PREF_PLACEBO)
+
+
+@torch.no_grad()
+def self_generated_pairs(proc: Process, base: EpsNet, clf: Classifier, cfg: Config, seed: int) -> tuple[dict, dict]:
+    """Per class, ``pref_groups`` groups of ``pref_k`` plain-CFG samples scored by log p(class | sample); each
+    group's best and worst (``training.pairs.best_and_worst``) are its (preferred, rejected) pair, as sampled."""
+    n, k = 10 * cfg.pref_groups, cfg.pref_k
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n * k, 1, 8, 8, generator=g)
+    labels = (torch.arange(n) % 10).repeat_interleave(k)
+    p0 = passes_now()
+    xs = sample(proc, base, base, labels, cfg.pref_cfg, noise, cfg.sample_steps)
+    cost = passes_since(p0)
+    # in float64: a confident float32 log-softmax rounds to exactly 0 and would tie
+    logp = torch.log_softmax(clf(xs.clamp(-1, 1)).double(), 1).gather(1, labels[:, None])[:, 0]
+    best, worst = [], []
+    for q in range(n):
+        hi, lo = best_and_worst(logp[q * k:(q + 1) * k].tolist(), f"class {q % 10}, group {q // 10}")
+        best.append(q * k + hi)
+        worst.append(q * k + lo)
+    bi, wi = torch.tensor(best), torch.tensor(worst)
+    acc = (clf(xs.clamp(-1, 1)).argmax(1) == labels).float()
+    stats_ = {"pairs": n, "samples": n * k, "passes": cost, "logp_preferred": float(logp[bi].mean()),
+              "logp_rejected": float(logp[wi].mean()), "acc_all": float(acc.mean()),
+              "acc_preferred": float(acc[bi].mean()), "acc_rejected": float(acc[wi].mean())}
+    return {"preferred": xs[bi], "rejected": xs[wi], "prompt_of": torch.arange(n) % 10}, stats_
+
+
+def preference_npo(proc: Process, base: EpsNet, pairs: dict, cfg: Config, seed: int, dpo_beta: float, lr: float,
+                   steps: list[int], passes: dict | None = None) -> tuple[dict[int, dict[str, torch.Tensor]],
+                                                                          list[float]]:
+    """Reversed DPO on a copy of ``base`` (all weights) against the frozen base; state dicts at ``steps``."""
+    policy = copy.deepcopy(base)
+    params = dict(policy.named_parameters())
+    d_policy, d_ref = proc.denoiser(policy), proc.denoiser(base)
+    off = [False]
+
+    def denoise(x: torch.Tensor, level: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return (d_ref if off[0] else d_policy)(x, level, cond)
+
+    @contextlib.contextmanager
+    def adapter_off():
+        off[0] = True
+        try:
+            yield
+        finally:
+            off[0] = False
+
+    data = PairData(pairs["preferred"], pairs["rejected"], [torch.tensor([c]) for c in range(10)], pairs["prompt_of"],
+                    seed)
+    pcfg = PreferenceConfig(beta=dpo_beta, loss_type=cfg.pref_loss, prediction="flow" if proc.kind == "flow" else "eps")
+    tcfg = TrainConfig(steps=max(steps), batch_size=cfg.pref_batch, learning_rate=lr,
+                       weight_decay=cfg.npo_weight_decay, grad_clip=1.0, seed=seed, objective="preference",
+                       preference=pcfg)
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    want = set(steps)
+    p0 = passes_now()
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if step in want:
+            snaps[step] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+            if passes is not None:
+                passes[step] = passes_since(p0)
+
+    res = Trainer(proc.schedule, tcfg).run_preference(denoise, adapter_off, params, data, Callbacks(on_step=on_step))
+    return snaps, res.losses
+
+
+def preference_runs(proc: Process, base: EpsNet, pairs: dict, cfg: Config, seed: int, keys: set | None,
+                    rec: dict | None = None) -> dict[tuple, dict[str, torch.Tensor]]:
+    """Offsets keyed (β_DPO, lr, steps): every grid setting (``keys`` None) or the ones in ``keys``."""
+    out = {}
+    for db in cfg.pref_betas:
+        for lr in cfg.pref_lrs:
+            steps = cfg.pref_steps if keys is None else sorted(st for (d, r, st) in keys if (d, r) == (db, lr))
+            if not steps:
+                continue
+            passes: dict = {}
+            snaps, losses = preference_npo(proc, base, pairs, cfg, seed, db, lr, steps, passes)
+            out.update({(db, lr, st): v for st, v in snaps.items()})
+            if rec is not None:
+                name = f"{PREF} β_DPO={db:g} lr={lr:g}"
+                rec["train_loss"][name] = [round(float(np.mean(losses[i:i + 10])), 5)
+                                           for i in range(0, len(losses), 10)]
+                rec["passes"].setdefault(PREF, {}).update({f"{db:g}/{lr:g}/{st}": v for st, v in passes.items()})
+    return out
+
+
+def pref_placebo_seed(cfg: Config, base_seed: int, npo_seed: int, key: tuple) -> int:
+    db, lr, st = key
+    grid = cfg.pref_betas.index(db) * len(cfg.pref_lrs) + cfg.pref_lrs.index(lr)
+    return 1_000_000 + 100_000 * grid + 10_000 * base_seed + 1000 * npo_seed + st
+
+
+def snap_key(method: str, chosen: dict):
+    """Which trained offset a chosen setting names: Self-NPO by its steps, preference by (β_DPO, lr, steps)."""
+    if source_of(method) in PREF_METHODS:
+        return (chosen["dpo_beta"], chosen["lr"], chosen["steps"])
+    return chosen["steps"]
+
+
+def setting_fields(key) -> dict:
+    if isinstance(key, tuple):
+        return {"steps": key[2]}
+    return {"steps": key}
+
+
+def pref_fields(key) -> dict:
+    return {"dpo_beta": key[0], "lr": key[1]} if isinstance(key, tuple) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +650,7 @@ def run(cfg: Config, log: Log) -> dict:
     top = max(cfg.strengths + cfg.extra_strengths)
     methods = [n for m in cfg.variants for n in ([m, f"{m}{EXT}{top:g}"] if cfg.extra_strengths else [m])]
     methods += [PLACEBO] if cfg.placebo else []
+    methods += list(PREF_METHODS) if cfg.preference else []
     if PLACEBO in methods and "negative/self" not in cfg.variants:
         raise SystemExit("the placebo takes its norms from the negative/self variant: keep that variant")
     proc = process_of(cfg)
@@ -489,12 +660,20 @@ def run(cfg: Config, log: Log) -> dict:
     log(f"feature classifier: held-out accuracy {clf_acc:.3f}")
     out: dict = {"classifier_heldout_acc": clf_acc, "bases": {}}
     for b in cfg.base_seeds:
-        rec: dict = {"val": {}, "chosen": {}, "units": {}, "train_loss": {}}
+        rec: dict = {"val": {}, "chosen": {}, "units": {}, "train_loss": {}, "passes": {}}
         out["bases"][str(b)] = rec
         base = train_base(proc, x, y, cfg, b)
         pn, pl = noise_set(cfg.pool_size, 30_000 + b)
+        p0 = passes_now()
         starts = {"data": (x, y), "self": (sample(proc, base, base, pl, cfg.pool_cfg, pn, cfg.sample_steps), pl)}
+        rec["sampling_passes"] = {"data": {"forward": 0, "grad": 0}, "self": passes_since(p0)}
         log(f"base {b}: trained, pool sampled")
+        pairs = None
+        if cfg.preference:
+            pairs, rec["pairs"] = self_generated_pairs(proc, base, clf, cfg, 50_000 + b)
+            rec["sampling_passes"][PREF] = rec["pairs"]["passes"]
+            log(f"base {b}: {rec['pairs']['pairs']} self-generated pairs (log p preferred "
+                f"{rec['pairs']['logp_preferred']:.3f}, rejected {rec['pairs']['logp_rejected']:.3f})")
 
         # ---- validation: tune everything on the same validation noise, Self-NPO seed = npo_seeds[0]
         vn, vl = noise_set(cfg.n_val, 10_000 + b)
@@ -502,22 +681,32 @@ def run(cfg: Config, log: Log) -> dict:
         rec["val"]["plain"] = [{"scale": s, **rounded(m)} for s, m in plain_val.items()]
         r0 = cfg.npo_seeds[0]
         snaps0: dict[str, dict] = {}
-        for m in [*cfg.variants, *([PLACEBO] if cfg.placebo else [])]:
+        for m in [*cfg.variants, *([PLACEBO] if cfg.placebo else []), *(PREF_METHODS if cfg.preference else [])]:
             if m == PLACEBO:
                 snaps = {st: placebo_offset(base, snaps0["negative/self"][st], placebo_seed(b, r0, st))
                          for st in cfg.npo_steps}
                 grid = [(st, beta) for st in cfg.npo_steps for beta in cfg.strengths]
+            elif m == PREF:
+                snaps = preference_runs(proc, base, pairs, cfg, r0, None, rec)
+                grid = [(key, beta) for key in snaps for beta in cfg.strengths]
+            elif m == PREF_PLACEBO:  # the norms of the δ preference chose (per objective), strength and scale tuned
+                keys = {snap_key(PREF, min(rec["val"][PREF], key=lambda r, o=obj: r[o])) for obj in cfg.objectives}
+                snaps = {key: placebo_offset(base, snaps0[PREF][key], pref_placebo_seed(cfg, b, r0, key))
+                         for key in sorted(keys)}
+                grid = [(key, beta) for key in snaps for beta in cfg.strengths]
             else:
-                snaps, losses = self_npo(proc, base, *starts[m.split("/")[1]], m, cfg, r0, cfg.npo_steps)
+                passes: dict = {}
+                snaps, losses = self_npo(proc, base, *starts[m.split("/")[1]], m, cfg, r0, cfg.npo_steps, passes)
                 rec["train_loss"][m] = [round(float(np.mean(losses[i:i + 10])), 5) for i in range(0, len(losses), 10)]
+                rec["passes"][m] = {str(st): v for st, v in passes.items()}
                 grid = [(st, beta) for st in cfg.npo_steps for beta in cfg.strengths + cfg.extra_strengths]
             snaps0[m] = snaps
             rows = []
-            for st, beta in grid:
-                neg = with_offset(base, snaps[st], beta)
+            for key, beta in grid:
+                neg = with_offset(base, snaps[key], beta)
                 for s in cfg.scales:
                     res = plain_val[s] if s == 1.0 else metric(sample(proc, base, neg, vl, s, vn, cfg.sample_steps), vl)
-                    rows.append({"scale": s, "steps": st, "beta": beta, **rounded(res)})
+                    rows.append({"scale": s, **setting_fields(key), "beta": beta, **pref_fields(key), **rounded(res)})
             rec["val"][m] = rows
             log(f"base {b}: {m} trained and validated ({len(rows)} settings)")
         for obj in cfg.objectives:
@@ -527,15 +716,16 @@ def run(cfg: Config, log: Log) -> dict:
                 if EXT not in m:
                     rows = [r for r in rows if r["beta"] <= max(cfg.strengths)]
                 best[m] = min(rows, key=lambda r, o=obj: r[o])
-            rec["chosen"][obj] = {m: {k: r[k] for k in ("scale", "steps", "beta") if k in r} for m, r in best.items()}
+            rec["chosen"][obj] = {m: {k: r[k] for k in ("scale", "steps", "beta", "dpo_beta", "lr") if k in r}
+                                  for m, r in best.items()}
 
         # ---- test: fresh noise per (base, Self-NPO seed) unit, shared by all methods
         for r in cfg.npo_seeds:
-            need: dict[str, set[int]] = {m: set() for m in cfg.variants}
+            need: dict[str, set] = {m: set() for m in [*cfg.variants, *([PREF] if cfg.preference else [])]}
             for obj in cfg.objectives:
                 for m in methods:
                     c = rec["chosen"][obj][m]
-                    need[trained_as(m)].add(c["steps"])
+                    need[trained_as(m)].add(snap_key(m, c))
             if r == r0:
                 snaps_r = snaps0
             else:
@@ -544,6 +734,11 @@ def run(cfg: Config, log: Log) -> dict:
                 if PLACEBO in methods:
                     snaps_r[PLACEBO] = {st: placebo_offset(base, snaps_r["negative/self"][st], placebo_seed(b, r, st))
                                         for st in need["negative/self"]}
+                if cfg.preference:
+                    snaps_r[PREF] = preference_runs(proc, base, pairs, cfg, r, need[PREF])
+                    snaps_r[PREF_PLACEBO] = {key: placebo_offset(base, snaps_r[PREF][key],
+                                                                  pref_placebo_seed(cfg, b, r, key))
+                                             for key in need[PREF]}
             tn, tl = noise_set(cfg.n_test, 20_000 + 100 * b + r)
             cache: dict = {}
             unit: dict = {}
@@ -554,12 +749,12 @@ def run(cfg: Config, log: Log) -> dict:
                     if m == "plain" or c["scale"] == 1.0:  # at scale 1 the negative branch has no effect
                         key = ("plain", c["scale"], None, None)
                     else:
-                        key = (source_of(m), c["scale"], c["steps"], c["beta"])
+                        key = (source_of(m), c["scale"], snap_key(m, c), c["beta"])
                     if key not in cache:
                         if key[0] == "plain":
                             neg = base
                         else:
-                            neg = with_offset(base, snaps_r[key[0]][c["steps"]], c["beta"])
+                            neg = with_offset(base, snaps_r[key[0]][key[2]], c["beta"])
                         cache[key] = rounded(metric(sample(proc, base, neg, tl, c["scale"], tn, cfg.sample_steps), tl))
                     unit[obj][m] = cache[key]
                 # plain CFG with its scale picked on this unit's test noise (an optimistic bound for plain CFG:
@@ -598,11 +793,34 @@ def run(cfg: Config, log: Log) -> dict:
         pairs = {}
         todo = [(a, ORACLE) for a in methods] + [(a, PLACEBO) for a in methods if PLACEBO in methods and a != PLACEBO]
         todo += [(a, c) for i, a in enumerate(cfg.variants) for c in cfg.variants[i + 1:]]
+        if cfg.preference:
+            todo += [(PREF, PREF_PLACEBO)] + [(PREF, c) for c in methods if c not in (PREF, PREF_PLACEBO, PLACEBO)]
         for a, c in todo:
             d = [u[obj][a][obj] - u[obj][c][obj] for rec in out["bases"].values() for u in rec["units"].values()]
             pairs[f"{a} − {c}"] = summary(d)
         out["variant_vs_variant"][obj] = pairs
+    out["passes"] = {obj: {m: method_passes(out, m, obj) for m in methods if m not in (PLACEBO, PREF_PLACEBO)}
+                     for obj in cfg.objectives}
     return out
+
+
+def method_passes(out: dict, m: str, obj: str) -> dict:
+    """The model passes one offset of ``m`` costs at its chosen setting (mean over base models): sampling its
+    start pool or pairs, and training (forward without grad; forward with grad, each followed by a backward)."""
+    rows = []
+    for rec in out["bases"].values():
+        c = rec["chosen"][obj][m]
+        src = source_of(m)
+        if src == PREF:
+            sampling = rec["sampling_passes"][PREF]
+            tr = rec["passes"][PREF][f"{c['dpo_beta']:g}/{c['lr']:g}/{c['steps']}"]
+        else:
+            sampling = rec["sampling_passes"][src.split("/")[1]]
+            tr = rec["passes"][src][str(c["steps"])]
+        rows.append([sampling["forward"] + sampling["grad"], tr["forward"], tr["grad"]])
+    a = np.mean(np.asarray(rows, dtype=np.float64), 0)
+    return {"sampling": float(a[0]), "train_forward": float(a[1]), "train_grad": float(a[2]),
+            "forward_equivalents": float(a[0] + a[1] + 3 * a[2])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +836,9 @@ def markdown(res: dict, cfg: Config) -> str:
     units = len(cfg.base_seeds) * len(cfg.npo_seeds)
     lines = []
     names = {"plain": "plain CFG", PLACEBO: "placebo: random δ, same norms as negative/self",
-             ORACLE: "plain CFG, scale picked on the test noise (oracle)"}
+             ORACLE: "plain CFG, scale picked on the test noise (oracle)",
+             PREF: "preference: reversed Diffusion-DPO on self-generated pairs",
+             PREF_PLACEBO: "placebo: random δ, same norms as preference"}
     for m in res["summary"][cfg.objectives[0]]:
         if m not in names:
             beyond = EXT in m and max(cfg.extra_strengths) > NODE_STRENGTH_MAX
@@ -638,7 +858,8 @@ def markdown(res: dict, cfg: Config) -> str:
                     chosen.append("/".join(f"{u[obj][ORACLE]['scale']:g}" for u in rec["units"].values()))
                     continue
                 c = rec["chosen"][obj][m]
-                chosen.append(f"{c['scale']:g}" + (f" / {c['steps']} / {c['beta']:g}" if "steps" in c else ""))
+                chosen.append(f"{c['scale']:g}" + (f" / {c['steps']} / {c['beta']:g}" if "steps" in c else "")
+                              + (f" / β_DPO {c['dpo_beta']:g} / lr {c['lr']:g}" if "dpo_beta" in c else ""))
             cells = [f"{e[k]['mean']:.2f} ± {e[k]['std']:.2f}" if k != "acc" else
                      f"{100 * e[k]['mean']:.2f} % ± {100 * e[k]['std']:.2f}" for k in METRICS]
             if "delta" in e[obj]:
@@ -675,9 +896,26 @@ def markdown(res: dict, cfg: Config) -> str:
             for rec in res["bases"].values():
                 c = rec["chosen"][obj][m]
                 vals += [r[obj] for r in rec["val"][source_of(m)]
-                         if r["scale"] == s and r.get("steps") == c.get("steps") and r.get("beta") == c.get("beta")]
+                         if r["scale"] == s and all(r.get(k) == c.get(k) for k in ("steps", "beta", "dpo_beta", "lr"))]
             row.append(f"{np.mean(vals):.2f}")
         lines.append(f"| {names[m]} | " + " | ".join(row) + " |")
+    if any(PREF in rec["passes"] for rec in res["bases"].values()):
+        lines += ["", "Model passes of one offset at its chosen setting (network evaluations of one 8×8 image; mean "
+                  "over base models; sampling = the start pool or the pairs, 20 steps, cond + uncond; "
+                  "forward-equivalents count a backward as 2 forwards):", ""]
+        for o in cfg.objectives:
+            lines += [f"| tuned for {METRICS[o]} | sampling | training, forward | training, forward + backward "
+                      "| forward-equivalents |", "|---|---|---|---|---|"]
+            for m, v in res["passes"][o].items():
+                lines.append(f"| {names.get(m, m)} | {v['sampling']:,.0f} | {v['train_forward']:,.0f} "
+                             f"| {v['train_grad']:,.0f} | {v['forward_equivalents']:,.0f} |")
+            lines.append("")
+        for bseed, rec in res["bases"].items():
+            pr = rec["pairs"]
+            lines.append(f"Pairs, base {bseed}: {pr['pairs']} from {pr['samples']} samples; log p(class): preferred "
+                         f"{pr['logp_preferred']:.3f}, rejected {pr['logp_rejected']:.3f}; classified right: all "
+                         f"{100 * pr['acc_all']:.1f} %, preferred {100 * pr['acc_preferred']:.1f} %, rejected "
+                         f"{100 * pr['acc_rejected']:.1f} %.")
     return "\n".join(lines) + "\n"
 
 
@@ -688,12 +926,21 @@ def main(argv: list[str] | None = None) -> None:
                     help="the base model: vp (eps, SD's discrete schedule; default) or flow (rectified flow, v, "
                          "shift 3 as SD3)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--methods", default=",".join([*VARIANTS, PLACEBO, PREF]),
+                    help=f"comma-separated, from {', '.join([*VARIANTS, PLACEBO, PREF])} (default: all; "
+                         f"'{PREF}' brings its own placebo; '{PLACEBO}' needs negative/self)")
     ap.add_argument("--json", type=Path, help="write the full results (validation curves, units, summary) here")
     ap.add_argument("--md", type=Path, help="write the Markdown tables here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = quick_config(args.base) if args.quick else full_config(args.base)
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in (*VARIANTS, PLACEBO, PREF)]
+    if bad or not chosen:
+        ap.error(f"--methods: unknown {bad}; choose from {', '.join([*VARIANTS, PLACEBO, PREF])}")
+    cfg.variants = [v for v in VARIANTS if v in chosen]
+    cfg.placebo, cfg.preference = PLACEBO in chosen, PREF in chosen
     log = Log(args.quiet)
     res = run(cfg, log)
     wall = time.time() - log.t0
