@@ -9,12 +9,18 @@ def node_list() -> list:
     from .host import files
     from .models import NPOApply, NPONegativeModel
     from .offsets import NPOCompressOffset, NPOLoadOffset, NPOSaveOffset
-    from .preference import NPOPairsFromFolder, NPOPairsFromImages, NPOPreferenceTrain, NPOSelfGeneratedPairs
+    from .preference import (
+        NPOPairsFromFolder,
+        NPOPairsFromImages,
+        NPOPairsFromParquet,
+        NPOPreferenceTrain,
+        NPOSelfGeneratedPairs,
+    )
     from .train import SelfNPOTrain
 
     files.register_npo_folder()
     return [
         NPOLoadOffset, NPOApply, NPONegativeModel, NPOCFGGuider, NPOCompressOffset, SelfNPOTrain, NPOSaveOffset,
         NPOLoadScorer, NPOCompareReport, NPOScoreImages, NPOPromptList, NPOPreferenceTrain, NPOPairsFromImages,
-        NPOPairsFromFolder, NPOSelfGeneratedPairs,
+        NPOPairsFromFolder, NPOSelfGeneratedPairs, NPOPairsFromParquet,
     ]

@@ -10,11 +10,11 @@ from comfy_api.latest import io, ui
 
 from ..npo_core.errors import NPOError
 from ..npo_core.families import PRESET_NAMES
-from ..training import optimizers, pairs
+from ..training import optimizers, pairs, parquet_pairs
 from ..training.preference import LOSS_TYPES
 from ..training.trainer import Callbacks
 from .common import NPOOffsetType, NPOScorerType, advanced, check_widgets, refusal, schema
-from .host import files, pair_generation, preference_run, runtime, training_conds
+from .host import files, pair_generation, preference_run, runtime, training_conds, training_preview
 from .host.training_model import TrainingModel
 from .plot import loss_curve_image
 from .train import NONE, _new_checkpoint_path, _resume_path, checkpoint_files, parse_learning_rate
@@ -131,30 +131,136 @@ class NPOPairsFromFolder(io.ComfyNode):
         _check_folder_inputs(cls, folder, resolution)
         try:
             found = pairs.read_pair_folder(files.input_subfolder(folder, "folder"))
-            pbar = runtime.progress_bar(len(found))
-            good, bad = [], []
-            for p in found:
-                good.append(pairs.prepared(p.preferred, resolution, p.item))
-                bad.append(pairs.prepared(p.rejected, resolution, p.item))
-                runtime.throw_if_interrupted()
-                pbar.update(1)
         except pairs.PairError as e:
             raise NPOError(f"folder: {e}") from None
-        preferred, rejected = torch.stack(good), torch.stack(bad)
-        items = [p.item for p in found]
-        prompts = list(dict.fromkeys(p.prompt for p in found))
-        prompt_of = torch.tensor([prompts.index(p.prompt) for p in found])
-        if mirrored_copies:
-            preferred, rejected = torch.cat([preferred, preferred.flip(2)]), torch.cat([rejected, rejected.flip(2)])
-            items += [f"{i} (mirrored)" for i in items]
-            prompt_of = torch.cat([prompt_of, prompt_of])
-        entries = [clip.encode_from_tokens_scheduled(clip.tokenize(text))[0] for text in prompts]
-        pair_set = preference_run.PairSet(
-            _encode(vae, preferred, "folder"), _encode(vae, rejected, "folder"), entries, prompt_of, items,
-            f"NPO Pairs From Folder ({folder})",
+        pair_set, n_prompts = _prepared_pair_set(
+            found, clip, vae, resolution, mirrored_copies, "folder", f"NPO Pairs From Folder ({folder})"
         )
-        text = f"{len(found)} pairs from {folder}/{pairs.INDEX}, {len(prompts)} prompt(s), {resolution} px"
+        text = f"{len(found)} pairs from {folder}/{pairs.INDEX}, {n_prompts} prompt(s), {resolution} px"
         return io.NodeOutput(pair_set, ui=ui.PreviewText(text + (", with mirrored copies" if mirrored_copies else "")))
+
+
+def _prepared_pair_set(
+    found: list, clip, vae, resolution: int, mirrored_copies: bool, input_name: str, source: str
+) -> tuple[preference_run.PairSet, int]:
+    """Pairs (``.prompt``, ``.preferred``, ``.rejected`` files or image bytes, ``.item``) resized and centre-cropped
+    as the authors do, mirrored copies added, prompts encoded with ``clip`` and images with ``vae``; bad images are
+    errors naming the item and ``input_name``."""
+    pbar = runtime.progress_bar(len(found))
+    good, bad = [], []
+    try:
+        for p in found:
+            good.append(pairs.prepared(p.preferred, resolution, p.item))
+            bad.append(pairs.prepared(p.rejected, resolution, p.item))
+            runtime.throw_if_interrupted()
+            pbar.update(1)
+    except pairs.PairError as e:
+        raise NPOError(f"{input_name}: {e}") from None
+    preferred, rejected = torch.stack(good), torch.stack(bad)
+    items = [p.item for p in found]
+    prompts = list(dict.fromkeys(p.prompt for p in found))
+    prompt_of = torch.tensor([prompts.index(p.prompt) for p in found])
+    if mirrored_copies:
+        preferred, rejected = torch.cat([preferred, preferred.flip(2)]), torch.cat([rejected, rejected.flip(2)])
+        items += [f"{i} (mirrored)" for i in items]
+        prompt_of = torch.cat([prompt_of, prompt_of])
+    entries = [clip.encode_from_tokens_scheduled(clip.tokenize(text))[0] for text in prompts]
+    empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0]  # the preview's negative: the empty prompt
+    pair_set = preference_run.PairSet(
+        _encode(vae, preferred, input_name), _encode(vae, rejected, input_name), entries, prompt_of, items, source,
+        negative=empty,
+    )
+    return pair_set, len(prompts)
+
+
+class NPOPairsFromParquet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="NPOPairsFromParquet",
+            display_name="NPO Pairs From Parquet",
+            search_aliases=[*PAIR_ALIASES, "pick-a-pic", "pickapic", "parquet"],
+            description="Preference pairs from a Pick-a-Pic-style parquet shard in ComfyUI's input folder (columns "
+            "caption, jpg_0, jpg_1, label_0; label_0 1 = jpg_0 preferred, 0 = jpg_1, 0.5 = a tie), the data the "
+            "released Diffusion-NPO offsets were trained on. Needs pyarrow in ComfyUI's Python (never installed by "
+            "the pack). Images are resized and centre-cropped as the authors do.",
+            inputs=[
+                io.Combo.Input(
+                    "file",
+                    options=files.input_files(".parquet") or [NONE],
+                    tooltip="A .parquet file in ComfyUI's input folder (subfolders included), e.g. a Pick-a-Pic "
+                    "v1 train shard.",
+                ),
+                io.Clip.Input("clip", tooltip="The text encoder of the model to train (encodes each caption)."),
+                io.Vae.Input("vae", tooltip="The VAE of the model to train (encodes the images)."),
+                io.Int.Input(
+                    "resolution", default=512, min=16, max=4096, step=8,
+                    tooltip="The shorter side is resized to this and the centre cropped square, as the authors' "
+                    "trainer does (512 for SD1.5, 1024 for SDXL).",
+                ),
+                io.Int.Input(
+                    "max_pairs", default=256, min=0, max=1_000_000,
+                    tooltip="Use the first N usable pairs of the shard, in file order (0 = all; every pair is "
+                    "held in memory as two images and two latents).",
+                ),
+                io.Combo.Input(
+                    "ties", options=list(parquet_pairs.TIES), default="skip",
+                    tooltip="Rows with label_0 0.5 or the same image twice teach nothing: skip them (Diffusion-DPO "
+                    "drops Pick-a-Pic's ties) or stop with an error naming the first.",
+                    **advanced(),
+                ),
+                io.Boolean.Input(
+                    "mirrored_copies", default=True,
+                    tooltip="Also add every pair mirrored left-right (the authors flip images at random as they "
+                    "load them; a mirrored copy of each pair gives the same data, fixed).",
+                ),
+            ],
+            outputs=[NPOPairsType.Output(display_name="pairs")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file=None, resolution=None, max_pairs=None) -> bool | str:
+        return refusal(lambda: _check_parquet_inputs(cls, file, resolution, max_pairs))
+
+    @classmethod
+    def fingerprint_inputs(cls, file, clip, vae, resolution, max_pairs, ties, mirrored_copies) -> str:
+        try:
+            st = os.stat(files.input_file_path(file, "file"))
+            return f"{file}:{st.st_mtime_ns}:{st.st_size}"
+        except Exception:
+            return file
+
+    @classmethod
+    def execute(
+        cls, file: str, clip, vae, resolution: int, max_pairs: int, ties: str, mirrored_copies: bool
+    ) -> io.NodeOutput:
+        _check_parquet_inputs(cls, file, resolution, max_pairs)
+        try:
+            read = parquet_pairs.read_parquet_pairs(files.input_file_path(file, "file"), max_pairs, ties)
+        except pairs.PairError as e:
+            raise NPOError(f"file: {e}") from None
+        pair_set, n_prompts = _prepared_pair_set(
+            read.pairs, clip, vae, resolution, mirrored_copies, "file", f"NPO Pairs From Parquet ({file})"
+        )
+        text = (
+            f"{len(read.pairs)} pairs from {read.rows_read} rows of {file} ({read.skipped} ties or same-image rows "
+            f"skipped), {n_prompts} prompt(s), {resolution} px"
+        )
+        return io.NodeOutput(pair_set, ui=ui.PreviewText(text + (", with mirrored copies" if mirrored_copies else "")))
+
+
+def _check_parquet_inputs(cls, file, resolution, max_pairs) -> None:
+    check_widgets(cls, {"resolution": resolution, "max_pairs": max_pairs})
+    if resolution is not None and resolution % 8:
+        raise NPOError(f"resolution: {resolution} is not a multiple of 8 (the latent factor of SD-family VAEs).")
+    missing = parquet_pairs.reader_missing()
+    if missing:
+        raise NPOError(f"file: {missing}")
+    if file is not None:
+        if file == NONE:
+            raise NPOError("file: no .parquet file in ComfyUI's input folder; put a Pick-a-Pic shard there and "
+                           "refresh (R) the node list.")
+        files.input_file_path(file, "file")
 
 
 class NPOSelfGeneratedPairs(io.ComfyNode):
@@ -240,7 +346,7 @@ class NPOSelfGeneratedPairs(io.ComfyNode):
         made = pair_generation.generate(model, vae, scorer, positive, negative, settings, shape, cache, on_sample)
         pair_set = preference_run.PairSet(
             made.preferred, made.rejected, positive, torch.arange(len(texts)),
-            [f"prompt {i + 1}" for i in range(len(texts))], "NPO Self-Generated Pairs",
+            [f"prompt {i + 1}" for i in range(len(texts))], "NPO Self-Generated Pairs", negative=negative[0],
         )
         preview = torch.cat([vae.decode(made.preferred), vae.decode(made.rejected)], dim=2)  # preferred | rejected
         lines = [
@@ -355,6 +461,47 @@ class NPOPreferenceTrain(io.ComfyNode):
                     "optimizer it was trained with.",
                     **advanced(),
                 ),
+                io.Int.Input(
+                    "preview_every", default=100, min=0, max=1_000_000, optional=True,
+                    tooltip="Every N optimizer steps (and at the end) one fixed-seed pair is sampled, plain CFG and "
+                    "with the current offset on the negative pass (8 Euler steps, the first prompt, the negative, "
+                    "preview_cfg), shown as the progress preview over the loss curve and saved beside the "
+                    "checkpoints (when save_every > 0). Needs a negative prompt: the pairs' own (pair folders and "
+                    "parquet: the empty prompt; self-generated pairs: theirs) or preview_negative. 0 = off.",
+                    **advanced(),
+                ),
+                io.Conditioning.Input(
+                    "preview_negative", optional=True,
+                    tooltip="The negative prompt the preview samples with (instead of the pairs' own; NPO Pairs From "
+                    "Images carries none).",
+                ),
+                io.Float.Input(
+                    "preview_cfg", default=7.5, min=0.0, max=100.0, step=0.1, optional=True,
+                    tooltip="CFG scale of the preview pair.", **advanced(),
+                ),
+                io.Vae.Input(
+                    "preview_vae", optional=True,
+                    tooltip="Decode the previews with this VAE (exact images); without it ComfyUI's latent "
+                    "previewer draws them (TAESD or a rough latent-to-RGB).",
+                ),
+                NPOScorerType.Input(
+                    "preview_scorer", optional=True,
+                    tooltip="A scorer from NPO Load Scorer: each preview pair is scored, logged and plotted "
+                    "(connect preview_vae: scores of rough latent previews mean little).",
+                ),
+                io.String.Input(
+                    "preview_prompt", default="", optional=True,
+                    tooltip="The text of the first pair's prompt, for preview_scorer (PickScore, HPS and ImageReward "
+                    "score an image against its prompt; the aesthetic scorer ignores it).",
+                ),
+                io.Boolean.Input(
+                    "partial_loading", default=False, optional=True,
+                    tooltip="For models larger than the GPU: ComfyUI loads what fits after keeping room for "
+                    "training, and casts the rest of the frozen weights to the GPU layer by layer in each forward, "
+                    "as it does for sampling in low VRAM. Slower in proportion to the weights left off the GPU; "
+                    "needs gradient_checkpointing. Off: the whole model is loaded.",
+                    **advanced(),
+                ),
             ],
             outputs=[
                 NPOOffsetType.Output(display_name="npo_offset"),
@@ -366,16 +513,23 @@ class NPOPreferenceTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, learning_rate=None, filename_prefix=None, save_every=None, beta=None) -> bool | str:
-        return refusal(lambda: _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta))
+    def validate_inputs(
+        cls, learning_rate=None, filename_prefix=None, save_every=None, beta=None, preview_cfg=None
+    ) -> bool | str:
+        return refusal(lambda: _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta, preview_cfg))
 
     @classmethod
     def execute(
         cls, model, pairs, steps: int, batch_size: int, learning_rate, beta: float, loss_type: str, rank: int,
         lora_layers: str, seed: int, gradient_checkpointing: bool, training_dtype: str, save_every: int,
         filename_prefix: str, resume_from: str, grad_accumulation_steps: int, optimizer: str,
+        preview_every: int = 100, preview_negative=None, preview_cfg: float = 7.5, preview_vae=None,
+        preview_scorer=None, preview_prompt: str = "", partial_loading: bool = False,
     ) -> io.NodeOutput:
-        _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta)
+        _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta, preview_cfg)
+        if partial_loading and not gradient_checkpointing:
+            raise NPOError("partial_loading: needs gradient_checkpointing on (without it the backward keeps every "
+                           "weight cast to the device alive, which is what partial loading avoids).")
         hidden = cls.hidden
         provenance = files.provenance(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
         tm = TrainingModel(model.clone())
@@ -386,15 +540,26 @@ class NPOPreferenceTrain(io.ComfyNode):
         )
         resume_path = _resume_path(resume_from)
         ckpt = resume_path or (_new_checkpoint_path(filename_prefix) if save_every > 0 else None)
-        job = preference_run.plan(tm, recipe, pairs, resume_path, ckpt if save_every > 0 else None, provenance)
+        negative = None
+        if preview_negative is not None:
+            negative = training_conds.conditioning_entries(preview_negative, "preview_negative")[0]
+        job = preference_run.plan(
+            tm, recipe, pairs, resume_path, ckpt if save_every > 0 else None, provenance, negative
+        )
+        preview, preview_note = _preference_preview(
+            job, preview_every, preview_cfg, seed, preview_vae, preview_scorer, preview_prompt
+        )
         pbar = runtime.progress_bar(steps)
-        tm.load()
+        tm.load(partial_loading, preference_run.training_memory(job) if partial_loading else 0.0)
         pbar.update_absolute(job.trainer.done, steps)
         with torch.inference_mode(False), torch.enable_grad():
             callbacks = Callbacks(
-                on_step=lambda done, total, value: pbar.update_absolute(done, steps), should_stop=runtime.interrupted
+                on_step=lambda done, total, value: pbar.update_absolute(
+                    done, steps, preview.progress_preview(done) if preview else None
+                ),
+                should_stop=runtime.interrupted,
             )
-            result, offset = preference_run.train(job, callbacks, gradient_checkpointing)
+            result, offset = preference_run.train(job, callbacks, gradient_checkpointing, preview)
         if result.stopped_early:
             runtime.throw_if_interrupted()
         cfg = job.trainer.cfg
@@ -406,11 +571,36 @@ class NPOPreferenceTrain(io.ComfyNode):
         )
         if result.last_checkpoint:
             text += f"\ncheckpoint: {os.path.basename(result.last_checkpoint)}"
+        if preview_note:
+            text += f"\n{preview_note}"
         return io.NodeOutput(offset, loss_curve_image(result.losses), result.steps_done, ui=ui.PreviewText(text))
 
 
-def _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta) -> None:
-    check_widgets(cls, {"save_every": save_every, "beta": beta})
+def _preference_preview(
+    job, every: int, cfg: float, seed: int, vae, scorer, prompt: str
+) -> tuple[training_preview.TrainingPreview | None, str]:
+    """NPO Preference Train's preview (None when preview_every is 0 or no negative prompt is known) and the note
+    its report shows when a preview was asked for but cannot run."""
+    if every <= 0:
+        return None, ""
+    if job.negative is None:
+        return None, ("preview off: these pairs carry no negative prompt (NPO Pairs From Images); connect "
+                      "preview_negative, or set preview_every 0.")
+    if scorer is not None and not prompt.strip() and getattr(scorer, "uses_prompt", True):
+        raise NPOError(
+            f"preview_prompt: {scorer.name} scores an image against its prompt; write the text of the first pair's "
+            "prompt (or disconnect preview_scorer)."
+        )
+    settings = training_preview.PreviewSettings(
+        every, preference_run.preview_shape(job), float(cfg), seed, vae, scorer, prompt.strip()
+    )
+    return training_preview.TrainingPreview(
+        job.model.mp, settings, training_preview.preview_stem(job.checkpoint_path)
+    ), ""
+
+
+def _check_train_inputs(cls, learning_rate, filename_prefix, save_every, beta, preview_cfg=None) -> None:
+    check_widgets(cls, {"save_every": save_every, "beta": beta, "preview_cfg": preview_cfg})
     if learning_rate is not None:
         parse_learning_rate(learning_rate)
     if filename_prefix is not None and save_every:

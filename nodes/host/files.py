@@ -142,23 +142,33 @@ def provenance(prompt, extra_pnginfo) -> dict[str, str]:
     return meta
 
 
-def input_text_files() -> list[str]:
-    """The .txt files of ComfyUI's input folder (subfolders included), relative with '/'."""
+def input_files(suffix: str) -> list[str]:
+    """The files of ComfyUI's input folder ending in ``suffix`` (subfolders included), relative with '/'."""
     root = folder_paths.get_input_directory()
     out = []
     for here, _dirs, found in os.walk(root, followlinks=True):
         rel = os.path.relpath(here, root)
-        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in found if f.endswith(".txt")]
+        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in found if f.endswith(suffix)]
     return sorted(out)
 
 
-def read_input_text(name: str, input_name: str) -> str:
-    """A text file of ComfyUI's input folder (UTF-8)."""
+def input_text_files() -> list[str]:
+    """The .txt files of ComfyUI's input folder (subfolders included), relative with '/'."""
+    return input_files(".txt")
+
+
+def input_file_path(name: str, input_name: str) -> str:
+    """A file of ComfyUI's input folder (a relative name without '..'); missing is an error naming the input."""
     check_relative_name(name, input_name)
     path = os.path.join(folder_paths.get_input_directory(), name)
     if not os.path.isfile(path):
         raise NPOError(f"{input_name}: '{name}' is not in ComfyUI's input folder.")
-    with open(path, encoding="utf-8") as f:
+    return path
+
+
+def read_input_text(name: str, input_name: str) -> str:
+    """A text file of ComfyUI's input folder (UTF-8)."""
+    with open(input_file_path(name, input_name), encoding="utf-8") as f:
         return f.read()
 
 

@@ -27,6 +27,7 @@ EXPECTED_OUTPUTS = {
     "NPOPairsFromImages": ["NPO_PAIRS"],
     "NPOPairsFromFolder": ["NPO_PAIRS"],
     "NPOSelfGeneratedPairs": ["NPO_PAIRS", "IMAGE"],
+    "NPOPairsFromParquet": ["NPO_PAIRS"],
 }
 CONTRACT = json.loads((Path(__file__).with_name("node_contract.json")).read_text(encoding="utf-8"))
 PACK_MODULE = f"custom_nodes.{kit.PACK_FOLDER}"

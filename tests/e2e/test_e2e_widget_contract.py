@@ -92,7 +92,7 @@ def saved_workflow() -> tuple[dict, dict]:
 
 # nodes added after saved_workflows/every_pack_node.json was saved in the frontend (re-save it to cover them)
 NEWER_THAN_THE_SAVED_WORKFLOW = {
-    "NPOPreferenceTrain", "NPOPairsFromImages", "NPOPairsFromFolder", "NPOSelfGeneratedPairs",
+    "NPOPreferenceTrain", "NPOPairsFromImages", "NPOPairsFromFolder", "NPOSelfGeneratedPairs", "NPOPairsFromParquet",
 }
 
 

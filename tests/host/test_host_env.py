@@ -18,4 +18,4 @@ def test_comfyui_found_and_on_cpu(comfy_root):
     assert ids == {"NPOLoadOffset", "NPOApply", "NPONegativeModel", "NPOCFGGuider", "NPOCompressOffset",
                    "SelfNPOTrain", "NPOSaveOffset", "NPOLoadScorer", "NPOCompareReport",
                    "NPOScoreImages", "NPOPromptList", "NPOPreferenceTrain", "NPOPairsFromImages",
-                   "NPOPairsFromFolder", "NPOSelfGeneratedPairs"}  # landed ids never change
+                   "NPOPairsFromFolder", "NPOSelfGeneratedPairs", "NPOPairsFromParquet"}  # landed ids never change

@@ -26,7 +26,11 @@ ADVANCED = {
     },
     "NPOCompareReport": {"frames_per_item", "bootstrap_seed"},
     "NPOScoreImages": {"frames_per_item"},
-    "NPOPreferenceTrain": {"loss_type", "lora_layers", "training_dtype", "grad_accumulation_steps", "optimizer"},
+    "NPOPreferenceTrain": {
+        "loss_type", "lora_layers", "training_dtype", "grad_accumulation_steps", "optimizer", "preview_every",
+        "preview_cfg", "partial_loading",
+    },
+    "NPOPairsFromParquet": {"ties"},
 }
 
 
