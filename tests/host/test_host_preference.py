@@ -424,3 +424,35 @@ def test_partial_loading_trains_through_comfyuis_low_vram_load(tiny, out_dir, mo
     mm.unload_all_models()
     with pytest.raises(NPOError, match="partial_loading: needs gradient_checkpointing"):
         _train(tiny("sd15"), _pairs(), gradient_checkpointing=False, partial_loading=True)
+
+
+def test_a_preference_offset_saves_reloads_and_loads_in_comfyuis_lora_loader(tiny, npo_dir, out_dir, monkeypatch):
+    """Save NPO Offset → Load NPO Offset gives the same ΔW; ComfyUI's LoraLoaderModelOnly patches every trained
+    layer to W + (alpha/rank)·up·down, computed here by hand from the trained LoRA's factors."""
+    import comfy.lora
+    import folder_paths
+
+    import nodes as comfy_nodes
+    from comfyui_npo.nodes.host import model_facts
+    from comfyui_npo.nodes.offsets import NPOLoadOffset, NPOSaveOffset
+
+    model = tiny("sd15")
+    offset = _train(model, _pairs(), steps=2, learning_rate="1e-3").result[0]
+    with torch.inference_mode():
+        NPOSaveOffset.execute(npo_offset=offset, filename_prefix="pref")
+    (name,) = [p.name for p in npo_dir.iterdir()]
+    with torch.inference_mode():
+        loaded = model_facts.resolve_for_model(NPOLoadOffset.execute(offset_name=name).result[0], model)
+    assert set(loaded.entries) == set(offset.entries)
+    assert "diffusion-npo-reversed-dpo" in loaded.metadata["npo.recipe"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(npo_dir)], {".safetensors"}))
+    with torch.inference_mode():
+        stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+    unet = dict(model.model.diffusion_model.named_parameters())
+    assert set(stock.patches) == {f"diffusion_model.{k}" for k in offset.entries}  # every trained layer, no other
+    for key, e in offset.entries.items():
+        w = unet[key].detach().float()
+        by_hand = w + (e.alpha / e.down.shape[0] if e.alpha is not None else 1.0) * (e.up.float() @ e.down.float())
+        got = comfy.lora.calculate_weight(stock.patches[f"diffusion_model.{key}"], w.clone(), key)
+        torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-6)
+        assert float((got - w).abs().max()) > 0, key
