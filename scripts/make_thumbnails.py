@@ -20,6 +20,7 @@ from npo_headless.workflows import (  # noqa: E402
     EXAMPLE_COMPARE,
     EXAMPLE_GUIDER,
     EXAMPLE_KSAMPLER,
+    EXAMPLE_PREFERENCE,
     EXAMPLE_SD35,
     EXAMPLE_SDXL,
     EXAMPLE_SELF_NPO,
@@ -46,6 +47,8 @@ CARDS = {
                              "train a video offset, same-seed A/B"),
     EXAMPLE_COMPARE: ("Does NPO help?", ["Prompt List", "KSampler ± Apply NPO", "NPO Compare Report"],
                       "PickScore per pair, win rate, p-value"),
+    EXAMPLE_PREFERENCE: ("Preference NPO", ["Self-Generated Pairs", "NPO Preference Train", "Compare Reports"],
+                         "no NPO vs Self-NPO vs preference"),
 }
 
 

@@ -18,12 +18,13 @@ EXAMPLE_SD35 = "5 NPO on SD3.5 with a trained offset"
 EXAMPLE_WAN21 = "6 NPO on Wan 2.1 video"
 EXAMPLE_WAN21_SELF_NPO = "7 Train a Self-NPO offset for Wan 2.1 and compare"
 EXAMPLE_COMPARE = "8 Does NPO help on my checkpoint"
+EXAMPLE_PREFERENCE = "9 Train an NPO offset from preference pairs"
 # The examples for DiT families: no released offset, tiny DiT assets of their own (tests/e2e/test_e2e_dit_examples.py,
 # tests/e2e/test_e2e_dit_self_npo.py)
 DIT_EXAMPLES = (EXAMPLE_SD35, EXAMPLE_WAN21, EXAMPLE_WAN21_SELF_NPO)
 # The examples that score images: they need scorer files in models/npo_scorers, a tiny PickScore folder on the
-# test server (tests/e2e/test_e2e_compare_example.py)
-SCORER_EXAMPLES = (EXAMPLE_COMPARE,)
+# test server (tests/e2e/test_e2e_compare_example.py, test_e2e_preference_example.py)
+SCORER_EXAMPLES = (EXAMPLE_COMPARE, EXAMPLE_PREFERENCE)
 
 # Nodes that exist only in the frontend: never sent to the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}

@@ -13,8 +13,9 @@ EXAMPLES = kit.example_names()
 def test_the_examples_are_titled_and_numbered_simplest_first():
     """The template browser shows a pack's workflows by file name: readable titles, numbered in order."""
     assert EXAMPLES == [kit.EXAMPLE_KSAMPLER, kit.EXAMPLE_SDXL, kit.EXAMPLE_GUIDER, kit.EXAMPLE_SELF_NPO,
-                        kit.EXAMPLE_SD35, kit.EXAMPLE_WAN21, kit.EXAMPLE_WAN21_SELF_NPO, kit.EXAMPLE_COMPARE]
-    assert [int(name.split(" ", 1)[0]) for name in EXAMPLES] == [1, 2, 3, 4, 5, 6, 7, 8]
+                        kit.EXAMPLE_SD35, kit.EXAMPLE_WAN21, kit.EXAMPLE_WAN21_SELF_NPO, kit.EXAMPLE_COMPARE,
+                        kit.EXAMPLE_PREFERENCE]
+    assert [int(name.split(" ", 1)[0]) for name in EXAMPLES] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert all(" " in name and "_" not in name for name in EXAMPLES)
 
 
