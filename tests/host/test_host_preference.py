@@ -456,3 +456,43 @@ def test_a_preference_offset_saves_reloads_and_loads_in_comfyuis_lora_loader(tin
         got = comfy.lora.calculate_weight(stock.patches[f"diffusion_model.{key}"], w.clone(), key)
         torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-6)
         assert float((got - w).abs().max()) > 0, key
+
+
+@pytest.mark.fault(
+    "Cancel (ComfyUI's interrupt) during NPO Preference Train",
+    "stops within one step; the model stays bit-identical with no adapter left on it; the last checkpoint resumes",
+)
+def test_cancel_stops_within_one_step_and_leaves_the_model_as_it_was(tiny, out_dir, monkeypatch):
+    import comfy.model_management
+
+    from comfyui_npo.nodes.host import runtime
+
+    model = tiny("sd15")
+    before = kit.state_hash(model.model.diffusion_model)
+    seen, armed = [], [True]
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total=None, preview=None):
+            seen.append(value)
+            if armed[0] and value == 3:  # the 3rd step done: press Cancel
+                armed[0] = False
+                comfy.model_management.interrupt_current_processing(True)
+
+        def update(self, n):
+            pass
+
+    monkeypatch.setattr(runtime, "progress_bar", Bar)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _train(model, _pairs(), steps=8, save_every=2, filename_prefix="stop")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert max(seen) == 3  # no step ran after the cancel
+    assert kit.state_hash(model.model.diffusion_model) == before
+    assert kit.hooked_modules(model.model.diffusion_model) == []
+    (ckpt,) = (out_dir / "npo_training").glob("stop_*.pt")
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    assert _train(model, _pairs(), steps=4, save_every=2, resume_from=ckpt.name).result[2] == 4
