@@ -249,13 +249,35 @@ class LatentLayout:
         return (1, self.channels, *spatial)
 
 
+# Latent factors for ComfyUI releases whose latent formats do not declare them: v0.3.64 has no
+# ``spacial_downscale_ratio``, v0.14.1 and older no ``temporal_downscale_ratio``. The values are the ones later
+# releases declare and the older releases' own empty-latent nodes already use (EmptyLTXVLatentVideo height // 32 and
+# ((length − 1) // 8) + 1, EmptyHunyuanLatentVideo and the Wan nodes ((length − 1) // 4) + 1, Wan 2.2 5B's
+# latent // 16, EmptyCosmosLatentVideo // 8, EmptyMochiLatentVideo // 6). Looked up along the format's class
+# hierarchy (Wan22 is a Wan21).
+SPATIAL_FACTORS = {"LTXV": 32, "Wan22": 16, "HunyuanImage21": 32, "HunyuanVideo15": 16, "Flux2": 16}
+TEMPORAL_FACTORS = {"Wan21": 4, "HunyuanVideo": 4, "HunyuanVideo15": 4, "CogVideoX": 4, "Mochi": 6, "LTXV": 8,
+                    "Cosmos1CV8x8x8": 8}
+
+
+def _factor(fmt, attribute: str, known: dict[str, int], default: int) -> int:
+    """The format's declared factor, else the value of ``known`` for the nearest class of its hierarchy."""
+    declared = getattr(fmt, attribute, None)
+    if declared is not None:
+        return int(declared)
+    for cls in type(fmt).__mro__:
+        if cls.__name__ in known:
+            return known[cls.__name__]
+    return default
+
+
 def latent_layout(mp) -> LatentLayout:
     fmt = mp.model.latent_format
     return LatentLayout(
         channels=int(fmt.latent_channels),
         rank=2 + int(getattr(fmt, "latent_dimensions", 2)),
-        spatial_factor=int(getattr(fmt, "spacial_downscale_ratio", 8)),
-        temporal_factor=int(getattr(fmt, "temporal_downscale_ratio", 1)),
+        spatial_factor=_factor(fmt, "spacial_downscale_ratio", SPATIAL_FACTORS, 8),
+        temporal_factor=_factor(fmt, "temporal_downscale_ratio", TEMPORAL_FACTORS, 1),
     )
 
 

@@ -26,11 +26,10 @@ from comfyui_npo.npo_core.errors import NPOError
 def _pool_size(fam, model) -> dict:
     """width/height/frames of a pool sample with the family's tiny latent shape."""
     shape = fam.latent_shape(1)
-    f = model_facts.latent_layout(model).spatial_factor
-    out = {"width": shape[-1] * f, "height": shape[-2] * f}
+    layout = model_facts.latent_layout(model)
+    out = {"width": shape[-1] * layout.spatial_factor, "height": shape[-2] * layout.spatial_factor}
     if len(shape) == 5:
-        fmt = model.model.latent_format
-        out["frames"] = (shape[2] - 1) * int(getattr(fmt, "temporal_downscale_ratio", 1)) + 1
+        out["frames"] = (shape[2] - 1) * layout.temporal_factor + 1
     return out
 
 
