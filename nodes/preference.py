@@ -272,9 +272,9 @@ class NPOSelfGeneratedPairs(io.ComfyNode):
             node_id="NPOSelfGeneratedPairs",
             display_name="NPO Self-Generated Pairs",
             search_aliases=[*PAIR_ALIASES, "self-generated", "scorer", "reward"],
-            description="Preference pairs with no dataset: samples_per_prompt images per prompt from the model "
-            "itself, scored by a scorer (NPO Load Scorer); the highest and the lowest of each prompt are its "
-            "preferred and rejected image. Cached in output/npo_pairs, so a resumed run does not sample again.",
+            description="Preference pairs with no dataset: samples_per_prompt images (or videos) per prompt from "
+            "the model itself, scored by a scorer (NPO Load Scorer); the highest and the lowest of each prompt are "
+            "its preferred and rejected sample. Cached in output/npo_pairs, so a resumed run does not sample again.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample from: the one NPO Preference Train trains."),
                 io.Clip.Input("clip", tooltip="Its text encoder (encodes the prompts)."),
@@ -309,30 +309,43 @@ class NPOSelfGeneratedPairs(io.ComfyNode):
                     tooltip="Keep the pairs in output/npo_pairs (keyed by every setting and the model) and reuse "
                     "them when nothing changed.",
                 ),
+                io.Int.Input(
+                    "frames", default=1, min=1, max=4096, optional=True,
+                    tooltip="Video models (Wan, HunyuanVideo, LTX-Video, ...): frames per sample, as their "
+                    "empty-latent nodes take them (Wan: 4·n + 1, e.g. 33); the scorer scores every frame and a "
+                    "sample's score is their mean. Image models: 1.",
+                ),
             ],
             outputs=[NPOPairsType.Output(display_name="pairs"), io.Image.Output(display_name="preview")],
         )
 
     @classmethod
-    def validate_inputs(cls, prompts=None, width=None, height=None, cfg=None, steps=None) -> bool | str:
-        return refusal(lambda: _check_generation_inputs(cls, prompts, width, height, cfg, steps))
+    def validate_inputs(cls, prompts=None, width=None, height=None, cfg=None, steps=None, frames=None) -> bool | str:
+        return refusal(lambda: _check_generation_inputs(cls, prompts, width, height, cfg, steps, frames))
 
     @classmethod
     def execute(
         cls, model, clip, vae, scorer, prompts: str, negative_prompt: str, samples_per_prompt: int, width: int,
         height: int, steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int, cache: bool,
+        frames: int = 1,
     ) -> io.NodeOutput:
-        _check_generation_inputs(cls, prompts, width, height, cfg, steps)
+        _check_generation_inputs(cls, prompts, width, height, cfg, steps, frames)
         texts = _prompt_lines(prompts)
         tm = TrainingModel(model.clone(), "model")
-        if tm.latent.rank != 4:
-            raise NPOError(f"model: {tm.family.name} is a video model; self-generated pairs are made for image models.")
-        f = tm.latent.spatial_factor
+        layout = tm.latent
+        if layout.rank == 4 and frames != 1:
+            raise NPOError(f"frames: {tm.family.name} makes single images; set frames to 1.")
+        if layout.rank == 5 and (frames - 1) % layout.temporal_factor:
+            k = layout.temporal_factor
+            raise NPOError(
+                f"frames: {tm.family.name} takes {k}·n + 1 frames (e.g. {k * ((frames - 1) // k) + 1}); got {frames}."
+            )
+        f = layout.spatial_factor
         if width % f or height % f:
             raise NPOError(f"width/height: {width}×{height} is not divisible by this model's latent factor {f}.")
         settings = pair_generation.GenerationSettings(
             tuple(texts), negative_prompt, samples_per_prompt, width, height, steps, float(cfg), sampler_name,
-            scheduler, seed, getattr(scorer, "name", type(scorer).__name__),
+            scheduler, seed, getattr(scorer, "name", type(scorer).__name__), frames,
         )
         positive = [clip.encode_from_tokens_scheduled(clip.tokenize(t))[0] for t in texts]
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative_prompt))
@@ -342,13 +355,14 @@ class NPOSelfGeneratedPairs(io.ComfyNode):
             runtime.throw_if_interrupted()
             pbar.update(1)
 
-        shape = tm.latent.pool_shape(width, height, 1)
+        shape = layout.pool_shape(width, height, frames)
         made = pair_generation.generate(model, vae, scorer, positive, negative, settings, shape, cache, on_sample)
         pair_set = preference_run.PairSet(
             made.preferred, made.rejected, positive, torch.arange(len(texts)),
             [f"prompt {i + 1}" for i in range(len(texts))], "NPO Self-Generated Pairs", negative=negative[0],
         )
-        preview = torch.cat([vae.decode(made.preferred), vae.decode(made.rejected)], dim=2)  # preferred | rejected
+        # preferred | rejected, side by side (a video's frames one after the other)
+        preview = torch.cat([_frames(vae.decode(made.preferred)), _frames(vae.decode(made.rejected))], dim=2)
         lines = [
             f"{t[:40]!r}: best {made.scores[i, made.best[i]]:.4f} (sample {made.best[i]}), worst "
             f"{made.scores[i, made.worst[i]]:.4f} (sample {made.worst[i]})"
@@ -363,8 +377,13 @@ def _prompt_lines(prompts: str) -> list[str]:
     return [line.strip() for line in str(prompts).splitlines() if line.strip()]
 
 
-def _check_generation_inputs(cls, prompts, width, height, cfg, steps) -> None:
-    check_widgets(cls, {"width": width, "height": height, "cfg": cfg, "steps": steps})
+def _frames(images: torch.Tensor) -> torch.Tensor:
+    """A VAE's decode (images [B, H, W, 3] or videos [B, T, H, W, 3]) as IMAGE frames [B·T, H, W, 3]."""
+    return images.reshape(-1, *images.shape[-3:])
+
+
+def _check_generation_inputs(cls, prompts, width, height, cfg, steps, frames=None) -> None:
+    check_widgets(cls, {"width": width, "height": height, "cfg": cfg, "steps": steps, "frames": frames})
     if prompts is not None and not _prompt_lines(prompts):
         raise NPOError("prompts: empty; write one prompt per line.")
 

@@ -1,4 +1,5 @@
-"""Self-generated preference pairs: K samples per prompt from the model, scored, the best and the worst a pair.
+"""Self-generated preference pairs: K samples per prompt from the model, scored, the best and the worst a pair (a
+video's score is the mean of its frames').
 
 Sample k of prompt p starts from noise seeded ``seed + p·K + k`` (so any subset is reproducible) and is sampled
 with ComfyUI's own ``comfy.sample.sample`` (the sampler, scheduler, steps and cfg given); the VAE decodes it for
@@ -40,6 +41,7 @@ class GenerationSettings:
     scheduler: str
     seed: int
     scorer: str
+    frames: int = 1  # video models: frames per sample (each scored, the sample's score their mean)
 
 
 @dataclasses.dataclass
@@ -86,6 +88,16 @@ def _read_cache(path: Path, settings: GenerationSettings, fingerprint: str) -> G
                      state["worst"].tolist(), True)
 
 
+def sample_scores(decoded: torch.Tensor, k: int, scorer, prompt: str) -> torch.Tensor:
+    """Each of the k samples' score: its image's, or the mean over a video's frames (decoded [k, (T,) H, W, 3];
+    a video VAE may give [k·T, H, W, 3])."""
+    frames = decoded.reshape(-1, *decoded.shape[-3:])
+    if frames.shape[0] % k:
+        raise NPOError(f"vae: decoded {frames.shape[0]} frames for {k} samples; use the model's own VAE.")
+    per_frame = scorer.score(frames, [prompt] * frames.shape[0]).float().cpu()
+    return per_frame.reshape(k, -1).mean(dim=1)
+
+
 def generate(
     mp, vae, scorer, positive: list, negative: list, settings: GenerationSettings, latent_shape: tuple[int, ...],
     use_cache: bool, on_sample: Callable[[], None],
@@ -114,9 +126,7 @@ def generate(
             latents.append(lat.float().cpu())
             on_sample()
         batch = torch.cat(latents)
-        images = vae.decode(batch)
-        images = images.reshape(-1, *images.shape[-3:])[:k]
-        scores = scorer.score(images, [prompt] * k).float().cpu()
+        scores = sample_scores(vae.decode(batch), k, scorer, prompt)
         try:
             b, w = pairs.best_and_worst(scores.tolist(), prompt)
         except pairs.PairError as e:

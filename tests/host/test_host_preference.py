@@ -496,3 +496,60 @@ def test_cancel_stops_within_one_step_and_leaves_the_model_as_it_was(tiny, out_d
     (ckpt,) = (out_dir / "npo_training").glob("stop_*.pt")
     assert torch.load(ckpt, weights_only=True)["step"] == 2
     assert _train(model, _pairs(), steps=4, save_every=2, resume_from=ckpt.name).result[2] == 4
+
+
+class VideoVAE:
+    """Wan-shaped stand-in: latent [B, 16, T, h, w] → video [B, T, 8h, 8w, 3] (a fixed squash of 3 channels)."""
+
+    def decode(self, latent):
+        x = torch.sigmoid(latent[:, :3]).movedim(2, 1).flatten(0, 1)  # [B·T, 3, h, w]
+        up = torch.nn.functional.interpolate(x, scale_factor=8).movedim(1, -1)
+        return up.reshape(latent.shape[0], latent.shape[2], *up.shape[1:])
+
+
+class FamilyCLIP:
+    """Encodes a prompt to the family's conditioning, seeded by the text."""
+
+    def __init__(self, fam):
+        self.fam = fam
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return self.fam.conds(sum(map(ord, tokens)) % 1000)[0]
+
+
+def test_self_generated_video_pairs_score_the_mean_of_their_frames_and_train(tiny, out_dir):
+    """A video model (tiny Wan 2.1, 5 frames = 2 latent frames): each sample's score is the mean of its frames'
+    scores, recomputed here by sampling every sample again by hand; the pairs train a preference offset."""
+    import comfy.sample
+
+
+    fam = fk.family("wan21")
+    model = fk.tiny_model(fam)
+    clip = FamilyCLIP(fam)
+    with pytest.raises(NPOError, match=r"frames: .* takes 4·n \+ 1 frames \(e.g. 5\); got 6"):
+        _generate(model, out_dir, clip=clip, vae=VideoVAE(), frames=6, cache=False)
+    with pytest.raises(NPOError, match="frames: .* makes single images"):
+        _generate(tiny("sd15"), out_dir, frames=5, cache=False)
+    scorer = BrightnessScorer()
+    out = _generate(model, out_dir, clip=clip, vae=VideoVAE(), scorer=scorer, frames=5, cfg=fam.cfg,
+                    prompts="a fox", samples_per_prompt=3)
+    ps, preview = out.result
+    assert ps.preferred.shape == (1, 16, 2, 8, 8) and preview.shape == (2, 64, 128, 3)  # 2 frames, side by side
+    assert len(scorer.calls[0]) == 3 * 2  # every frame of every sample scored
+    means = []
+    for k in range(3):
+        noise = torch.randn((1, 16, 2, 8, 8), generator=torch.Generator().manual_seed(7 + k))
+        with torch.inference_mode():
+            lat = comfy.sample.sample(model, noise, 2, fam.cfg, "euler", "normal", clip.encode_from_tokens_scheduled(
+                "a fox"), clip.encode_from_tokens_scheduled(""), torch.zeros(1, 16, 2, 8, 8), seed=7 + k,
+                disable_pbar=True).float()
+        means.append((lat, float(VideoVAE().decode(lat).mean())))  # equal-size frames: mean of frame means
+    assert len({m for _, m in means}) == 3
+    best = max(means, key=lambda t: t[1])[0]
+    worst = min(means, key=lambda t: t[1])[0]
+    assert torch.allclose(ps.preferred, best, atol=1e-5) and torch.allclose(ps.rejected, worst, atol=1e-5)
+    offset, _, steps = _train(model, ps, steps=2, preview_every=2, learning_rate="1e-3").result
+    assert steps == 2 and offset.entries and offset.base_arch == "WAN21_T2V"
