@@ -11,6 +11,8 @@ import logging
 import re
 
 MIN_COMFYUI = "0.3.64"
+# The frontend extension (web/npo_templates.js: the template browser lists the templates 1, 2, 3, ... in order).
+WEB_DIRECTORY = "./web"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

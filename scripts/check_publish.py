@@ -38,7 +38,8 @@ PLACEHOLDER_OWNER = "OWNER"
 NEVER_SHIPPED = ("tests/", "benchmarks/", ".ci/", ".github/", "scripts/test.sh", "scripts/requirements-test.txt")
 # What a user's install needs: the pack, its templates, and the scripts users run with their helpers.
 ALWAYS_SHIPPED = ("__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "scripts/run_demo.py",
-                  "scripts/npo_compare_folders.py", "scripts/npo_generate_pairs.py", ICON_PATH)
+                  "scripts/npo_compare_folders.py", "scripts/npo_generate_pairs.py", ICON_PATH,
+                  "web/npo_templates.js")  # the frontend extension (WEB_DIRECTORY): templates in order
 # Features the description must name, each as (what, any of these phrases, the node that makes it a feature).
 FEATURES = (
     ("NPO inference", ("Diffusion-NPO", "NPO guidance"), "NPOApply"),

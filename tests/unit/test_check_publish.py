@@ -54,7 +54,8 @@ def test_the_pack_is_ready_but_for_the_owner_values(pack):
     assert len(found.owner) == 2 and "PublisherId" in found.owner[0] and "Repository" in found.owner[1]
     assert not any(p.startswith(("tests/", ".ci/", ".github/")) for p in shipped)
     assert not any(p.startswith("benchmarks/") and p.endswith(".py") for p in shipped)
-    assert {"scripts/run_demo.py", "scripts/npo_headless/make_assets.py", "nodes/train.py"} <= shipped
+    assert {"scripts/run_demo.py", "scripts/npo_headless/make_assets.py", "nodes/train.py",
+            "web/npo_templates.js"} <= shipped
     assert any(p.startswith("example_workflows/") and p.endswith(".json") for p in shipped)
     assert cp.main(["--root", str(pack), "--matrix", " ".join(MATRIX), "--owner-fields", "pending"]) == 0
     assert cp.main(["--root", str(pack), "--matrix", " ".join(MATRIX)]) == 1  # a publish needs both values
@@ -77,6 +78,19 @@ def test_the_archive_is_what_comfy_cli_packs(pack):
                                       or p.startswith("scripts/npo_gpucheck/")}
     forced = cp.archive_files(pack, tracked, ["tests/unit"])  # includes override .comfyignore
     assert "tests/unit/test_offset.py" in forced
+
+
+@pytest.mark.fault("a .comfyignore that leaves out web/ (the frontend extension)",
+                   "the check names web/npo_templates.js as a file an install needs")
+def test_a_comfyignore_dropping_the_web_extension_is_named(tmp_path):
+    """WEB_DIRECTORY names ./web; an archive without it would list the templates unsorted again."""
+    root = _copy(tmp_path)
+    assert (root / "web" / "npo_templates.js").is_file() and 'WEB_DIRECTORY = "./web"' in (
+        root / "__init__.py").read_text(encoding="utf-8")
+    with (root / ".comfyignore").open("a", encoding="utf-8") as f:
+        f.write("/web/\n")
+    _index(root)
+    assert any("web/npo_templates.js" in p and "leave out" in p for p in _problems(root))
 
 
 @pytest.mark.fault("a .comfyignore that lets the tests through", "the check names the files a publish would ship")
