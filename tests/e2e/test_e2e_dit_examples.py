@@ -156,8 +156,10 @@ def test_dit_example_says_no_offset_is_released_and_how_to_get_one(name):
     assert "Self-NPO Train" in note and TRAINING_TEMPLATE[name] in note  # how to train one here
     assert name != WAN21 or "frames" in note  # the training pool's clip length (video)
     assert "diffusion_model.<module>.lora_up.weight" in note  # ComfyUI's LoRA format
-    # no download link for a file nobody published; the model files have Comfy-Org's
+    # no download link for a file nobody published (a properties.models entry without a url fails frontend
+    # 1.48.7's workflow schema); the missing-model row shows the loader's title, which says how to get one
     assert "models" not in load["properties"]
+    assert "train it first" in load["title"] and TRAINING_TEMPLATE[name].split(" (")[0] in load["title"]
     for n in kit.load_example(name)["nodes"]:
         if n["type"] in ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader"):
             (model,) = n["properties"]["models"]
