@@ -496,3 +496,38 @@ def has_128mb_floor() -> bool:
     import inspect
 
     return "128 * 1024 * 1024" in inspect.getsource(comfy.model_management.load_models_gpu)
+
+
+class LoadWatch:
+    """Records each TrainingModel.load (loaded bytes, model bytes, ComfyUI's lowvram flag) and each
+    load_models_gpu request (force_full_load, memory_required > 0) while a test trains."""
+
+    def __init__(self, monkeypatch) -> None:
+        from comfyui_npo.nodes.host import training_model
+
+        mm = comfy.model_management
+        self.loads: list[tuple[int, int, bool]] = []
+        self.requests: list[tuple[bool, bool]] = []
+        self.floor = has_128mb_floor()  # read before load_models_gpu is wrapped
+        real_load, real_lmg = training_model.TrainingModel.load, mm.load_models_gpu
+
+        def load(tm, *a, **kw):
+            device = real_load(tm, *a, **kw)
+            self.loads.append((tm.mp.loaded_size(), tm.mp.model_size(), bool(getattr(tm.mp.model, "model_lowvram", 0))))
+            return device
+
+        def load_models_gpu(models, memory_required=0, force_full_load=False, **kw):
+            self.requests.append((force_full_load, memory_required > 0))
+            return real_lmg(models, memory_required=memory_required, force_full_load=force_full_load, **kw)
+
+        monkeypatch.setattr(training_model.TrainingModel, "load", load)
+        monkeypatch.setattr(mm, "load_models_gpu", load_models_gpu)
+
+    def assert_partial(self) -> None:
+        """The last load left part of the weights off the device (or, where ComfyUI loads at least 128 MB of any
+        model so that the tiny one fits whole, it was asked for a partial load)."""
+        loaded, total, lowvram = self.loads[-1]
+        if total > 128 * 1024 * 1024 or not self.floor:
+            assert loaded < total and lowvram, (loaded, total)
+        else:
+            assert self.requests and self.requests[-1] == (False, True), self.requests
