@@ -218,7 +218,8 @@ def test_example_settings_as_the_server_reads_them(scorer_object_info):  # noqa:
         return entry
 
     pairs = one("NPOSelfGeneratedPairs")
-    assert (pairs["samples_per_prompt"], pairs["width"], pairs["height"], pairs["cache"]) == (4, 512, 512, True)
+    assert (pairs["samples_per_prompt"], pairs["width"], pairs["height"], pairs["cache"], pairs["frames"]) == (
+        4, 512, 512, True, 1)
     assert (pairs["steps"], pairs["cfg"], pairs["sampler_name"], pairs["negative_prompt"]) == (25, 7.5, "dpmpp_2m",
                                                                                                "")
     train = one("NPOPreferenceTrain")
