@@ -278,10 +278,29 @@ def _template_browser_lines(browser, pack: str) -> list[str]:
             return {{lines: dialog.innerText.split("\\n").map(s => s.trim()).filter(Boolean)}};
         }})()""")
     finally:
-        browser.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true})); 0")
-        browser.close_dialogs()
+        _close_the_template_browser(browser)
     assert "lines" in result, f"the template browser shows no {pack} category: {result}"
     return result["lines"]
+
+
+def _close_the_template_browser(browser) -> None:
+    """Escape, then the dialog's own close button (frontend 1.39's template browser has one labelled Close and
+    ignores an Escape sent to the document), until no dialog is left."""
+    browser.js("""(async () => {
+        for (let i = 0; i < 10 && document.querySelector("[role=dialog], .p-dialog"); i++) {
+            const dialog = document.querySelector("[role=dialog], .p-dialog");
+            for (const target of [document.activeElement, dialog, document]) {
+                target && target.dispatchEvent(new KeyboardEvent("keydown", {key: "Escape", bubbles: true}));
+            }
+            const close = [...dialog.querySelectorAll("button")].find(b =>
+                /close/i.test(b.getAttribute("aria-label") || "") || b.classList.contains("p-dialog-close-button")
+                || b.querySelector(".pi-times, .icon-\\[lucide--x\\]"));
+            if (close) close.click();
+            await new Promise(r => setTimeout(r, 300));
+        }
+        return true;
+    })()""")
+    browser.close_dialogs()
 
 
 # Readable: at a canvas scale under ~0.6 the frontend draws nodes without their text (low-quality rendering).
